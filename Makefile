@@ -1,0 +1,36 @@
+# The two quick-start commands: `make demo` and `make test`. Everything they need is installed here.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# torch is pinned to the local CPU wheel for development and CI; the package itself asks for torch>=2.4.
+TORCH  := torch==2.13.0
+
+.PHONY: setup test demo fixtures clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(PY) -m pytest -q tests
+
+# Until the demo issue lands, the main job is the tutorial's optimizers on one problem (see optzoo.demo).
+demo: setup
+	$(PY) -m optzoo.demo
+
+# Re-record the MXNet 1.9.1 golden numbers (needs network for the side venv; never needed by `make test`).
+.mxref/.installed:
+	$(PYTHON) -m venv .mxref
+	.mxref/bin/pip install -q mxnet==1.9.1 "numpy<1.24"
+	touch $@
+
+fixtures: .mxref/.installed
+	.mxref/bin/python tests/fixtures/record_mxnet.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

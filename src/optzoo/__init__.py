@@ -1,0 +1,8 @@
+"""optzoo: MXNet 1.9.1's optimizer system, with its exact numbers, on PyTorch tensors."""
+from . import lr_scheduler, optimizer
+from .optimizer import Optimizer, create, get_updater, list_optimizers, register
+
+__version__ = "0.1.0"
+
+__all__ = ["optimizer", "lr_scheduler", "Optimizer", "create", "register", "list_optimizers", "get_updater",
+           "__version__"]

@@ -1,0 +1,60 @@
+"""Adam (MXNet ``adam``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class Adam(Optimizer):
+    r"""Adam (Kingma & Ba), with MXNet's folded bias correction and coupled L2 weight decay.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g + wd\cdot w)` (weight decay *inside* the clip) and step
+    :math:`t`:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) G \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) G^2 \\
+        lr_t &= lr\cdot\sqrt{1-\beta_2^t}\,/\,(1-\beta_1^t) \\
+        w &\leftarrow w - lr_t\cdot m / (\sqrt{v} + \epsilon)
+
+    which is :math:`w \leftarrow w - lr\cdot\hat m/(\sqrt{\hat v} + \epsilon/\sqrt{1-\beta_2^t})`.
+
+    State: ``(mean, var)`` in the weight dtype; multi-precision ``(w32, (mean32, var32))``.
+
+    Differs from ``torch.optim.Adam``: epsilon is added to :math:`\sqrt{v}` *before* bias correction
+    (torch adds it to :math:`\sqrt{\hat v}`), and ``wd`` is added to the gradient before clipping.
+
+    Parameters
+    ----------
+    learning_rate : float, default 0.001
+    beta1 : float in [0, 1), default 0.9
+    beta2 : float in [0, 1), default 0.999
+    epsilon : float >= 0, default 1e-8
+    lazy_update : bool, default True (only matters for row-sparse gradients)
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, lazy_update=True, **kwargs):
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.beta1 = check_unit_interval("beta1", beta1)
+        self.beta2 = check_unit_interval("beta2", beta2)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.lazy_update = bool(lazy_update)
+
+    def create_state(self, index, weight):
+        return (torch.zeros_like(weight), torch.zeros_like(weight))  # mean, var
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        m, v = state
+        b1, b2 = self.beta1, self.beta2
+        lr_t = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)  # in double, as MXNet's Python side
+        G = self._clip(g * self.rescale_grad + wd * w)
+        m = b1 * m + (1 - b1) * G
+        v = b2 * v + (1 - b2) * G * G
+        return w - lr_t * m / (v.sqrt() + self.epsilon), (m, v)

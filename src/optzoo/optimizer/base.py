@@ -1,0 +1,359 @@
+"""The Optimizer base class: all of MXNet 1.9.1's bookkeeping, none of the math.
+
+An optimizer subclass holds its hyperparameters, its state layout (``create_state``) and its update
+rule (``rule``), written in the symbols of its docstring. Everything else lives here:
+learning-rate and weight-decay multipliers, per-index update counts, the scheduler, multi-precision
+master copies, list (aggregated) calls and input checks.
+
+A custom optimizer (the tutorial's "Custom Optimizer" section) may instead override ``update``
+directly, as in MXNet; it then gets the multi-precision wrapper and the Updater for free.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .._checks import check_nonnegative, check_number, check_optional_clip, check_tensor_pair
+from . import _tree
+
+__all__ = ["Optimizer", "LOW_PRECISION"]
+
+#: dtypes that get an fp32 master copy under ``multi_precision=True`` (MXNet: fp16 only).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Optimizer:
+    r"""Base class of every optimizer, with MXNet 1.9.1's constructor and behaviour.
+
+    Parameters
+    ----------
+    rescale_grad : float, default 1
+        Every gradient is multiplied by this first (``rg``); the Trainer sets it to ``1/batch_size``.
+    param_idx2name : dict of int -> str, optional
+        Names of parameter indices. When given, indices whose name ends neither in ``_weight`` nor in
+        ``_gamma`` get ``wd_mult = 0`` (MXNet's Module rule), and multipliers may be keyed by name.
+    wd : float, default 0
+        Weight decay ``wd``; where it enters the update is given in each optimizer's formula.
+    clip_gradient : float, optional
+        Clip the (rescaled) gradient to ``[-c, c]``. None or 0 disable clipping; negative is an error.
+    learning_rate : float, optional
+        ``lr``. Defaults to 0.01 when no ``lr_scheduler`` is given. With a scheduler, a different value
+        overwrites the scheduler's ``base_lr`` (with a warning), as in MXNet.
+    lr_scheduler : callable, optional
+        ``lr = lr_scheduler(num_update)``; see :mod:`optzoo.lr_scheduler`.
+    sym : object, optional
+        Accepted for MXNet compatibility and ignored (there are no symbols in PyTorch).
+    begin_num_update : int, default 0
+        The update count an index starts from; its first update has ``t = begin_num_update + 1``.
+    multi_precision : bool, default False
+        Keep an fp32 master copy (and fp32 states) for float16 and bfloat16 weights.
+    param_dict : dict of int -> object, optional
+        Objects with ``lr_mult`` and ``wd_mult`` attributes (Gluon parameters), read live at every step;
+        they take priority over ``set_lr_mult`` / ``set_wd_mult``.
+    """
+
+    #: Registry capabilities of this class (see ``optzoo.optimizer.registry``).
+    capabilities: frozenset = frozenset({"multi_precision"})
+    #: LBSGD reads the learning rate before counting the update (so its scheduler sees 0, 1, 2, ...).
+    _lr_before_count = False
+    #: MXNet's ``Test`` optimizer does not count updates.
+    _counts_updates = True
+    #: Multi-precision layout: ``(w32, state)`` (MXNet's generic wrapper) or ``(state, w32)`` (SGD, NAG, LARS).
+    _mp_master_first = True
+    #: How many parameters the Updater hands to one ``update`` call (MXNet's aggregate_num).
+    aggregate_num = 0
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        # The constructor call, kept so an optimizer can be rebuilt from a safe (non-pickle) dump.
+        self._init_args = (args, dict(kwargs))
+        return self
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "create_state" in cls.__dict__:
+            cls._state_owner = cls.__name__
+            create = cls.__dict__["create_state"]
+
+            def create_state(self, index, weight, _create=create, _owner=cls.__name__):
+                return _tree.tag(_create(self, index, weight), _owner)
+
+            create_state.__doc__ = create.__doc__
+            create_state.__wrapped__ = create
+            cls.create_state = create_state
+
+    def __init__(self, rescale_grad=1.0, param_idx2name=None, wd=0.0, clip_gradient=None,
+                 learning_rate=None, lr_scheduler=None, sym=None, begin_num_update=0,
+                 multi_precision=False, param_dict=None, **kwargs):
+        if kwargs:
+            name = next(iter(kwargs))
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+        check_number("rescale_grad", rescale_grad)
+        check_number("wd", wd)
+        check_optional_clip("clip_gradient", clip_gradient)
+        check_nonnegative("learning_rate", learning_rate, allow_none=True)
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise TypeError(f"lr_scheduler={lr_scheduler!r} is invalid: expected a callable of num_update")
+        if param_idx2name is not None and not isinstance(param_idx2name, dict):
+            raise TypeError(f"param_idx2name={param_idx2name!r} is invalid: expected a dict of index -> name")
+        if isinstance(begin_num_update, bool) or not isinstance(begin_num_update, int) or begin_num_update < 0:
+            raise ValueError(f"begin_num_update={begin_num_update!r} is invalid: expected an integer >= 0")
+        if param_dict is not None and not isinstance(param_dict, dict):
+            raise TypeError(f"param_dict={param_dict!r} is invalid: expected a dict of index -> parameter")
+
+        self.rescale_grad = rescale_grad
+        self.lr_scheduler = lr_scheduler
+        if lr_scheduler is None and learning_rate is None:
+            learning_rate = 0.01
+        self.lr = learning_rate
+        if lr_scheduler is not None and learning_rate is not None and lr_scheduler.base_lr != learning_rate:
+            # MXNet overwrites only base_lr: warmup_final_lr and Poly/Cosine base_lr_orig keep the old value.
+            warnings.warn("learning rate from ``lr_scheduler`` has been overwritten by "
+                          "``learning_rate`` in optimizer.", UserWarning, stacklevel=2)
+            lr_scheduler.base_lr = learning_rate
+        self.wd = wd
+        self.lr_mult = {}
+        self.wd_mult = {}
+        self.begin_num_update = begin_num_update
+        self.num_update = begin_num_update
+        self._all_index_update_counts = {0: {}}
+        self._current_context = 0
+        self._index_update_count = self._all_index_update_counts[0]
+        self.clip_gradient = clip_gradient
+        self.multi_precision = bool(multi_precision)
+        self.idx2name = dict(param_idx2name or {})
+        self.sym_info = ()
+        self.param_dict = param_dict if param_dict is not None else {}
+        self.set_lr_mult({})
+        self.set_wd_mult({})
+
+    # ------------------------------------------------------------------ learning rate and multipliers
+    @property
+    def learning_rate(self):
+        """The current base learning rate: ``lr_scheduler(num_update)`` if a scheduler is set, else ``lr``."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler(self.num_update)
+        return self.lr
+
+    def set_learning_rate(self, lr):
+        """Set the base learning rate; raises ``UserWarning`` when a scheduler owns it (as MXNet)."""
+        if self.lr_scheduler is not None:
+            raise UserWarning("LRScheduler of the optimizer has already been defined. Note that "
+                              "set_learning_rate can mutate the value of the learning rate of the optimizer "
+                              "only when the LRScheduler of the optimizer is undefined.")
+        check_nonnegative("lr", lr)
+        self.lr = lr
+
+    def set_lr_scale(self, args_lrscale):  # pragma: no cover - MXNet raises too
+        raise DeprecationWarning("set_lr_scale is deprecated: use set_lr_mult")
+
+    def set_lr_mult(self, args_lr_mult):
+        """Per-parameter learning-rate multipliers, keyed by index or (with ``param_idx2name``) name."""
+        if not isinstance(args_lr_mult, dict):
+            raise TypeError(f"args_lr_mult={args_lr_mult!r} is invalid: expected a dict of index or name -> float")
+        for key, value in args_lr_mult.items():
+            check_number(f"lr_mult[{key!r}]", value)
+        self.lr_mult = dict(args_lr_mult)
+
+    def set_wd_mult(self, args_wd_mult):
+        """Per-parameter weight-decay multipliers.
+
+        When ``param_idx2name`` was given, every name not ending in ``_weight`` or ``_gamma`` first gets
+        0 (no decay on biases, BatchNorm beta and moving statistics); ``args_wd_mult`` is applied last.
+        """
+        if not isinstance(args_wd_mult, dict):
+            raise TypeError(f"args_wd_mult={args_wd_mult!r} is invalid: expected a dict of index or name -> float")
+        for key, value in args_wd_mult.items():
+            check_number(f"wd_mult[{key!r}]", value)
+        self.wd_mult = {}
+        for name in self.idx2name.values():
+            if not (name.endswith("_weight") or name.endswith("_gamma")):
+                self.wd_mult[name] = 0.0
+        self.wd_mult.update(args_wd_mult)
+
+    def _set_current_context(self, device_id):
+        """Update counts are kept per device, as MXNet keeps them per context."""
+        if device_id not in self._all_index_update_counts:
+            self._all_index_update_counts[device_id] = {}
+        self._current_context = device_id
+        self._index_update_count = self._all_index_update_counts[device_id]
+
+    def _update_count(self, index):
+        """Count one update of each index: ``t = count[index]``, ``num_update = max over indices``."""
+        for idx in (index if isinstance(index, (list, tuple)) else [index]):
+            if idx not in self._index_update_count:
+                self._index_update_count[idx] = self.begin_num_update
+            self._index_update_count[idx] += 1
+            self.num_update = max(self._index_update_count[idx], self.num_update)
+
+    def _multiplied(self, base, indices, attr, mults):
+        values = [base] * len(indices)
+        for k, index in enumerate(indices):
+            if index in self.param_dict:
+                values[k] *= getattr(self.param_dict[index], attr)
+            elif index in mults:
+                values[k] *= mults[index]
+            elif index in self.idx2name:
+                values[k] *= mults.get(self.idx2name[index], 1.0)
+        return values
+
+    def _get_lrs(self, indices):
+        base = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
+        return self._multiplied(base, indices, "lr_mult", self.lr_mult)
+
+    def _get_lr(self, index):
+        return self._get_lrs([index])[0]
+
+    def _get_wds(self, indices):
+        return self._multiplied(self.wd, indices, "wd_mult", self.wd_mult)
+
+    def _get_wd(self, index):
+        return self._get_wds([index])[0]
+
+    # ------------------------------------------------------------------ gradient preprocessing
+    def _clip(self, x):
+        """``clip(x) = min(max(x, -c), c)`` when ``clip_gradient`` is set."""
+        if self.clip_gradient:
+            return x.clamp(-self.clip_gradient, self.clip_gradient)
+        return x
+
+    def _rescaled_clipped(self, g):
+        """``clip(rg * g)``: MXNet's kernels always rescale first, then clip."""
+        return self._clip(g * self.rescale_grad)
+
+    # ------------------------------------------------------------------ states
+    def create_state(self, index, weight):
+        """The state of one parameter (tensors on the weight's device, MXNet's layout); None if stateless."""
+        return None
+
+    def _mp(self, weight):
+        return self.multi_precision and weight.dtype in LOW_PRECISION
+
+    def create_state_multi_precision(self, index, weight):
+        """Like ``create_state``, plus an fp32 master copy for fp16/bf16 weights under ``multi_precision``.
+
+        Layout: ``(w32, state)``; SGD, NAG and LARS use ``(state, w32)`` as MXNet's fused ``mp_*`` kernels do.
+        """
+        if self._mp(weight):
+            w32 = weight.detach().to(torch.float32, copy=True)
+            inner = self.create_state(index, w32)
+            return (w32, inner) if self._mp_master_first else (inner, w32)
+        if weight.dtype in LOW_PRECISION and not self.multi_precision:
+            warnings.warn(f"Accumulating with {weight.dtype} in optimizer can lead to poor accuracy or "
+                          "slow convergence. Consider using multi_precision=True option of the optimizer",
+                          UserWarning, stacklevel=2)
+        return self.create_state(index, weight)
+
+    def _split_mp(self, state):
+        return (state[0], state[1]) if self._mp_master_first else (state[1], state[0])
+
+    # ------------------------------------------------------------------ updates
+    def rule(self, weight, grad, state, *, lr, wd, t, index):
+        """The update rule: returns ``(new_weight, new_state)`` (None for "unchanged"); never mutates."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither rule() nor update()")
+
+    def update(self, index, weight, grad, state):
+        """Update ``weight`` in place from ``grad`` and ``state`` (lists allowed, MXNet's aggregated form).
+
+        Every input is checked before anything is modified. Lists count all their indices first and
+        then read the learning rate once, as MXNet's aggregated kernels do.
+        """
+        indices, weights, grads, states = _as_lists(index, weight, grad, state)
+        for i, w, g, s in zip(indices, weights, grads, states):
+            check_tensor_pair(i, w, g)
+            self._check_state(i, w, s)
+        self._apply(indices, weights, grads, states)
+
+    def _apply(self, indices, weights, grads, states):
+        if self._counts_updates and not self._lr_before_count:
+            self._update_count(indices)
+        lrs = self._get_lrs(indices)
+        wds = self._get_wds(indices)
+        if self._counts_updates and self._lr_before_count:
+            self._update_count(indices)
+        for index, w, g, s, lr, wd in zip(indices, weights, grads, states, lrs, wds):
+            t = self._index_update_count[index] if self._counts_updates else None
+            with torch.no_grad():
+                new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=index)
+                _tree.assign(s, new_s)
+                if new_w is not None and new_w is not w:
+                    w.copy_(new_w)
+
+    def update_multi_precision(self, index, weight, grad, state):
+        """``update`` on the fp32 master copy of fp16/bf16 weights, then cast back into the weight."""
+        indices, weights, grads, states = _as_lists(index, weight, grad, state)
+        if not any(self._mp(w) for w in weights if isinstance(w, torch.Tensor)):
+            return self.update(index, weight, grad, state)
+        targets = []
+        for i, w, g, s in zip(indices, weights, grads, states):
+            check_tensor_pair(i, w, g)
+            if self._mp(w):
+                if not (isinstance(s, (tuple, list)) and len(s) == 2):
+                    raise TypeError(f"state for index {i!r} is {_tree.describe(s)}: expected a multi-precision "
+                                    "state from create_state_multi_precision")
+                w32, inner = self._split_mp(s)
+                if not (isinstance(w32, torch.Tensor) and w32.dtype == torch.float32 and w32.shape == w.shape
+                        and w32.device == w.device):
+                    raise TypeError(f"state for index {i!r} is {_tree.describe(s)}: expected an fp32 master "
+                                    f"copy of shape {tuple(w.shape)} on {w.device}")
+                targets.append((i, w32, g.to(torch.float32), inner, w))
+            else:
+                targets.append((i, w, g, s, None))
+        self._dispatch([t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets],
+                       [t[3] for t in targets])
+        with torch.no_grad():
+            for _, w32, _, _, w in targets:
+                if w is not None:
+                    w.copy_(w32)
+
+    def _dispatch(self, indices, weights, grads, states):
+        """Call ``update`` with lists when it is ours; one by one for a custom scalar ``update``."""
+        if type(self).update is Optimizer.update:
+            self.update(indices, weights, grads, states)
+        else:
+            for args in zip(indices, weights, grads, states):
+                self.update(*args)
+
+    def _check_state(self, index, weight, state):
+        """Reject a state of another layout, shape, dtype, device or optimizer before any update."""
+        if type(self).create_state is Optimizer.create_state and state is None:
+            return
+        owner = _tree.owner_of(state)
+        expected_owner = getattr(type(self), "_state_owner", None)
+        if owner is not None and expected_owner is not None and owner != expected_owner:
+            raise TypeError(f"state for index {index!r} was created by {owner}: expected a state created by "
+                            f"{expected_owner} (this {type(self).__name__})")
+        expected = self.create_state(index, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+        if not _tree.same_structure(expected, state, weight.device):
+            raise TypeError(f"state for index {index!r} is {_tree.describe(state)}: expected "
+                            f"{_tree.describe(expected)} on {weight.device}, as {type(self).__name__}"
+                            ".create_state makes it")
+
+    # ------------------------------------------------------------------ pickling and safe dumps
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["param_dict"] = {}  # as MXNet: Gluon parameters are not saved with the optimizer
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.param_dict = {}
+
+    def __repr__(self):
+        args, kwargs = self._init_args
+        shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+
+def _as_lists(index, weight, grad, state):
+    """Scalar calls become one-element lists; lists must agree in length."""
+    if isinstance(index, (list, tuple)):
+        parts = {"weight": weight, "grad": grad, "state": state}
+        for name, value in parts.items():
+            if not isinstance(value, (list, tuple)) or len(value) != len(index):
+                got = f"a {type(value).__name__}" + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else "")
+                raise ValueError(f"{name} is {got}: with a list of {len(index)} indices, expected a list of "
+                                 f"{len(index)} {name}s")
+        return list(index), list(weight), list(grad), list(state)
+    return [index], [weight], [grad], [state]

@@ -1,0 +1,54 @@
+"""SGD with momentum and weight decay (MXNet ``sgd``, alias ``ccsgd``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register(aliases=("ccsgd",))
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, with optional momentum and L2 weight decay.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g)`, momentum :math:`\mu`:
+
+    .. math::
+        \mu = 0:\quad & w \leftarrow (1 - lr\cdot wd)\,w - lr\cdot G \\
+        \mu > 0:\quad & mom \leftarrow \mu\,mom - lr\cdot wd\cdot w - lr\cdot G,\qquad w \leftarrow w + mom
+
+    State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
+
+    Differs from ``torch.optim.SGD``: the buffer holds the *lr-scaled, negated* velocity, so a change of
+    learning rate acts only on new gradients (torch keeps ``buf = μ·buf + g`` and multiplies by the current
+    lr); weight decay is never clipped. ``lazy_update`` only matters for row-sparse gradients.
+
+    Parameters
+    ----------
+    momentum : float in [0, 1), default 0
+    lazy_update : bool, default True
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
+    """
+
+    capabilities = frozenset({"multi_precision", "aggregated"})
+    _mp_master_first = False
+    aggregate_num = 4
+
+    def __init__(self, momentum=0.0, lazy_update=True, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.lazy_update = bool(lazy_update)
+
+    def create_state(self, index, weight):
+        return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def rule(self, w, g, mom, *, lr, wd, t, index):
+        G = self._rescaled_clipped(g)
+        if mom is None:
+            return (1 - lr * wd) * w - lr * G, None
+        mom = self.momentum * mom - (lr * wd) * w - lr * G
+        return w + mom, mom
+
+
+ccSGD = SGD  # MXNet's deprecated alias class

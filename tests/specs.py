@@ -1,0 +1,166 @@
+"""THE spec table: one entry per registered optimizer, driving every generic test.
+
+Pure data (no torch, no optzoo import), so the MXNet 1.9.1 fixture recorder
+(``tests/fixtures/record_mxnet.py``, run in the side venv) reads the very same grid.
+
+A fixture *case* is one optimizer configuration run for ``len(SEQUENCE)`` updates on two parameters
+(indices 0 and 1, interleaved as ``SEQUENCE`` says), described by a JSON-able dict:
+
+    {"id", "optimizer", "kwargs", "scheduler": None | {"class", "kwargs"},
+     "lr_mult": [[key, value], ...], "wd_mult": [[key, value], ...],
+     "param_dict": [[index, lr_mult, wd_mult], ...], "dtype", "shapes", "sequence", "seed"}
+
+Keys of ``lr_mult`` / ``wd_mult`` are ints (indices) or strings (names from ``param_idx2name``, whose
+keys are written as strings in JSON and turned back into ints by ``load_case``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+#: Index order of the updates of a case: 20 updates of each index, interleaved irregularly, so update
+#: counts differ between the indices at times (num_update is their max) and Nadam's shared schedule moves.
+SEQUENCE = [0, 1, 1, 0, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1,
+            0, 1, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1]
+SHAPES = [[3, 4], [5]]
+SCHED_LR = 0.05
+
+#: Options shared by every optimizer: name -> (base-class kwargs, extras). ``wd`` entries are dropped
+#: for optimizers flagged "no_wd".
+COMMON = {
+    "plain": {},
+    "wd_rescale": {"kwargs": {"wd": 0.05, "rescale_grad": 0.5}},
+    "clip": {"kwargs": {"clip_gradient": 0.3, "rescale_grad": 2.0, "wd": 0.02}},
+    "mult": {"kwargs": {"wd": 0.1}, "lr_mult": [[0, 0.5]], "wd_mult": [[1, 2.0]]},
+    "names": {"kwargs": {"wd": 0.1, "param_idx2name": {0: "fc_weight", 1: "fc_bias"}},
+              "lr_mult": [["fc_bias", 2.0]], "wd_mult": [["fc_weight", 0.5]]},
+    "param_dict": {"kwargs": {"wd": 0.05}, "param_dict": [[0, 0.3, 2.0], [1, 1.5, 0.0]]},
+    "begin": {"kwargs": {"begin_num_update": 10, "wd": 0.01}},
+    "factor": {"scheduler": {"class": "FactorScheduler", "kwargs": {
+        "step": 5, "factor": 0.5, "stop_factor_lr": 1e-3, "base_lr": SCHED_LR, "warmup_steps": 3,
+        "warmup_begin_lr": 0.01, "warmup_mode": "linear"}}},
+    "multifactor": {"scheduler": {"class": "MultiFactorScheduler", "kwargs": {
+        "step": [4, 9, 15], "factor": 0.3, "base_lr": SCHED_LR, "warmup_steps": 2,
+        "warmup_begin_lr": 0.02, "warmup_mode": "constant"}}},
+    "poly": {"scheduler": {"class": "PolyScheduler", "kwargs": {
+        "max_update": 16, "base_lr": SCHED_LR, "pwr": 2, "final_lr": 0.001, "warmup_steps": 4,
+        "warmup_begin_lr": 0.0, "warmup_mode": "linear"}}},
+    # an explicit learning_rate that differs from the scheduler's base_lr: MXNet overwrites base_lr only
+    "cosine": {"kwargs": {"learning_rate": 0.03}, "scheduler": {"class": "CosineScheduler", "kwargs": {
+        "max_update": 25, "base_lr": SCHED_LR, "final_lr": 0.002, "warmup_steps": 5,
+        "warmup_begin_lr": 0.005, "warmup_mode": "linear"}}},
+    "fp16_mp": {"kwargs": {"multi_precision": True, "wd": 0.01}, "dtype": "float16"},
+    "fp64": {"kwargs": {"wd": 0.01}, "dtype": "float64"},
+}
+#: The commons run with every variant after the first (the first variant runs with all of COMMON).
+VARIANT_COMMON = ("plain", "clip", "fp16_mp", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One optimizer's entry.
+
+    variants: optimizer-specific kwargs; the first is combined with every COMMON option, the others
+        with VARIANT_COMMON.
+    bad: (kwargs, exception name, substring of the message) that the constructor must reject.
+    flags: capabilities that generic tests key on, never the name:
+        "stochastic"  draws noise (the fixture noise is injected through ``opt._noise``)
+        "no_wd"       rejects wd != 0 (GroupAdaGrad)
+        "no_count"    does not count updates (Test)
+        "no_lr"       never reads the learning rate (AdaDelta)
+        "accumulates" may leave a weight unchanged on some calls (LBSGD with batch_scale > 1)
+    shapes: the two parameters' shapes.
+    skip_common: COMMON names that do not apply.
+    """
+    name: str
+    variants: tuple = ({},)
+    bad: tuple = ()
+    flags: frozenset = frozenset()
+    shapes: tuple = tuple(map(tuple, SHAPES))
+    skip_common: tuple = ()
+
+
+def _unit(*names):
+    """Bad-input cases for hyperparameters that must lie in [0, 1)."""
+    return tuple(c for n in names for c in (({n: 1.0}, "ValueError", n), ({n: -0.1}, "ValueError", n)))
+
+
+SPECS = [
+    Spec("sgd", ({}, {"momentum": 0.9}), bad=_unit("momentum")),
+    Spec("nag", ({}, {"momentum": 0.9}), bad=_unit("momentum")),
+    Spec("signum", ({}, {"momentum": 0.8, "wd_lh": 0.01}, {"momentum": 0.0}),
+         bad=_unit("momentum") + (({"wd_lh": -1.0}, "ValueError", "wd_lh"),)),
+    Spec("lbsgd", ({}, {"momentum": 0.9, "warmup_strategy": "linear", "warmup_epochs": 2, "updates_per_epoch": 4,
+                        "batch_scale": 3},
+                   {"momentum": 0.5, "warmup_strategy": "power2", "warmup_epochs": 1, "updates_per_epoch": 6,
+                    "batch_scale": 2},
+                   {"warmup_strategy": "sqrt", "warmup_epochs": 1, "updates_per_epoch": 10, "batch_scale": 4},
+                   {"momentum": 0.9, "warmup_strategy": "lars"}),
+         bad=_unit("momentum") + (({"warmup_strategy": "cubic"}, "ValueError", "warmup_strategy"),
+                                  ({"batch_scale": 0}, "ValueError", "batch_scale")),
+         flags=frozenset({"accumulates"})),
+    Spec("lars", ({"momentum": 0.9, "eta": 0.01}, {"momentum": 0.8, "eta": 0.001, "eps": 1e-8,
+                                                   "momentum_correction": False}),
+         bad=_unit("momentum") + (({"eta": -1.0}, "ValueError", "eta"), ({"eps": -1.0}, "ValueError", "eps"))),
+    Spec("dcasgd", ({}, {"lamda": 0.5}), bad=_unit("momentum") + (({"lamda": -1.0}, "ValueError", "lamda"),)),
+    Spec("sgld", ({},), flags=frozenset({"stochastic"})),
+    Spec("adagrad", ({}, {"eps": 1e-5}), bad=(({"eps": -1.0}, "ValueError", "eps"),)),
+    Spec("rmsprop", ({}, {"centered": True}, {"centered": True, "clip_weights": 0.5},
+                     {"gamma1": 0.8, "epsilon": 1e-6}),
+         bad=_unit("gamma1", "gamma2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),
+                                          ({"clip_weights": -1.0}, "ValueError", "clip_weights"))),
+    Spec("adadelta", ({}, {"rho": 0.8, "epsilon": 1e-6}),
+         bad=_unit("rho") + (({"epsilon": -1.0}, "ValueError", "epsilon"),), flags=frozenset({"no_lr"})),
+    Spec("adam", ({}, {"beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6}),
+         bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),)),
+    Spec("adamax", ({}, {"beta1": 0.8, "beta2": 0.99}), bad=_unit("beta1", "beta2")),
+    Spec("nadam", ({}, {"beta1": 0.8, "schedule_decay": 0.01}),
+         bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),)),
+    Spec("ftrl", ({}, {"lamda1": 0.5, "beta": 0.5}),
+         bad=(({"lamda1": -1.0}, "ValueError", "lamda1"), ({"beta": -1.0}, "ValueError", "beta"))),
+    Spec("ftml", ({}, {"beta1": 0.7, "beta2": 0.9}),
+         bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),)),
+    Spec("lamb", ({}, {"bias_correction": False}, {"lower_bound": 0.1, "upper_bound": 2.0}),
+         bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),
+                                        ({"lower_bound": -1.0}, "ValueError", "lower_bound"))),
+    Spec("groupadagrad", ({}, {"eps": 1e-3}), bad=(({"eps": -1.0}, "ValueError", "eps"),
+                                                   ({"wd": 0.1}, "ValueError", "wd")),
+         flags=frozenset({"no_wd"}), shapes=((3, 4), (6, 2))),
+    Spec("test", ({},), flags=frozenset({"no_count"})),
+]
+
+SPEC_BY_NAME = {s.name: s for s in SPECS}
+
+
+def _case(spec, vi, variant, common_name):
+    common = COMMON[common_name]
+    kwargs = dict(common.get("kwargs", {}))
+    if "no_wd" in spec.flags:
+        kwargs.pop("wd", None)
+    kwargs.update(variant)
+    wd_mult = [] if "no_wd" in spec.flags else common.get("wd_mult", [])
+    return {"id": f"{spec.name}-v{vi}-{common_name}", "optimizer": spec.name, "kwargs": kwargs,
+            "scheduler": common.get("scheduler"), "lr_mult": common.get("lr_mult", []), "wd_mult": wd_mult,
+            "param_dict": [] if "no_wd" in spec.flags and common.get("param_dict") else common.get("param_dict", []),
+            "dtype": common.get("dtype", "float32"), "shapes": [list(s) for s in spec.shapes],
+            "sequence": list(SEQUENCE), "seed": 1000 + 17 * vi + sorted(COMMON).index(common_name)}
+
+
+def cases(spec=None):
+    """Every fixture case (of one spec, or of all)."""
+    out = []
+    for s in ([spec] if spec is not None else SPECS):
+        for vi, variant in enumerate(s.variants):
+            for common_name in (COMMON if vi == 0 else VARIANT_COMMON):
+                if common_name not in s.skip_common:
+                    out.append(_case(s, vi, variant, common_name))
+    return out
+
+
+def load_case(case):
+    """A case read back from JSON: restore int keys of param_idx2name."""
+    case = json.loads(json.dumps(case))
+    names = case["kwargs"].get("param_idx2name")
+    if names is not None:
+        case["kwargs"]["param_idx2name"] = {int(k): v for k, v in names.items()}
+    return case
