@@ -6,6 +6,7 @@ import math
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
+from ._numerics import one_minus_fp32
 from .base import Optimizer
 from .registry import register
 
@@ -55,6 +56,6 @@ class Adam(Optimizer):
         b1, b2 = self.beta1, self.beta2
         lr_t = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)  # in double, as MXNet's Python side
         G = self._clip(g * self.rescale_grad + wd * w)
-        m = b1 * m + (1 - b1) * G
-        v = b2 * v + (1 - b2) * G * G
+        m = b1 * m + one_minus_fp32(b1) * G
+        v = b2 * v + one_minus_fp32(b2) * G * G
         return w - lr_t * m / (v.sqrt() + self.epsilon), (m, v)

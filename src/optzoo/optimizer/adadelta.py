@@ -1,0 +1,63 @@
+"""AdaDelta (MXNet ``adadelta``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .adagrad import sqrt_rn
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class AdaDelta(Optimizer):
+    r"""AdaDelta (Zeiler 2012): no learning rate, decoupled weight decay.
+
+    **The learning rate is never read**: ``learning_rate``, ``lr_mult`` and ``lr_scheduler`` are
+    accepted (as in MXNet) and have no effect on the update.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g)` (weight decay is *not* clipped):
+
+    .. math::
+        a_g &\leftarrow \rho\,a_g + (1-\rho)\,G^2 \\
+        \Delta &= \frac{\sqrt{a_\Delta + \epsilon}}{\sqrt{a_g + \epsilon}}\,G \\
+        a_\Delta &\leftarrow \rho\,a_\Delta + (1-\rho)\,\Delta^2 \\
+        w &\leftarrow w - (\Delta + wd\cdot w)
+
+    (MXNet's docstring puts :math:`wd\cdot w` inside the clipped gradient; its code, followed here,
+    subtracts it from the weight, not scaled by any learning rate.) MXNet scales the caller's gradient
+    in place (``grad *= rescale_grad``); optzoo leaves it untouched, with the same numbers.
+
+    State: ``(acc_g, acc_delta)`` :math:`(a_g, a_\Delta)`, always **fp32** (MXNet creates them with no
+    dtype); multi-precision ``(w32, state)``. Other weight dtypes compute in torch's promoted dtype,
+    states rounded to fp32 (MXNet 1.9.1 raises on such mixed dtypes).
+
+    Differs from ``torch.optim.Adadelta``: torch multiplies the step :math:`\Delta` by ``lr`` (default
+    1.0), adds ``weight_decay * w`` to the gradient before the accumulators (coupled L2), and defaults to
+    ``eps=1e-6``.
+
+    Parameters
+    ----------
+    rho : float in [0, 1), default 0.9
+        :math:`\rho`, decay of both accumulators.
+    epsilon : float >= 0, default 1e-5
+    **kwargs : the :class:`Optimizer` arguments (the learning-rate ones are ignored).
+    """
+
+    def __init__(self, rho=0.90, epsilon=1e-5, **kwargs):
+        super().__init__(**kwargs)
+        self.rho = check_unit_interval("rho", rho)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+
+    def create_state(self, index, weight):
+        return (torch.zeros_like(weight, dtype=torch.float32),   # acc_g
+                torch.zeros_like(weight, dtype=torch.float32))   # acc_delta
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        acc_g, acc_delta = state
+        f32, rho, eps = acc_g.dtype, self.rho, self.epsilon
+        G = self._clip(g * self.rescale_grad)
+        acc_g = (acc_g * rho + (1.0 - rho) * G * G).to(f32)
+        delta = sqrt_rn(acc_delta + eps) / sqrt_rn(acc_g + eps) * G
+        acc_delta = (acc_delta * rho + (1.0 - rho) * delta * delta).to(f32)
+        return w - (delta + wd * w), (acc_g, acc_delta)

@@ -1,0 +1,55 @@
+"""Adamax (MXNet ``adamax``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class Adamax(Optimizer):
+    r"""Adamax (Kingma & Ba, section 7): Adam with the infinity norm, no epsilon.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g + wd\cdot w)` (weight decay *inside* the clip) and step
+    :math:`t`:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) G \\
+        u &\leftarrow \max(\beta_2 u, |G|) \\
+        w &\leftarrow w - \frac{lr}{1-\beta_1^t}\cdot m / u
+
+    (:math:`lr/(1-\beta_1^t)` is computed in double.) There is no epsilon: a coordinate whose
+    gradient has been exactly 0 at every step so far gets :math:`0/0` = NaN, as in MXNet.
+
+    State: ``(m, u)`` in the weight dtype; multi-precision ``(w32, (m32, u32))``.
+
+    Differs from ``torch.optim.Adamax``: torch adds ``eps`` (default 1e-8) to :math:`|G|` inside the
+    maximum, :math:`u \leftarrow \max(\beta_2 u, |G| + \epsilon)`; here ``wd`` is added to the
+    gradient before clipping.
+
+    Parameters
+    ----------
+    learning_rate : float, default 0.002
+    beta1 : float in [0, 1), default 0.9
+    beta2 : float in [0, 1), default 0.999
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    def __init__(self, learning_rate=0.002, beta1=0.9, beta2=0.999, **kwargs):
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.beta1 = check_unit_interval("beta1", beta1)
+        self.beta2 = check_unit_interval("beta2", beta2)
+
+    def create_state(self, index, weight):
+        return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, u
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        m, u = state
+        b1 = self.beta1
+        lr_t = lr / (1.0 - b1 ** t)
+        G = self._clip(g * self.rescale_grad + wd * w)
+        m = m * b1 + (1.0 - b1) * G
+        u = torch.maximum(self.beta2 * u, G.abs())
+        return w - lr_t * m / u, (m, u)

@@ -1,0 +1,57 @@
+"""DCASGD: delay-compensated asynchronous SGD (MXNet ``dcasgd``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class DCASGD(Optimizer):
+    r"""Delay-compensated asynchronous SGD (Zheng et al., 2017).
+
+    With :math:`G = \mathrm{clip}(rg\cdot g)`, momentum :math:`\mu`, compensation scale :math:`\lambda`
+    and :math:`w_{prev}` the weight before the previous update:
+
+    .. math::
+        d &= -lr\cdot\big(G + wd\cdot w + \lambda\,G^2\,(w - w_{prev})\big) \\
+        \mu = 0:\quad & w_{prev} \leftarrow w,\qquad w \leftarrow w + d \\
+        \mu > 0:\quad & mom \leftarrow \mu\,mom + d,\qquad w_{prev} \leftarrow w,\qquad w \leftarrow w + mom
+
+    The term :math:`\lambda G^2 (w - w_{prev})` is a diagonal Hessian approximation that compensates
+    for a gradient computed at the stale weight :math:`w_{prev}`.
+
+    MXNet 1.9.1 raises for ``momentum > 0`` (``if mom:`` on an NDArray); optzoo implements the
+    intended update above, as MXNet master does.
+
+    State: ``(mom, w_prev)`` with ``mom`` None when ``momentum == 0`` and ``w_prev`` a copy of the
+    weight; multi-precision ``(w32, (mom32, w_prev32))``.
+
+    torch.optim has no DCASGD.
+
+    Parameters
+    ----------
+    momentum : float in [0, 1), default 0
+    lamda : float >= 0, default 0.04
+        The compensation scale :math:`\lambda` (MXNet's spelling).
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
+    """
+
+    def __init__(self, momentum=0.0, lamda=0.04, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.lamda = check_nonnegative("lamda", lamda)
+
+    def create_state(self, index, weight):
+        mom = torch.zeros_like(weight) if self.momentum != 0.0 else None
+        return (mom, weight.detach().clone())  # (mom, w_prev)
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        mom, w_prev = state
+        G = self._rescaled_clipped(g)
+        d = -lr * (G + wd * w + self.lamda * G * G * (w - w_prev))
+        if mom is not None:
+            d = self.momentum * mom + d
+        return w + d, (None if mom is None else d, w)

@@ -1,0 +1,73 @@
+"""FTML, Follow the Moving Leader (MXNet ``ftml``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class FTML(Optimizer):
+    r"""FTML (Zheng & Kwok, ICML 2017), with coupled L2 weight decay.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g + wd\cdot w)` (weight decay *inside* the clip) and step
+    :math:`t`:
+
+    .. math::
+        v &\leftarrow \beta_2 v + (1-\beta_2)\,G^2 \\
+        d_t &= \frac{1-\beta_1^t}{lr}\left(\sqrt{\frac{v}{1-\beta_2^t}} + \epsilon\right) \\
+        z &\leftarrow \beta_1 z + (1-\beta_1)\,G - (d_t - \beta_1 d)\,w \\
+        d &\leftarrow d_t \\
+        w &\leftarrow -z / d_t
+
+    State: ``(d, v, z)`` in the weight dtype; multi-precision ``(w32, (d32, v32, z32))``.
+
+    As in MXNet's kernel every scalar, :math:`t` and the powers :math:`\beta^t` included, is a value of
+    the weight dtype (``lr``, ``wd``, :math:`\beta_1`, :math:`\beta_2`, ``rescale_grad`` and the clip
+    bound are fp32 parameters first, :math:`\epsilon` a double one), and the arithmetic is in that dtype.
+
+    torch.optim has no FTML. Note that :math:`w` is not moved by a step but re-solved from the
+    accumulators: :math:`z` and :math:`d` carry the whole history (with a time-varying ``lr``, each
+    step's :math:`d_t` uses the current one), so the weight's previous value enters only through the
+    :math:`(d_t - \beta_1 d)\,w` term.
+
+    Parameters
+    ----------
+    beta1 : float in [0, 1), default 0.6
+    beta2 : float in [0, 1), default 0.999
+    epsilon : float >= 0, default 1e-8
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
+    """
+
+    def __init__(self, beta1=0.6, beta2=0.999, epsilon=1e-8, **kwargs):
+        super().__init__(**kwargs)
+        self.beta1 = check_unit_interval("beta1", beta1)
+        self.beta2 = check_unit_interval("beta2", beta2)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+
+    def create_state(self, index, weight):
+        return (torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(weight))  # d, v, z
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        d, v, z = state
+
+        def param(x, fp32=True):  # an op parameter as the kernel sees it: (fp32 field ->) DType
+            x = torch.tensor(x, dtype=torch.float32 if fp32 else torch.float64)
+            return x.to(w.dtype)
+
+        b1, b2, lr_, eps, t_ = param(self.beta1), param(self.beta2), param(lr), param(self.epsilon, False), \
+            param(t, False)
+        one = torch.ones((), dtype=w.dtype)
+        # power::Map(beta, t) is libm pow in DType: pow of the exact values, correctly rounded
+        b1_t = param(float(b1) ** float(t_), False)
+        b2_t = param(float(b2) ** float(t_), False)
+        G = param(self.rescale_grad) * g + param(wd) * w
+        if self.clip_gradient:
+            c = float(param(self.clip_gradient))
+            G = G.clamp(-c, c)
+        v = b2 * v + (one - b2) * (G * G)
+        d_t = (one - b1_t) / lr_ * ((v / (one - b2_t)).sqrt() + eps)
+        z = b1 * z + (one - b1) * G - (d_t - b1 * d) * w
+        return -z / d_t, (d_t, v, z)

@@ -1,0 +1,69 @@
+"""GroupAdaGrad: AdaGrad with one rate per row (MXNet ``contrib.GroupAdaGrad``, name ``groupadagrad``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class GroupAdaGrad(Optimizer):
+    r"""AdaGrad with a single accumulator per row of a 2-D weight (MXNet contrib, e.g. for embeddings).
+
+    With :math:`G = \mathrm{clip}(rg\cdot g)` and :math:`C` the number of columns:
+
+    .. math::
+        h_i &\leftarrow h_i + \frac{1}{C}\sum_j G_{ij}^2 \\
+        w_{ij} &\leftarrow w_{ij} - lr\cdot G_{ij} / \sqrt{h_i + \epsilon}
+
+    Weight decay is not supported: ``wd`` must be 0, and a nonzero effective ``wd`` (from ``wd_mult``,
+    ``param_dict`` or a later change of ``wd``) is rejected at update time, before anything changes.
+    The weight must be 2-D, shape ``(rows, C)``.
+
+    State: ``history`` :math:`h` of shape ``(rows, 1)``, always **fp32** (MXNet creates it with no
+    dtype); multi-precision ``(w32, h)`` through the generic wrapper, as in MXNet. Other weight dtypes
+    compute in torch's promoted dtype, :math:`h` rounded to fp32 when stored (MXNet 1.9.1 raises on
+    such mixed dtypes).
+
+    torch.optim has no row-wise AdaGrad. Compared with ``torch.optim.Adagrad``: one accumulator per
+    row (the mean of the row's squared gradients) instead of one per element; ``eps`` inside the
+    square root (torch: outside, default 1e-10); no weight decay, ``lr_decay`` or
+    ``initial_accumulator_value``.
+
+    Parameters
+    ----------
+    eps : float >= 0, default 1e-5
+        :math:`\epsilon`, added to the history inside the square root.
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01; ``wd`` must be 0).
+    """
+
+    def __init__(self, eps=1e-5, **kwargs):
+        check_nonnegative("eps", eps)
+        if kwargs.get("wd", 0.0) != 0:
+            raise ValueError(f"wd={kwargs['wd']!r} is invalid: GroupAdaGrad does not support weight decay, "
+                             "expected 0")
+        super().__init__(**kwargs)
+        self.float_stable_eps = eps  # MXNet's attribute name
+
+    def create_state(self, index, weight):
+        if weight.dim() != 2:
+            raise ValueError(f"weight for index {index!r} has shape {tuple(weight.shape)}: GroupAdaGrad "
+                             "expects a 2-D weight (rows, columns)")
+        return torch.zeros((weight.shape[0], 1), dtype=torch.float32, device=weight.device)  # history
+
+    def _check_state(self, index, weight, state):
+        super()._check_state(index, weight, state)
+        wd = self._get_wd(index)
+        if wd != 0:
+            raise ValueError(f"wd for index {index!r} is {wd!r} (wd={self.wd!r} times its wd_mult): "
+                             "GroupAdaGrad does not support weight decay, expected 0")
+
+    def rule(self, w, g, h, *, lr, wd, t, index):
+        G = self._rescaled_clipped(g)
+        # MXNet's mean is a Kahan-compensated sum in the weight dtype; a float64 sum rounds the same
+        # almost always (a plain fp32 sum is 1 ulp off far more often)
+        row_mean = (G * G).mean(dim=1, keepdim=True, dtype=torch.float64).to(G.dtype)
+        h = (h + row_mean).to(h.dtype)
+        return w - lr * G / (h + self.float_stable_eps).sqrt(), h

@@ -1,0 +1,113 @@
+"""LAMB, layer-wise adaptive moments (MXNet ``lamb``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+def _norm(x):
+    """:math:`\\|x\\|_2` as MXNet's ``multi_sum_sq``: a float sum of squares, then its square root."""
+    sum_sq = (x * x).sum(dtype=torch.float64).to(torch.float32)
+    return sum_sq.double().sqrt().to(torch.float32)  # sqrt via fp64: correctly rounded, as the kernel's
+
+
+@register
+class LAMB(Optimizer):
+    r"""LAMB (You et al., "Large Batch Optimization for Deep Learning", ICLR 2020).
+
+    Phase 1, an Adam direction plus decoupled weight decay, with :math:`G = \mathrm{clip}(rg\cdot g)`
+    (weight decay *not* in :math:`G`) and step :math:`t`:
+
+    .. math::
+        m &\leftarrow \beta_1 m + (1-\beta_1) G \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) G^2 \\
+        u &= \frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon} + wd\cdot w
+           \quad\text{(} u = m/(\sqrt{v} + \epsilon) + wd\cdot w \text{ without bias correction)}
+
+    Phase 2, the layer-wise trust ratio:
+
+    .. math::
+        r_1 &= \min(\max(\|w\|_2, lb), ub), \qquad r_2 = \|u\|_2 \\
+        w &\leftarrow w - lr\cdot\frac{r_1}{r_2}\,u \qquad (\text{ratio } 1 \text{ when } r_1 = 0
+           \text{ or } r_2 = 0)
+
+    where the bounds ``lower_bound`` (:math:`lb`) and ``upper_bound`` (:math:`ub`) apply only when
+    set to a nonzero value, as in MXNet. The norms are fp32 values, as in MXNet's kernels.
+
+    State: ``(m, v)`` in the weight dtype; multi-precision ``(w32, (m32, v32))``.
+
+    Multi-precision: the rule sees the fp32 master copy, so :math:`r_1 = \|w_{32}\|` and the master
+    copy is updated. This is the single-tensor semantics of MXNet 1.9.1 with its bug fixed: 1.9.1's
+    ``mp_lamb_update_phase2`` writes the fp16 weight but never stores :math:`w_{32}`, so on MXNet's
+    single-tensor path the master copy stays at its initial value. (MXNet's aggregated path, which its
+    Updater always takes, stores :math:`w_{32}` but computes :math:`r_1` over the fp16 weight.)
+
+    ``aggregate_num`` is 45 (MXNet's default, ``MXNET_OPTIMIZER_AGGREGATION_SIZE`` clamped to
+    [1, 45]); a list call applies the same per-tensor rule to each parameter.
+
+    torch.optim has no LAMB. Compared with common implementations (e.g. NVIDIA's FusedLAMB,
+    ``pytorch_optimizer.Lamb``): epsilon is added after the square root of the bias-corrected
+    :math:`v`; :math:`r_1` is not clamped to [0, 10] unless ``upper_bound`` says so; there is no
+    global gradient-norm clipping (``clip_gradient`` clips elementwise).
+
+    Parameters
+    ----------
+    learning_rate : float, default 0.001
+    beta1 : float in [0, 1), default 0.9
+    beta2 : float in [0, 1), default 0.999
+    epsilon : float >= 0, default 1e-6
+    lower_bound : float >= 0, optional
+        :math:`lb`, the floor of :math:`r_1`; None or 0 disable it.
+    upper_bound : float >= 0, optional
+        :math:`ub`, the ceiling of :math:`r_1`; None or 0 disable it.
+    bias_correction : bool, default True
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    capabilities = frozenset({"multi_precision", "aggregated"})
+    aggregate_num = 45
+
+    def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=None,
+                 upper_bound=None, bias_correction=True, **kwargs):
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.beta1 = check_unit_interval("beta1", beta1)
+        self.beta2 = check_unit_interval("beta2", beta2)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.lower_bound = check_nonnegative("lower_bound", lower_bound, allow_none=True)
+        self.upper_bound = check_nonnegative("upper_bound", upper_bound, allow_none=True)
+        self.bias_correction = bool(bias_correction)
+
+    def create_state(self, index, weight):
+        return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        m, v = state
+
+        def param(x):  # an fp32 op parameter, as the kernel sees it in the weight dtype
+            return torch.tensor(x, dtype=torch.float32).to(w.dtype)
+
+        b1, b2, eps = param(self.beta1), param(self.beta2), param(self.epsilon)
+        one = torch.ones((), dtype=w.dtype)
+        G = param(self.rescale_grad) * g
+        if self.clip_gradient:
+            c = float(param(self.clip_gradient))
+            G = G.clamp(-c, c)
+        m = b1 * m + (one - b1) * G
+        v = b2 * v + (one - b2) * G * G
+        if self.bias_correction:
+            # beta^t is libm pow in the weight dtype: pow of the exact values, correctly rounded
+            b1_t = torch.tensor(float(b1) ** t, dtype=w.dtype)
+            b2_t = torch.tensor(float(b2) ** t, dtype=w.dtype)
+            u = (m / (one - b1_t)) / ((v / (one - b2_t)).sqrt() + eps) + param(wd) * w
+        else:
+            u = m / (v.sqrt() + eps) + param(wd) * w
+        r1, r2 = _norm(w), _norm(u)
+        if self.lower_bound:  # MXNet passes a bound only when it is truthy
+            r1 = r1.clamp(min=float(param(self.lower_bound)))
+        if self.upper_bound:
+            r1 = r1.clamp(max=float(param(self.upper_bound)))
+        ratio = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), r1 / r2).to(w.dtype)
+        return w - (param(lr) * ratio) * u, (m, v)

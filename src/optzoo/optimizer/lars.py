@@ -1,0 +1,110 @@
+"""LARS: layer-wise adaptive rate scaling on top of SGD (MXNet ``lars``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_number, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+#: Parameters whose name ends like this keep the plain learning rate (biases, BatchNorm gamma/beta).
+_NO_LARS = ("gamma", "beta", "bias")
+
+
+@register
+class LARS(Optimizer):
+    r"""LARS (You et al., 2017): SGD whose learning rate is rescaled per parameter by its trust ratio.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g)`, L2 norms taken in float32:
+
+    .. math::
+        \lambda &= \frac{\eta\,\lVert w\rVert}{\lVert rg\cdot g\rVert + wd\,\lVert w\rVert + eps}
+                   \ \text{ if } \lVert w\rVert > 0 \text{ and } \lVert g\rVert > 0,
+                   \text{ else } 1 \\
+        lr' &= \lambda\cdot lr \\
+        \mu' &= \mu\cdot lr_{cur}/lr_{last}\ \text{ if momentum\_correction and } lr_{last} \ne 0,
+                \text{ else } \mu \\
+        \mu = 0:\quad & w \leftarrow (1 - lr'\,wd)\,w - lr'\,G \\
+        \mu > 0:\quad & mom \leftarrow \mu'\,mom - lr'\,wd\cdot w - lr'\,G,\qquad w \leftarrow w + mom
+
+    :math:`lr_{cur}` and :math:`lr_{last}` are the *global* learning rates (scheduler or ``lr``, before
+    multipliers) of this call and of the previous one (``cur_lr`` / ``last_lr``; on the first call
+    both are the current one). The correction (Goyal et al., 2017) keeps the lr-scaled buffer
+    consistent when a scheduler changes the learning rate.
+
+    Parameters whose name (``param_idx2name[index]``, else ``str(index)``) ends in ``gamma``, ``beta``
+    or ``bias`` get :math:`\lambda = 1`. With ``param_idx2name``, only names ending in ``_weight``
+    keep weight decay (MXNet's LARS rule; other optimizers also keep ``_gamma``).
+
+    MXNet's aggregated kernel computes :math:`\lambda` as
+    :math:`\eta\lVert w\rVert/(rg\lVert g\rVert + \dots)` over the fp16 weights under multi-precision;
+    optzoo uses the single-tensor formula above (same value up to rounding).
+
+    State: as :class:`SGD`, ``mom`` or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
+
+    torch.optim has no LARS.
+
+    Parameters
+    ----------
+    momentum : float in [0, 1), default 0
+    lazy_update : bool, default True (only matters for row-sparse gradients)
+    eta : float >= 0, default 0.001
+        The LARS coefficient :math:`\eta`.
+    eps : float >= 0, default 0
+    momentum_correction : bool, default True
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
+    """
+
+    capabilities = frozenset({"multi_precision", "aggregated"})
+    _mp_master_first = False
+    aggregate_num = 4
+
+    def __init__(self, momentum=0.0, lazy_update=True, eta=0.001, eps=0, momentum_correction=True, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.lazy_update = bool(lazy_update)
+        self.eta = check_nonnegative("eta", eta)
+        self.eps = check_nonnegative("eps", eps)
+        self.momentum_correction = bool(momentum_correction)
+        self.last_lr = None
+        self.cur_lr = None
+
+    def set_wd_mult(self, args_wd_mult):
+        """As :meth:`Optimizer.set_wd_mult`, but only names ending in ``_weight`` keep weight decay."""
+        if not isinstance(args_wd_mult, dict):
+            raise TypeError(f"args_wd_mult={args_wd_mult!r} is invalid: expected a dict of index or name -> float")
+        for key, value in args_wd_mult.items():
+            check_number(f"wd_mult[{key!r}]", value)
+        self.wd_mult = {name: 0.0 for name in self.idx2name.values() if not name.endswith("_weight")}
+        self.wd_mult.update(args_wd_mult)
+
+    def _get_lrs(self, indices):
+        # MXNet tracks the global lr here, once per update call (a list call reads it once).
+        lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
+        self.last_lr = lr if self.cur_lr is None else self.cur_lr
+        self.cur_lr = lr
+        return self._multiplied(lr, indices, "lr_mult", self.lr_mult)
+
+    def create_state(self, index, weight):
+        return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def _trust_ratio(self, index, w, g, wd):
+        name = self.idx2name.get(index, str(index))
+        if name.endswith(_NO_LARS):
+            return 1.0
+        w_norm = float(torch.linalg.vector_norm(w.to(torch.float32)))
+        g_norm = float(torch.linalg.vector_norm(g.to(torch.float32) * self.rescale_grad))
+        if w_norm > 0.0 and g_norm > 0.0:
+            return self.eta * w_norm / (g_norm + wd * w_norm + self.eps)
+        return 1.0
+
+    def rule(self, w, g, mom, *, lr, wd, t, index):
+        lr = lr * self._trust_ratio(index, w, g, wd)
+        G = self._rescaled_clipped(g)
+        if mom is None:
+            return (1 - lr * wd) * w - lr * G, None
+        mu = self.momentum
+        if self.momentum_correction and self.last_lr != 0:
+            mu = mu * (self.cur_lr / self.last_lr)
+        mom = mu * mom - (lr * wd) * w - lr * G
+        return w + mom, mom

@@ -1,0 +1,125 @@
+"""LBSGD: large-batch SGD with gradient accumulation and warmup (MXNet ``lbsgd``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_choice, check_nonnegative, check_positive_int, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+_STRATEGIES = ("linear", "power2", "sqrt", "lars")
+
+
+@register
+class LBSGD(Optimizer):
+    r"""Large-batch SGD: accumulate ``batch_scale`` gradients per parameter, then one scaled SGD step.
+
+    Every call adds the gradient to the parameter's accumulator :math:`C` and counts it in
+    :math:`n` (which starts at ``begin_epoch * updates_per_epoch + 1`` and is never reset). When
+    :math:`n` is a multiple of :math:`M` = ``batch_scale``, with :math:`\bar g = C/M`,
+    :math:`G = \mathrm{clip}(rg\cdot\bar g)` and :math:`lr' = \rho\cdot lr`:
+
+    .. math::
+        \mu = 0:\quad & w \leftarrow (1 - lr'\,wd)\,w - lr'\,G \\
+        \mu > 0:\quad & mom \leftarrow \mu\,mom - lr'\,wd\cdot w - lr'\,G,\qquad w \leftarrow w + mom
+
+    and :math:`C \leftarrow 0`; on the other calls the weight is unchanged. The multiplier
+    :math:`\rho` ramps from 1 to :math:`M` over :math:`N` = ``warmup_epochs * updates_per_epoch``
+    updates (:math:`\rho = M` once :math:`n \ge N`, and 1 if :math:`N \le 1`):
+
+    .. math::
+        \text{linear: } 1 + (M-1)\,n/N \qquad \text{power2: } 1 + (M-1)\,n^2/N^2 \qquad
+        \text{sqrt: } 1 + (M-1)\sqrt{n/N}
+
+    or, for ``'lars'``, :math:`\rho = \mathrm{clamp}\big(\sqrt{\textstyle\sum w^2 /
+    (\sum \bar g^2 + wd\sum w^2 + 10^{-18})},\ 0.01,\ 100\big)` (no ``rescale_grad``).
+
+    As in MXNet, the learning rate is read *before* the update is counted (a scheduler sees
+    0, 1, 2, ...), and the accumulators live on the optimizer (``cumgrads``: index ->
+    ``{'cum_grad', 'num_cums'}``). MXNet keeps a reference to the first gradient of a large batch;
+    optzoo copies it. MXNet uses :math:`\rho = 1` for an unknown ``warmup_strategy``; optzoo rejects it.
+
+    State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
+
+    torch.optim has no LBSGD (``torch.optim.SGD`` with gradient accumulation and a warmup scheduler
+    is the nearest equivalent).
+
+    Parameters
+    ----------
+    momentum : float in [0, 1), default 0
+    multi_precision : bool, default False
+    warmup_strategy : {'linear', 'power2', 'sqrt', 'lars'}, default 'linear'
+    warmup_epochs : float >= 0, default 5
+    batch_scale : int >= 1, default 1
+        :math:`M`, the number of gradients accumulated per step.
+    updates_per_epoch : int >= 1, default 32
+    begin_epoch : int >= 0, default 0
+    num_epochs : int, default 60
+        Unused, as in MXNet.
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
+    """
+
+    _lr_before_count = True
+
+    def __init__(self, momentum=0.0, multi_precision=False, warmup_strategy="linear", warmup_epochs=5,
+                 batch_scale=1, updates_per_epoch=32, begin_epoch=0, num_epochs=60, **kwargs):
+        super().__init__(multi_precision=multi_precision, **kwargs)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.warmup_strategy = check_choice("warmup_strategy", warmup_strategy, _STRATEGIES)
+        self.warmup_epochs = check_nonnegative("warmup_epochs", warmup_epochs)
+        self.batch_scale = check_positive_int("batch_scale", batch_scale)
+        self.updates_per_epoch = check_positive_int("updates_per_epoch", updates_per_epoch)
+        self.begin_epoch = check_positive_int("begin_epoch", begin_epoch, minimum=0)
+        self.num_epochs = num_epochs
+        self.init_updates = self.begin_epoch * self.updates_per_epoch
+        self.cumgrads = {}
+
+    def create_state(self, index, weight):
+        return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def _get_lbmult(self, nup):
+        """The warmup multiplier :math:`\\rho` after ``nup`` accumulated gradients."""
+        nwup = self.warmup_epochs * self.updates_per_epoch
+        maxmult = float(self.batch_scale)
+        if nup >= nwup:
+            return maxmult
+        if nwup <= 1:
+            return 1.0
+        if self.warmup_strategy == "linear":
+            return 1.0 + (maxmult - 1) * nup / nwup
+        if self.warmup_strategy == "power2":
+            return 1.0 + (maxmult - 1) * (nup * nup) / (nwup * nwup)
+        return 1.0 + (maxmult - 1) * math.sqrt(float(nup) / nwup)  # sqrt
+
+    def _get_lars(self, w, g, wd):
+        """The ``'lars'`` multiplier, from squared sums in the weight dtype and the ratio in double."""
+        w2 = float((w * w).sum())
+        g2 = float((g * g).sum())
+        return min(max(math.sqrt(w2 / (g2 + wd * w2 + 1e-18)), 0.01), 100.0)
+
+    def _cumulate(self, index, g):
+        entry = self.cumgrads.get(index)
+        if entry and entry["num_cums"] > 0:
+            entry = {"cum_grad": entry["cum_grad"] + g, "num_cums": entry["num_cums"] + 1}
+        else:
+            entry = {"cum_grad": g.clone(), "num_cums": self.init_updates + 1}
+        self.cumgrads[index] = entry
+        return entry
+
+    def rule(self, w, g, mom, *, lr, wd, t, index):
+        entry = self._cumulate(index, g)
+        if entry["num_cums"] % self.batch_scale != 0:
+            return None, None
+        grad = entry["cum_grad"] / self.batch_scale
+        if self.warmup_strategy == "lars":
+            lr = lr * self._get_lars(w, grad, wd)
+        else:
+            lr = lr * self._get_lbmult(entry["num_cums"])
+        entry["cum_grad"] = 0  # num_cums is not reset (MXNet)
+        G = self._rescaled_clipped(grad)
+        if mom is None:
+            return (1 - lr * wd) * w - lr * G, None
+        mom = self.momentum * mom - (lr * wd) * w - lr * G
+        return w + mom, mom

@@ -1,0 +1,77 @@
+"""Nadam (MXNet ``nadam``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .adagrad import sqrt_rn
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class Nadam(Optimizer):
+    r"""Nadam (Dozat 2016): Adam with Nesterov momentum and a warming momentum schedule.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g + wd\cdot w)` (weight decay *inside* the clip), step
+    :math:`t` of this index and schedule decay :math:`\psi`:
+
+    .. math::
+        \mu_t &= \beta_1\,(1 - \tfrac12\,0.96^{t\psi}),\qquad
+        \mu_{t+1} = \beta_1\,(1 - \tfrac12\,0.96^{(t+1)\psi}) \\
+        M &\leftarrow M\cdot\mu_t \quad(\text{the shared } m\_schedule) \\
+        m &\leftarrow \beta_1 m + (1-\beta_1) G \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) G^2 \\
+        \bar m &= (1-\mu_t)\,\frac{G}{1-M} + \mu_{t+1}\,\frac{m}{1 - M\mu_{t+1}} \\
+        w &\leftarrow w - lr\cdot\bar m \,/\, \left(\sqrt{v/(1-\beta_2^t)} + \epsilon\right)
+
+    The scalars (:math:`\mu_t`, :math:`M`, the bias corrections) are computed in double.
+
+    :math:`M` is ``self.m_schedule``, **one number on the optimizer shared by every parameter**
+    (starting at 1): it advances once per update of *any* index, in call order, so with :math:`N`
+    parameters it is multiplied :math:`N` times per training step. This is MXNet's behaviour, kept
+    for parity; it is saved with the optimizer (``Updater.get_states(dump_optimizer=True)``).
+
+    State: ``(m, v)`` in the weight dtype; multi-precision ``(w32, (m32, v32))``.
+
+    Differs from ``torch.optim.NAdam``: torch keeps the momentum product per parameter
+    (``state['mu_product']``, advanced once per step) where MXNet shares :math:`M` across
+    parameters; torch calls :math:`\psi` ``momentum_decay`` and defaults to ``lr=0.002``; here ``wd``
+    is added to the gradient before clipping.
+
+    Parameters
+    ----------
+    learning_rate : float, default 0.001
+    beta1 : float in [0, 1), default 0.9
+    beta2 : float in [0, 1), default 0.999
+    epsilon : float >= 0, default 1e-8
+    schedule_decay : float >= 0, default 0.004
+        :math:`\psi`.
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, schedule_decay=0.004,
+                 **kwargs):
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.beta1 = check_unit_interval("beta1", beta1)
+        self.beta2 = check_unit_interval("beta2", beta2)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.schedule_decay = check_nonnegative("schedule_decay", schedule_decay)
+        self.m_schedule = 1.0
+
+    def create_state(self, index, weight):
+        return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        m, v = state
+        b1, b2, psi = self.beta1, self.beta2, self.schedule_decay
+        G = self._clip(g * self.rescale_grad + wd * w)
+        mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+        mu_t1 = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+        self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
+        m_schedule_next = self.m_schedule * mu_t1
+        m = m * b1 + (1.0 - b1) * G
+        v = v * b2 + (1.0 - b2) * G * G
+        m_bar = (1.0 - mu_t) * (G / (1.0 - self.m_schedule)) + mu_t1 * (m / (1.0 - m_schedule_next))
+        v_hat = v / (1.0 - b2 ** t)
+        return w - lr * m_bar / (sqrt_rn(v_hat) + self.epsilon), (m, v)

@@ -1,0 +1,56 @@
+"""Nesterov accelerated gradient (MXNet ``nag``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class NAG(Optimizer):
+    r"""SGD with Nesterov momentum, in MXNet's ``nag_mom_update`` form.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g) + wd\cdot w` (weight decay added *after* the clip) and
+    momentum :math:`\mu`:
+
+    .. math::
+        \mu = 0:\quad & w \leftarrow (1 - lr\cdot wd)\,w - lr\cdot\mathrm{clip}(rg\cdot g) \\
+        \mu > 0:\quad & m' = \mu\,mom,\qquad
+                        w' \leftarrow w - m' + (1 + \mu)(m' - lr\cdot G) \\
+                      & mom \leftarrow m' - lr\cdot\big(\mathrm{clip}(rg\cdot g) + wd\cdot w'\big),
+                        \qquad w \leftarrow w'
+
+    that is :math:`w' = w + \mu^2 mom - (1+\mu)\,lr\cdot G`. MXNet's kernel runs in place and
+    reads the weight again for the new buffer, so the buffer's weight-decay term uses the *updated*
+    weight :math:`w'` (kept for parity; it only matters when ``wd != 0``).
+
+    State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
+
+    Differs from ``torch.optim.SGD(nesterov=True)``: the buffer holds the lr-scaled, negated velocity
+    (torch keeps ``buf = μ·buf + g`` and steps ``lr·(g + μ·buf)``), and weight decay is never clipped.
+
+    Parameters
+    ----------
+    momentum : float in [0, 1), default 0
+    **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
+    """
+
+    _mp_master_first = False
+
+    def __init__(self, momentum=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum = check_unit_interval("momentum", momentum)
+
+    def create_state(self, index, weight):
+        return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def rule(self, w, g, mom, *, lr, wd, t, index):
+        G = self._rescaled_clipped(g)
+        if mom is None:
+            return (1 - lr * wd) * w - lr * G, None
+        mu = self.momentum
+        m = mu * mom
+        new_w = w - m + (mu + 1) * (m - lr * (G + wd * w))
+        return new_w, m - lr * (G + wd * new_w)

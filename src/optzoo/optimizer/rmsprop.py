@@ -1,0 +1,100 @@
+"""RMSProp, plain (Tieleman & Hinton) and centered (Graves) (MXNet ``rmsprop``)."""
+from __future__ import annotations
+
+import struct
+
+import torch
+
+from .._checks import check_nonnegative, check_optional_clip, check_unit_interval
+from .adagrad import sqrt_rn
+from .base import Optimizer
+from .registry import register
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to fp32: the C++ kernel's ``1.f - gamma1`` is fp32 arithmetic on an fp32 gamma1."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+@register
+class RMSProp(Optimizer):
+    r"""RMSProp with epsilon inside the square root, coupled L2 weight decay and optional weight clipping.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g + wd\cdot w)` (weight decay *inside* the clip), plain
+    (``centered=False``, Tieleman & Hinton):
+
+    .. math::
+        n &\leftarrow (1-\gamma_1)\,G^2 + \gamma_1 n \\
+        w &\leftarrow w - lr\cdot G/\sqrt{n + \epsilon}
+
+    centered (``centered=True``, Graves 2013, eqs. 38-45), with momentum :math:`\gamma_2`:
+
+    .. math::
+        n &\leftarrow (1-\gamma_1)\,G^2 + \gamma_1 n \\
+        \bar g &\leftarrow (1-\gamma_1)\,G + \gamma_1 \bar g \\
+        \delta &\leftarrow \gamma_2\,\delta - lr\cdot G/\sqrt{n - \bar g^2 + \epsilon} \\
+        w &\leftarrow w + \delta
+
+    then, if ``clip_weights`` is set, :math:`w \leftarrow \mathrm{clip}(w, -cw, cw)` (:math:`\delta`
+    keeps its unclipped value). :math:`\gamma_2` is unused when not centered.
+
+    State: always **fp32** (MXNet creates it with no dtype): ``(n,)`` (a 1-tuple) or
+    ``(n, g, delta)`` when centered; multi-precision ``(w32, state)``. Other weight dtypes compute in
+    torch's promoted dtype, states rounded to fp32 (MXNet 1.9.1 raises on such mixed dtypes).
+
+    Differs from ``torch.optim.RMSprop``: torch's ``alpha`` is :math:`\gamma_1` (default 0.99, here
+    0.9) and torch adds ``eps`` *outside* the square root, :math:`G/(\sqrt{n}+\epsilon)` (centered:
+    :math:`\sqrt{n-\bar g^2}+\epsilon`); torch's ``momentum`` (default 0) applies to both variants and
+    its buffer holds :math:`G/\sqrt{\cdot}` with ``lr`` multiplied at the end, whereas :math:`\delta`
+    here exists only when centered and holds the lr-scaled step, so a change of learning rate acts only
+    on new gradients; torch has no ``clip_weights`` and does not clip gradients.
+
+    Parameters
+    ----------
+    learning_rate : float, default 0.001
+    gamma1 : float in [0, 1), default 0.9
+        :math:`\gamma_1`, decay of the moving averages :math:`n` and :math:`\bar g`.
+    gamma2 : float in [0, 1), default 0.9
+        :math:`\gamma_2`, momentum of :math:`\delta` (centered only).
+    epsilon : float >= 0, default 1e-8
+    centered : bool, default False
+    clip_weights : float >= 0, optional
+        :math:`cw`: clip the updated weight to :math:`[-cw, cw]`; None or 0 disable it.
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    def __init__(self, learning_rate=0.001, gamma1=0.9, gamma2=0.9, epsilon=1e-8, centered=False,
+                 clip_weights=None, **kwargs):
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.gamma1 = check_unit_interval("gamma1", gamma1)
+        self.gamma2 = check_unit_interval("gamma2", gamma2)
+        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.centered = bool(centered)
+        self.clip_weights = check_optional_clip("clip_weights", clip_weights)
+
+    def create_state(self, index, weight):
+        def zeros():
+            return torch.zeros_like(weight, dtype=torch.float32)
+        return (zeros(), zeros(), zeros()) if self.centered else (zeros(),)  # n [, g, delta]
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        f32 = state[0].dtype
+        g1 = self.gamma1
+        one_minus_g1 = 1.0 - _f32(g1)
+        G = self._clip(g * self.rescale_grad + wd * w)
+        if not self.centered:
+            (n,) = state
+            n = (one_minus_g1 * (G * G) + g1 * n).to(f32)
+            new_w = w - lr * (G / sqrt_rn(n + self.epsilon))
+            new_state = (n,)
+        else:
+            n, gbar, delta = state
+            n = (one_minus_g1 * G * G + g1 * n).to(f32)
+            gbar = (one_minus_g1 * G + g1 * gbar).to(f32)
+            # (lr*G)/sqrt here but lr*(G/sqrt) when not centered: the two C++ kernels' rounding orders
+            delta = (self.gamma2 * delta - lr * G / sqrt_rn(n - gbar * gbar + self.epsilon)).to(f32)
+            new_w = w + delta
+            new_state = (n, gbar, delta)
+        if self.clip_weights:
+            new_w = new_w.clamp(-self.clip_weights, self.clip_weights)
+        return new_w, new_state

@@ -1,0 +1,57 @@
+"""Signum and SignSGD (MXNet ``signum``; SignSGD is ``momentum=0``)."""
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_nonnegative, check_unit_interval
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class Signum(Optimizer):
+    r"""Signum (Bernstein et al., 2018): step by the sign of the momentum; SignSGD when ``momentum=0``.
+
+    With :math:`G = \mathrm{clip}(rg\cdot g)`, momentum :math:`\mu`, decoupled decay :math:`wd_{lh}`:
+
+    .. math::
+        \mu > 0:\quad & mom \leftarrow \mu\,mom - (1-\mu)\,wd\cdot w - (1-\mu)\,G \\
+                      & w \leftarrow (1 - lr\cdot wd_{lh})\,w + lr\cdot\mathrm{sign}(mom) \\
+        \mu = 0:\quad & w \leftarrow (1 - lr\cdot wd - lr\cdot wd_{lh})\,w - lr\cdot\mathrm{sign}(g)
+
+    The buffer holds the *negated* momentum, hence ``+ sign(mom)``. ``wd`` is coupled (it enters the
+    momentum) when :math:`\mu > 0`, but MXNet's ``signsgd_update`` applies it decoupled, and takes the sign
+    of the raw gradient, so ``rescale_grad`` and ``clip_gradient`` have no effect when :math:`\mu = 0`.
+
+    MXNet 1.9.1 raises when :math:`\mu = 0` and :math:`wd_{lh} \ne 0` (``signsgd_update`` has no
+    ``wd_lh`` argument); optzoo applies :math:`wd_{lh}` as the momentum variant does, a decoupled
+    :math:`-lr\cdot wd_{lh}\cdot w` next to SignSGD's own decoupled :math:`-lr\cdot wd\cdot w`, so
+    :math:`wd_{lh} = 0` gives MXNet's numbers.
+
+    State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
+
+    torch.optim has no sign-based optimizer.
+
+    Parameters
+    ----------
+    learning_rate : float, default 0.01
+    momentum : float in [0, 1), default 0.9
+    wd_lh : float >= 0, default 0
+        Decoupled weight decay (Loshchilov & Hutter), :math:`wd_{lh}`.
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    def __init__(self, learning_rate=0.01, momentum=0.9, wd_lh=0.0, **kwargs):
+        super().__init__(learning_rate=learning_rate, **kwargs)
+        self.momentum = check_unit_interval("momentum", momentum)
+        self.wd_lh = check_nonnegative("wd_lh", wd_lh)
+
+    def create_state(self, index, weight):
+        return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def rule(self, w, g, mom, *, lr, wd, t, index):
+        if mom is None:
+            return (1 - lr * wd - lr * self.wd_lh) * w - lr * torch.sign(g), None
+        mu = self.momentum
+        mom = mu * mom - (1 - mu) * wd * w - (1 - mu) * self._rescaled_clipped(g)
+        return (1 - lr * self.wd_lh) * w + lr * torch.sign(mom), mom

@@ -1,0 +1,38 @@
+"""MXNet's trivial ``Test`` optimizer (``test``)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Optimizer
+from .registry import register
+
+
+@register
+class Test(Optimizer):
+    r"""MXNet's ``Test`` optimizer: adds the rescaled gradient and keeps a copy of the weight.
+
+    .. math::
+        w \leftarrow w + rg\cdot g,\qquad state \leftarrow w
+
+    The gradient is *added* (no learning rate, weight decay or clipping), and the update is not
+    counted (``num_update`` stays at ``begin_num_update``), as in MXNet, where it serves to test the
+    Updater and kvstore plumbing.
+
+    State: a float32 copy of the weight (MXNet creates it with the default dtype, float32, zeros);
+    multi-precision ``(w32, state32)``.
+
+    torch.optim has no counterpart (it is a plumbing test, not an optimizer).
+
+    Parameters
+    ----------
+    **kwargs : the :class:`Optimizer` arguments.
+    """
+
+    _counts_updates = False
+
+    def create_state(self, index, weight):
+        return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+    def rule(self, w, g, state, *, lr, wd, t, index):
+        w = w + g * self.rescale_grad
+        return w, w
