@@ -24,12 +24,11 @@ demo: setup
 	$(PY) -m optzoo.demo
 
 # Re-record the MXNet 1.9.1 golden numbers (needs network for the side venv; never needed by `make test`).
-.mxref/.installed:
+.mxref/bin/python:
 	$(PYTHON) -m venv .mxref
 	.mxref/bin/pip install -q mxnet==1.9.1 "numpy<1.24"
-	touch $@
 
-fixtures: .mxref/.installed
+fixtures: .mxref/bin/python
 	.mxref/bin/python tests/fixtures/record_mxnet.py
 
 clean:

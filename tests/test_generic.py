@@ -99,6 +99,7 @@ BAD_GRADS = {
     "shape": (lambda w, g: torch.zeros(w.numel() + 1, dtype=w.dtype), ValueError, "shape"),
     "dtype": (lambda w, g: g.double(), TypeError, "dtype torch.float64"),
     "sparse": (lambda w, g: g.to_sparse(), TypeError, "sparse"),
+    "device": (lambda w, g: g.to("meta"), ValueError, "is on meta: expected the weight's device cpu"),
     "not_tensor": (lambda w, g: g.tolist(), TypeError, "grad for index 1"),
 }
 

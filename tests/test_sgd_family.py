@@ -177,7 +177,8 @@ def test_sgld_generator_is_the_noise_source():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     # the noise is sqrt(lr) * randn(shape) from that generator
     w = torch.zeros(6)
-    optimizer.SGLD(learning_rate=0.09, generator=torch.Generator().manual_seed(4)).update(0, w, torch.zeros(6), None)
+    opt = optimizer.SGLD(learning_rate=0.09, generator=torch.Generator().manual_seed(4))
+    opt.update(0, w, torch.zeros(6), None)
     assert torch.equal(w, 0.3 * torch.randn(6, generator=torch.Generator().manual_seed(4)))
 
 
@@ -233,7 +234,8 @@ def _lbsgd_reference(ws, gs, seq, *, M, strategy, nwup, init, mu, wd, rg, clip):
 
 @pytest.mark.parametrize("strategy", ["linear", "power2", "sqrt", "lars"])
 def test_lbsgd_accumulation_matches_float64_reference(strategy):
-    M, epochs, per_epoch, begin = 3, 2, 4, 1  # n starts at 5: updates at n = 6 (warming up), then 9, ... (n >= 8: rho = M)
+    # n starts at 5: updates at n = 6 (warming up), then at 9, 12, ... (n >= 8: rho = M)
+    M, epochs, per_epoch, begin = 3, 2, 4, 1
     hp = dict(mu=0.9, wd=0.02, rg=0.8, clip=1.5)
     sched = _RecordingSchedule()
     opt = optimizer.LBSGD(momentum=hp["mu"], warmup_strategy=strategy, warmup_epochs=epochs, batch_scale=M,

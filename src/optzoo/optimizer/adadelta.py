@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from .adagrad import sqrt_rn
+from .adagrad import mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -29,8 +29,10 @@ class AdaDelta(Optimizer):
     in place (``grad *= rescale_grad``); optzoo leaves it untouched, with the same numbers.
 
     State: ``(acc_g, acc_delta)`` :math:`(a_g, a_\Delta)`, always **fp32** (MXNet creates them with no
-    dtype); multi-precision ``(w32, state)``. Other weight dtypes compute in torch's promoted dtype,
-    states rounded to fp32 (MXNet 1.9.1 raises on such mixed dtypes).
+    dtype); multi-precision ``(w32, state)``. MXNet 1.9.1 raises for any other weight dtype; optzoo
+    computes in fp64 for fp64 weights and in fp32 for fp16/bf16 weights, storing the states in fp32.
+    Scalars enter as MXNet's NDArray ops see them (``mx_scalar``), square roots are correctly
+    rounded (``sqrt_rn``).
 
     Differs from ``torch.optim.Adadelta``: torch multiplies the step :math:`\Delta` by ``lr`` (default
     1.0), adds ``weight_decay * w`` to the gradient before the accumulators (coupled L2), and defaults to
@@ -54,10 +56,12 @@ class AdaDelta(Optimizer):
                 torch.zeros_like(weight, dtype=torch.float32))   # acc_delta
 
     def rule(self, w, g, state, *, lr, wd, t, index):
-        acc_g, acc_delta = state
-        f32, rho, eps = acc_g.dtype, self.rho, self.epsilon
-        G = self._clip(g * self.rescale_grad)
-        acc_g = (acc_g * rho + (1.0 - rho) * G * G).to(f32)
+        ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
+        acc_g, acc_delta = (s.to(ct) for s in state)
+        w, g, D = w.to(ct), g.to(ct), mx_scalar
+        rho, one_minus_rho, eps = D(self.rho), D(1.0 - self.rho), D(self.epsilon)
+        G = self._clip(g * D(self.rescale_grad))
+        acc_g = acc_g * rho + one_minus_rho * G * G
         delta = sqrt_rn(acc_delta + eps) / sqrt_rn(acc_g + eps) * G
-        acc_delta = (acc_delta * rho + (1.0 - rho) * delta * delta).to(f32)
-        return w - (delta + wd * w), (acc_g, acc_delta)
+        acc_delta = acc_delta * rho + one_minus_rho * delta * delta
+        return w - (delta + D(wd) * w), (acc_g, acc_delta)

@@ -1,9 +1,12 @@
 """Adamax (MXNet ``adamax``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_unit_interval
+from .adagrad import mx_scalar
 from .base import Optimizer
 from .registry import register
 
@@ -20,8 +23,9 @@ class Adamax(Optimizer):
         u &\leftarrow \max(\beta_2 u, |G|) \\
         w &\leftarrow w - \frac{lr}{1-\beta_1^t}\cdot m / u
 
-    (:math:`lr/(1-\beta_1^t)` is computed in double.) There is no epsilon: a coordinate whose
-    gradient has been exactly 0 at every step so far gets :math:`0/0` = NaN, as in MXNet.
+    :math:`lr/(1-\beta_1^t)` is computed in double; scalars enter as MXNet's NDArray ops see them
+    (``mx_scalar``). There is no epsilon: a coordinate whose gradient has been exactly 0 at every
+    step so far gets :math:`0/0` = NaN, as in MXNet.
 
     State: ``(m, u)`` in the weight dtype; multi-precision ``(w32, (m32, u32))``.
 
@@ -47,9 +51,10 @@ class Adamax(Optimizer):
 
     def rule(self, w, g, state, *, lr, wd, t, index):
         m, u = state
+        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
         b1 = self.beta1
         lr_t = lr / (1.0 - b1 ** t)
-        G = self._clip(g * self.rescale_grad + wd * w)
-        m = m * b1 + (1.0 - b1) * G
-        u = torch.maximum(self.beta2 * u, G.abs())
-        return w - lr_t * m / u, (m, u)
+        G = self._clip(g * D(self.rescale_grad) + D(wd) * w)
+        m = m * D(b1) + D(1.0 - b1) * G
+        u = torch.maximum(D(self.beta2) * u, G.abs())
+        return w - D(lr_t) * m / u, (m, u)

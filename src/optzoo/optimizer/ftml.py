@@ -57,12 +57,12 @@ class FTML(Optimizer):
             x = torch.tensor(x, dtype=torch.float32 if fp32 else torch.float64)
             return x.to(w.dtype)
 
-        b1, b2, lr_, eps, t_ = param(self.beta1), param(self.beta2), param(lr), param(self.epsilon, False), \
-            param(t, False)
+        b1, b2, lr_ = param(self.beta1), param(self.beta2), param(lr)
+        eps, t_ = param(self.epsilon, fp32=False), param(t, fp32=False)  # a double field, an int
         one = torch.ones((), dtype=w.dtype)
         # power::Map(beta, t) is libm pow in DType: pow of the exact values, correctly rounded
-        b1_t = param(float(b1) ** float(t_), False)
-        b2_t = param(float(b2) ** float(t_), False)
+        b1_t = param(float(b1) ** float(t_), fp32=False)
+        b2_t = param(float(b2) ** float(t_), fp32=False)
         G = param(self.rescale_grad) * g + param(wd) * w
         if self.clip_gradient:
             c = float(param(self.clip_gradient))

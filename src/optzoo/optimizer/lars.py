@@ -36,9 +36,10 @@ class LARS(Optimizer):
     or ``bias`` get :math:`\lambda = 1`. With ``param_idx2name``, only names ending in ``_weight``
     keep weight decay (MXNet's LARS rule; other optimizers also keep ``_gamma``).
 
-    MXNet's aggregated kernel computes :math:`\lambda` as
-    :math:`\eta\lVert w\rVert/(rg\lVert g\rVert + \dots)` over the fp16 weights under multi-precision;
-    optzoo uses the single-tensor formula above (same value up to rounding).
+    optzoo uses MXNet's single-tensor formula above. MXNet's Updater takes the aggregated path, which
+    computes :math:`\eta\lVert w\rVert/(rg\lVert g\rVert + \dots)`: the same value up to rounding in
+    fp32/fp64, but under multi-precision it squares the *fp16* weight and gradient in fp16 before
+    summing, which moves :math:`\lambda` by ~2e-4 relative (optzoo uses the fp32 master copy).
 
     State: as :class:`SGD`, ``mom`` or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
 

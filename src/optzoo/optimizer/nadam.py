@@ -1,10 +1,12 @@
 """Nadam (MXNet ``nadam``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from .adagrad import sqrt_rn
+from .adagrad import mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -25,7 +27,8 @@ class Nadam(Optimizer):
         \bar m &= (1-\mu_t)\,\frac{G}{1-M} + \mu_{t+1}\,\frac{m}{1 - M\mu_{t+1}} \\
         w &\leftarrow w - lr\cdot\bar m \,/\, \left(\sqrt{v/(1-\beta_2^t)} + \epsilon\right)
 
-    The scalars (:math:`\mu_t`, :math:`M`, the bias corrections) are computed in double.
+    The scalars (:math:`\mu_t`, :math:`M`, the bias corrections) are computed in double and enter as
+    MXNet's NDArray ops see them (``mx_scalar``); square roots are correctly rounded (``sqrt_rn``).
 
     :math:`M` is ``self.m_schedule``, **one number on the optimizer shared by every parameter**
     (starting at 1): it advances once per update of *any* index, in call order, so with :math:`N`
@@ -64,14 +67,15 @@ class Nadam(Optimizer):
 
     def rule(self, w, g, state, *, lr, wd, t, index):
         m, v = state
+        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
         b1, b2, psi = self.beta1, self.beta2, self.schedule_decay
-        G = self._clip(g * self.rescale_grad + wd * w)
+        G = self._clip(g * D(self.rescale_grad) + D(wd) * w)
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_t1 = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
         m_schedule_next = self.m_schedule * mu_t1
-        m = m * b1 + (1.0 - b1) * G
-        v = v * b2 + (1.0 - b2) * G * G
-        m_bar = (1.0 - mu_t) * (G / (1.0 - self.m_schedule)) + mu_t1 * (m / (1.0 - m_schedule_next))
-        v_hat = v / (1.0 - b2 ** t)
-        return w - lr * m_bar / (sqrt_rn(v_hat) + self.epsilon), (m, v)
+        m = m * D(b1) + D(1.0 - b1) * G
+        v = v * D(b2) + D(1.0 - b2) * G * G
+        m_bar = D(1.0 - mu_t) * (G / D(1.0 - self.m_schedule)) + D(mu_t1) * (m / D(1.0 - m_schedule_next))
+        v_hat = v / D(1.0 - b2 ** t)
+        return w - D(lr) * m_bar / (sqrt_rn(v_hat) + D(self.epsilon)), (m, v)

@@ -1,19 +1,12 @@
 """RMSProp, plain (Tieleman & Hinton) and centered (Graves) (MXNet ``rmsprop``)."""
 from __future__ import annotations
 
-import struct
-
 import torch
 
 from .._checks import check_nonnegative, check_optional_clip, check_unit_interval
-from .adagrad import sqrt_rn
+from .adagrad import mx_float, sqrt_rn
 from .base import Optimizer
 from .registry import register
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to fp32: the C++ kernel's ``1.f - gamma1`` is fp32 arithmetic on an fp32 gamma1."""
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 @register
@@ -39,8 +32,11 @@ class RMSProp(Optimizer):
     keeps its unclipped value). :math:`\gamma_2` is unused when not centered.
 
     State: always **fp32** (MXNet creates it with no dtype): ``(n,)`` (a 1-tuple) or
-    ``(n, g, delta)`` when centered; multi-precision ``(w32, state)``. Other weight dtypes compute in
-    torch's promoted dtype, states rounded to fp32 (MXNet 1.9.1 raises on such mixed dtypes).
+    ``(n, g, delta)`` when centered; multi-precision ``(w32, state)``. MXNet 1.9.1 raises for any
+    other weight dtype; optzoo computes in fp64 for fp64 weights and in fp32 for fp16/bf16 weights,
+    storing the states in fp32.
+    Hyperparameters enter as the fused kernel's fp32 fields (``mx_float``), square roots are
+    correctly rounded (``sqrt_rn``): fp32 results are bit-identical to MXNet's.
 
     Differs from ``torch.optim.RMSprop``: torch's ``alpha`` is :math:`\gamma_1` (default 0.99, here
     0.9) and torch adds ``eps`` *outside* the square root, :math:`G/(\sqrt{n}+\epsilon)` (centered:
@@ -78,23 +74,26 @@ class RMSProp(Optimizer):
         return (zeros(), zeros(), zeros()) if self.centered else (zeros(),)  # n [, g, delta]
 
     def rule(self, w, g, state, *, lr, wd, t, index):
-        f32 = state[0].dtype
-        g1 = self.gamma1
-        one_minus_g1 = 1.0 - _f32(g1)
-        G = self._clip(g * self.rescale_grad + wd * w)
+        ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
+        w, g, state = w.to(ct), g.to(ct), tuple(s.to(ct) for s in state)
+        F = mx_float  # the fused C++ kernel's float parameters, as dmlc parses str(x)
+        g1, lr, eps = F(self.gamma1), F(lr), F(self.epsilon)
+        one_minus_g1 = 1.0 - g1  # the kernel's fp32 ``1.f - gamma1``
+        G = self._clip(g * F(self.rescale_grad) + F(wd) * w)
         if not self.centered:
             (n,) = state
-            n = (one_minus_g1 * (G * G) + g1 * n).to(f32)
-            new_w = w - lr * (G / sqrt_rn(n + self.epsilon))
+            n = one_minus_g1 * (G * G) + g1 * n
+            new_w = w - lr * (G / sqrt_rn(n + eps))
             new_state = (n,)
         else:
             n, gbar, delta = state
-            n = (one_minus_g1 * G * G + g1 * n).to(f32)
-            gbar = (one_minus_g1 * G + g1 * gbar).to(f32)
-            # (lr*G)/sqrt here but lr*(G/sqrt) when not centered: the two C++ kernels' rounding orders
-            delta = (self.gamma2 * delta - lr * G / sqrt_rn(n - gbar * gbar + self.epsilon)).to(f32)
+            n = one_minus_g1 * G * G + g1 * n
+            gbar = one_minus_g1 * G + g1 * gbar
+            # (lr*G)/sqrt here but lr*(G/sqrt) when not centered: the two kernels' rounding orders
+            delta = F(self.gamma2) * delta - lr * G / sqrt_rn(n - gbar * gbar + eps)
             new_w = w + delta
             new_state = (n, gbar, delta)
         if self.clip_weights:
-            new_w = new_w.clamp(-self.clip_weights, self.clip_weights)
+            cw = F(self.clip_weights)
+            new_w = new_w.clamp(-cw, cw)
         return new_w, new_state
