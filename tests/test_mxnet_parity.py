@@ -115,7 +115,7 @@ def _build(case):
 
 
 def _usable(case):
-    """Load a recorded case; fail on an unexpected MXNet error, skip an optimizer optzoo lacks yet."""
+    """Load a recorded case; fail on an unexpected MXNet error."""
     case = specs.load_case(case)
     spec = specs.SPEC_BY_NAME[case["optimizer"]]
     if "mxnet_error" in case:
@@ -124,9 +124,6 @@ def _usable(case):
         if "fp32_state" in spec.flags and case["dtype"] == "float64":
             pytest.skip(f"MXNet 1.9.1 cannot run this case ({case['mxnet_error'].splitlines()[-1]})")
         pytest.fail(f"MXNet 1.9.1 raised on {case['id']}, and the spec does not expect it: {case['mxnet_error']}")
-    if case["optimizer"] not in optzoo.optimizer.list_optimizers():
-        # TEMPORARY while the optimizers are written in parallel
-        pytest.skip(f"optimizer {case['optimizer']!r} is not registered in optzoo yet")
     return case, spec
 
 

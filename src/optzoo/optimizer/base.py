@@ -256,29 +256,31 @@ class Optimizer:
     def update(self, index, weight, grad, state):
         """Update ``weight`` in place from ``grad`` and ``state`` (lists allowed, MXNet's aggregated form).
 
-        Every input is checked before anything is modified. Lists count all their indices first and
-        then read the learning rate once, as MXNet's aggregated kernels do.
+        Every input is checked before anything is modified. A list is the same as one call per index in
+        list order: each index is counted, then its learning rate read (so lists equal one-by-one calls
+        even when counts differ; MXNet's aggregated SGD counts the whole list first, which differs only
+        when a list holds indices with unequal counts under a changing schedule).
         """
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
             self._check_state(i, w, s)
-        self._apply(indices, weights, grads, states)
+        for i, w, g, s in zip(indices, weights, grads, states):
+            self._apply(i, w, g, s)
 
-    def _apply(self, indices, weights, grads, states):
+    def _apply(self, index, w, g, s):
         if self._counts_updates and not self._lr_before_count:
-            self._update_count(indices)
-        lrs = self._get_lrs(indices)
-        wds = self._get_wds(indices)
+            self._update_count(index)
+        lr = self._get_lrs([index])[0]
+        wd = self._get_wds([index])[0]
         if self._counts_updates and self._lr_before_count:
-            self._update_count(indices)
-        for index, w, g, s, lr, wd in zip(indices, weights, grads, states, lrs, wds):
-            t = self._index_update_count[index] if self._counts_updates else None
-            with torch.no_grad():
-                new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=index)
-                _tree.assign(s, new_s)
-                if new_w is not None and new_w is not w:
-                    w.copy_(new_w)
+            self._update_count(index)
+        t = self._index_update_count[index] if self._counts_updates else None
+        with torch.no_grad():
+            new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=index)
+            _tree.assign(s, new_s)
+            if new_w is not None and new_w is not w:
+                w.copy_(new_w)
 
     def update_multi_precision(self, index, weight, grad, state):
         """``update`` on the fp32 master copy of fp16/bf16 weights, then cast back into the weight."""
