@@ -77,6 +77,15 @@ def to_plain(state):
     return tuple(to_plain(s) for s in state)
 
 
+def detached(state):
+    """The same tensors as plain (untagged, detached) views: what a state dict hands out, as torch's does."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return tuple(detached(s) for s in state)
+
+
 def to_device(state, device):
     if state is None:
         return None

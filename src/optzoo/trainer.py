@@ -1,0 +1,294 @@
+"""``optzoo.Trainer``: MXNet Gluon's Trainer on PyTorch parameters (MXNet 1.9.1 semantics, reference §6).
+
+It binds named parameters to an optimizer and an :class:`~optzoo.optimizer.Updater`, steps them with
+``rescale_grad = 1/batch_size`` and saves / loads everything needed to resume exactly.
+"""
+from __future__ import annotations
+
+import fnmatch
+import numbers
+import warnings
+
+import torch
+
+from . import _io
+from .optimizer import Optimizer, create, get_updater
+from .optimizer import _tree
+from .optimizer.updater import dump_optimizer, load_optimizer
+
+__all__ = ["Trainer"]
+
+_FORMAT = "optzoo.trainer/1"
+_LOCAL_KVSTORES = (None, "local", "device")
+_LATER_KVSTORES = ("dist_sync", "dist_device_sync", "dist_async", "dist_sync_device", "nccl", "horovod")
+
+
+class _ParamInfo:
+    """What the optimizer reads live for one parameter (Gluon's Parameter attributes)."""
+
+    __slots__ = ("name", "lr_mult", "wd_mult")
+
+    def __init__(self, name):
+        self.name, self.lr_mult, self.wd_mult = name, 1.0, 1.0
+
+
+def _named(params):
+    """(name, tensor) pairs in Gluon's order: a dict sorted by name, an iterable as given."""
+    if isinstance(params, dict):
+        items = sorted(params.items())
+    else:
+        items = list(params)
+        if all(isinstance(p, torch.Tensor) for p in items):
+            items = [(str(i), p) for i, p in enumerate(items)]
+    named, seen = [], set()
+    for k, item in enumerate(items):
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise TypeError(f"params[{k}] is {type(item).__name__}: expected tensors, (name, tensor) pairs "
+                            "(model.named_parameters()) or a dict name -> tensor")
+        name, p = item
+        if id(p) in seen:
+            raise ValueError(f"parameter {name!r} appears twice in params: expected each parameter once")
+        if any(name == n for n, _ in named):
+            raise ValueError(f"parameter name {name!r} appears twice in params: expected unique names")
+        seen.add(id(p))
+        named.append((name, p))
+    if not named:
+        raise ValueError("params is empty: expected at least one parameter")
+    return named
+
+
+class Trainer:
+    """Applies an optimizer to a set of parameters, as ``mxnet.gluon.Trainer``.
+
+    Parameters
+    ----------
+    params : iterable of tensors, iterable of (name, tensor) pairs, or dict name -> tensor
+        ``model.named_parameters()`` is the usual argument. A dict is ordered by name, as Gluon orders a
+        ParameterDict. Names key multipliers and checkpoints; plain tensors are named "0", "1", ....
+        Parameters with ``requires_grad=False`` are skipped, as Gluon skips ``grad_req='null'``.
+    optimizer : str or Optimizer
+        A registered name (created with ``optimizer_params``) or an instance (``optimizer_params`` must then
+        be empty).
+    optimizer_params : dict, optional
+    kvstore : None, 'local' or 'device'
+        One process, one device: gradients are used as they are. The distributed kinds come later.
+    compression_params, update_on_kvstore
+        Accepted for MXNet compatibility; only meaningful for distributed kvstores.
+
+    ``step(batch_size)`` sets ``rescale_grad = optimizer_rescale_grad / batch_size``: gradients are expected
+    *summed* over the batch (``loss.sum().backward()`` or ``reduction='sum'``), as MXNet's losses give them.
+    """
+
+    def __init__(self, params, optimizer, optimizer_params=None, kvstore="device", compression_params=None,
+                 update_on_kvstore=None):
+        named = _named(params)
+        optimizer_params = dict(optimizer_params or {})
+        if kvstore in _LATER_KVSTORES:
+            raise NotImplementedError(f"kvstore={kvstore!r}: distributed kvstores are not implemented yet; "
+                                      f"use one of {_LOCAL_KVSTORES}")
+        if kvstore not in _LOCAL_KVSTORES:
+            raise ValueError(f"kvstore={kvstore!r} is invalid: expected one of {_LOCAL_KVSTORES}")
+        if compression_params is not None:
+            raise ValueError(f"compression_params={compression_params!r}: gradient compression needs a "
+                             "distributed kvstore")
+        if update_on_kvstore not in (None, False, True):
+            raise ValueError(f"update_on_kvstore={update_on_kvstore!r} is invalid: expected None or a bool")
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._index = {n: i for i, n in enumerate(self._names)}
+        self._param_dict = {i: _ParamInfo(n) for i, n in enumerate(self._names)}
+        if isinstance(optimizer, Optimizer):
+            if optimizer_params:
+                raise ValueError(f"optimizer_params={optimizer_params!r} must be empty when optimizer is an "
+                                 "Optimizer instance: set its hyperparameters on the instance")
+            optimizer.param_dict = self._param_dict
+        elif isinstance(optimizer, str):
+            optimizer = create(optimizer, param_dict=self._param_dict, **optimizer_params)
+        else:
+            raise TypeError(f"optimizer={optimizer!r} is invalid: expected a registered name or an Optimizer")
+        self._optimizer = optimizer
+        self._scale = optimizer.rescale_grad
+        self._kvstore = kvstore
+        self._updater = get_updater(optimizer)
+        # Gluon's _fresh_grad: set when backward accumulates into .grad, reset by a step
+        self._fresh = [False] * len(self._params)
+        self._seen_grad = [None] * len(self._params)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) if p.requires_grad else None
+                       for i, p in enumerate(self._params)]
+
+    def _hook(self, i):
+        def mark(_):
+            self._fresh[i] = True
+        return mark
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def optimizer(self) -> Optimizer:
+        return self._optimizer
+
+    @property
+    def learning_rate(self):
+        return self._optimizer.learning_rate
+
+    def set_learning_rate(self, lr):
+        """Set the learning rate; raises ``UserWarning`` if a scheduler owns it (as Gluon)."""
+        self._optimizer.set_learning_rate(lr)
+
+    @property
+    def lr_mult(self) -> dict:
+        """name -> learning-rate multiplier (a copy; change it with ``set_lr_mult``)."""
+        return {n: self._param_dict[i].lr_mult for i, n in enumerate(self._names)}
+
+    @property
+    def wd_mult(self) -> dict:
+        """name -> weight-decay multiplier (a copy; change it with ``set_wd_mult``)."""
+        return {n: self._param_dict[i].wd_mult for i, n in enumerate(self._names)}
+
+    def set_lr_mult(self, mults: dict) -> None:
+        """Set learning-rate multipliers by parameter name or glob pattern, e.g. ``{'*.bias': 2.0}``."""
+        self._set_mult("lr_mult", mults)
+
+    def set_wd_mult(self, mults: dict) -> None:
+        """Set weight-decay multipliers by name or glob pattern, e.g. ``{'*.bias': 0.0, '*norm*': 0.0}``."""
+        self._set_mult("wd_mult", mults)
+
+    def _set_mult(self, attr, mults):
+        if not isinstance(mults, dict):
+            raise TypeError(f"{attr}={mults!r} is invalid: expected a dict of name or pattern -> float")
+        resolved = {}
+        for pattern, value in mults.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{attr}[{pattern!r}]={value!r} is invalid: expected a real number")
+            hits = [i for i, n in enumerate(self._names) if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                raise KeyError(f"{attr}: {pattern!r} matches no parameter; names are {', '.join(self._names)}")
+            resolved.update(dict.fromkeys(hits, float(value)))
+        for i, value in resolved.items():
+            setattr(self._param_dict[i], attr, value)
+
+    # ------------------------------------------------------------------ stepping
+    def _check_batch_size(self, batch_size):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real) or not batch_size > 0:
+            raise ValueError(f"batch_size={batch_size!r} is invalid: expected a number > 0")
+
+    def step(self, batch_size, ignore_stale_grad=False):
+        """One optimizer step on every parameter whose gradient is fresh, with ``rescale_grad = scale/batch_size``."""
+        self._check_batch_size(batch_size)
+        self._optimizer.rescale_grad = self._scale / batch_size
+        self._allreduce_grads()
+        self._update(ignore_stale_grad)
+
+    def allreduce_grads(self):
+        """Sum gradients across devices (one device here: nothing to do), for a later ``update``."""
+        self._allreduce_grads()
+
+    def _allreduce_grads(self):
+        pass  # one process, one device: the gradients are already the sum
+
+    def update(self, batch_size, ignore_stale_grad=False):
+        """The update half of ``step`` (after ``allreduce_grads``, e.g. to clip gradients in between)."""
+        self._check_batch_size(batch_size)
+        self._optimizer.rescale_grad = self._scale / batch_size
+        self._update(ignore_stale_grad)
+
+    def _update(self, ignore_stale_grad):
+        indices, grads, weights, stale = [], [], [], []
+        for i, p in enumerate(self._params):
+            if not p.requires_grad:
+                continue
+            fresh = p.grad is not None and (self._fresh[i] or p.grad is not self._seen_grad[i])
+            if not fresh:
+                stale.append(self._names[i])
+                continue
+            indices.append(i)
+            grads.append(p.grad)
+            weights.append(p.detach())
+        if stale and not ignore_stale_grad:
+            warnings.warn(f"Gradient of Parameter(s) {', '.join(map(repr, stale))} has not been updated by "
+                          "backward since the last `step`; they are not updated. Call step(batch_size, "
+                          "ignore_stale_grad=True) to silence this for parameters you leave unused on purpose.",
+                          UserWarning, stacklevel=3)
+        if indices:
+            self._updater(indices, grads, weights)
+        for i in indices:
+            self._fresh[i] = False
+            self._seen_grad[i] = self._params[i].grad
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_states(self, fname) -> None:
+        """Write optimizer hyperparameters, states, update counts, scheduler state and multipliers, keyed by
+        parameter name, atomically (temporary file + rename)."""
+        names = self._names
+        blob = {
+            "format": _FORMAT,
+            "optimizer": dump_optimizer(self._optimizer),
+            "names": list(names),
+            "params": {n: {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                           "lr_mult": self._param_dict[i].lr_mult, "wd_mult": self._param_dict[i].wd_mult}
+                       for i, (n, p) in enumerate(zip(names, self._params))},
+            "states": {names[i]: _tree.to_plain(s) for i, s in self._updater.states.items()},
+        }
+        _io.atomic_save(blob, fname)
+
+    def load_states(self, fname) -> None:
+        """Load ``save_states`` output. Everything is checked first: on any mismatch (another optimizer, other
+        names, shapes or dtypes, a damaged file) a clear error is raised and the trainer is unchanged."""
+        blob = _io.safe_load(fname, _FORMAT, "trainer states")
+        mine = type(self._optimizer).__name__
+        saved_opt = blob["optimizer"]["name"]
+        if saved_opt != _registered_name(self._optimizer):
+            raise ValueError(f"trainer states file {fname!r} holds optimizer {saved_opt!r}: this trainer uses {mine}")
+        saved = blob["params"]
+        if set(saved) != set(self._names):
+            missing, extra = sorted(set(self._names) - set(saved)), sorted(set(saved) - set(self._names))
+            raise ValueError(f"trainer states file {fname!r} is for other parameters: missing {missing}, "
+                             f"unexpected {extra}")
+        for i, (n, p) in enumerate(zip(self._names, self._params)):
+            if saved[n]["shape"] != list(p.shape) or saved[n]["dtype"] != str(p.dtype).replace("torch.", ""):
+                raise ValueError(f"trainer states file {fname!r}: parameter {n!r} was saved with shape "
+                                 f"{tuple(saved[n]['shape'])} and dtype {saved[n]['dtype']}; it now has "
+                                 f"{tuple(p.shape)} and {p.dtype}")
+        # indices are positions: remap the saved ones onto this trainer's order by name
+        remap = {blob["names"].index(n): i for i, n in enumerate(self._names)}
+        optimizer = load_optimizer(_remap_indices(blob["optimizer"], remap))
+        states = {}
+        for n, s in blob["states"].items():
+            i = self._index[n]
+            p = self._params[i]
+            s = _tree.to_device(s, p.device)
+            expected = optimizer.create_state_multi_precision(i, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+            if not _tree.same_structure(expected, s, p.device):
+                raise ValueError(f"trainer states file {fname!r}: the state of {n!r} is {_tree.describe(s)}, "
+                                 f"expected {_tree.describe(expected)}")
+            states[i] = s
+        # all checked: commit
+        optimizer.param_dict = self._param_dict
+        for n, info in saved.items():
+            self._param_dict[self._index[n]].lr_mult = info["lr_mult"]
+            self._param_dict[self._index[n]].wd_mult = info["wd_mult"]
+        self._optimizer = optimizer
+        self._updater = get_updater(optimizer)
+        owner = getattr(type(optimizer), "_state_owner", None)
+        self._updater.states = {i: _tree.tag(s, owner) if owner else s for i, s in states.items()}
+        self._updater.states_synced = dict.fromkeys(states, True)
+
+
+def _registered_name(opt):
+    from .optimizer.registry import records
+    return next((r.name for r in records() if r.cls is type(opt)), type(opt).__name__.lower())
+
+
+def _remap_indices(dump, remap):
+    """Rewrite the per-index bookkeeping of an optimizer dump (dicts keyed by int index) onto new indices."""
+    def by_index(d):
+        return {remap.get(k, k) if isinstance(k, int) else k: v for k, v in d.items()}
+
+    out = dict(dump)
+    out["vars"] = dict(dump["vars"])
+    for key, value in dump["vars"].items():
+        if key == "_all_index_update_counts":
+            out["vars"][key] = {ctx: by_index(counts) for ctx, counts in value.items()}
+        elif isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
+            out["vars"][key] = by_index(value)
+    return out
