@@ -36,9 +36,13 @@ class OptzooOptimizer(_torch.optim.Optimizer):
 
     optimizer_class = None
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, fused=None, **kwargs):
         if self.optimizer_class is None:
             raise TypeError("use optzoo.torch.<Name> or optzoo.torch.create(name, params, ...)")
+        if fused not in (None, False, True):
+            raise ValueError(f"fused={fused!r} is invalid: expected None (fastest path without compilation), "
+                             "True (compiled fused kernels) or False (the reference path)")
+        self.fused = fused
         defaults = self._defaults()
         for key, value in _to_group_keys(type(self).__name__, kwargs, defaults).items():
             if key not in defaults:
