@@ -1,75 +1,23 @@
 """AdaGrad, RMSProp, AdaDelta, Adamax, Nadam: what the MXNet golden fixtures cannot check.
 
-The fixtures (``test_mxnet_parity.py``) cover every spec case MXNet 1.9.1 can run. Here: the
-numerics helpers against exact arithmetic and values read back from MXNet, Nadam's shared
-momentum schedule over an irregular index order, weight clipping, AdaDelta's untouched gradient and
-ignored learning rate, and the fp32 states of AdaGrad/RMSProp/AdaDelta under fp64/bf16/fp16 weights
-(which MXNet rejects), against float64 re-derivations in numpy.
+The fixtures (``test_mxnet_parity.py``) cover every spec case MXNet 1.9.1 can run, and
+``test_numerics.py`` the numerics helpers. Here: Nadam's shared momentum schedule over an irregular
+index order, weight clipping, AdaDelta's untouched gradient and ignored learning rate, and the fp32
+states of AdaGrad/RMSProp/AdaDelta under fp64/bf16/fp16 weights (which MXNet rejects), against
+float64 re-derivations in numpy.
 """
 from __future__ import annotations
 
-import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
 from optzoo.optimizer import AdaDelta, AdaGrad, Adamax, Nadam, RMSProp, Updater
-from optzoo.optimizer.adagrad import mx_float, mx_scalar, sqrt_rn
 
 
 def _randn(*shape, seed, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-
-
-# ------------------------------------------------------------------------------ numerics helpers
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sqrt_rn_is_correctly_rounded(dtype):
-    """Exact check with rationals: r = sqrt_rn(x) iff (r - ulp/2)^2 <= x <= (r + ulp/2)^2."""
-    x = (torch.rand(400, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-         * torch.logspace(-12, 12, 400, dtype=torch.float64)).to(dtype)
-    r = sqrt_rn(x)
-    assert r.dtype == dtype
-    ulp = np.spacing(r.numpy())
-    for xi, ri, ui in zip(x.tolist(), r.tolist(), ulp.tolist()):
-        lo, hi = Fraction(ri) - Fraction(ui) / 2, Fraction(ri) + Fraction(ui) / 2
-        assert lo * lo <= Fraction(xi) <= hi * hi, f"sqrt_rn({xi!r}) = {ri!r} is not correctly rounded"
-
-
-def test_sqrt_rn_special_values():
-    for dtype in (torch.float32, torch.float64, torch.float16):
-        x = torch.tensor([0.0, -0.0, 4.0, math.inf, -1.0, math.nan], dtype=dtype)
-        r = sqrt_rn(x)
-        assert r[:4].tolist() == [0.0, 0.0, 2.0, math.inf] and math.copysign(1, r[1].item()) == -1
-        assert r[4:].isnan().all()
-
-
-# (Python value, what MXNet 1.9.1 computed with it), read back from MXNet: ``ones(fp64) * x`` for
-# NDArray scalars, ``sgd_update(w=0, g=-1, lr=x)`` for fp32 operator fields.
-MX_SCALARS = [(0.9962535345811363, 0.9962535345811364), (0.38120423768821243, 0.3812042376882124),
-              (1.2345678901234568e-05, 1.234567890123457e-05), (0.1, 0.1), (3.7e-07, 3.7e-07)]
-MX_FLOATS = [(9.87654321e-05, 9.87654275377281e-05), (2.3238647657783154e-05, 2.3238646463141777e-05),
-             (6.986158703315074e-05, 6.986159132793546e-05), (6.809708368723173e-09, 6.809708796851055e-09),
-             (8.43840946224492e-06, 8.438410077360459e-06), (1.2345678, 1.2345677614212036),
-             (0.001, 0.0010000000474974513), (0.3, 0.30000001192092896)]
-
-
-@pytest.mark.parametrize("x, mxnet", MX_SCALARS)
-def test_mx_scalar_matches_mxnet(x, mxnet):
-    assert mx_scalar(x, torch.float64) == mxnet
-    assert mx_scalar(-x, torch.float64) == -mxnet
-
-
-@pytest.mark.parametrize("x, mxnet", MX_FLOATS)
-def test_mx_float_matches_mxnet(x, mxnet):
-    assert mx_float(x) == mxnet
-
-
-def test_mx_scalar_rounds_to_half_precision():
-    assert mx_scalar(1e-8, torch.float16) == 0.0  # MXNet's fp16 kernels see an epsilon of 0
-    assert mx_scalar(0.1, torch.float16) == float(np.float16(0.1))
-    assert mx_scalar(0.1, torch.float32) == 0.1  # torch rounds fp32 scalars itself
 
 
 # ------------------------------------------------------------------------------ Nadam

@@ -1,6 +1,7 @@
 """The base class's bookkeeping (MXNet 1.9.1 §1) and the registry, on closed forms."""
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,11 +97,13 @@ def test_sgd_closed_form_with_momentum_wd_clip():
     g = torch.tensor([2.0, 0.2], dtype=torch.float64)
     state = opt.create_state(0, w)
     mom, ww = [0.0, 0.0], [1.0, -2.0]
+    # MXNet's kernel holds the hyperparameters as fp32 values, also for fp64 weights
+    lr, wd, mu, rg, c = (float(np.float32(x)) for x in (0.1, 0.01, 0.9, 0.5, 0.3))
     for _ in range(2):
         opt.update(0, w, g, state)
         for k in range(2):
-            G = max(min(0.5 * g[k].item(), 0.3), -0.3)
-            mom[k] = 0.9 * mom[k] - 0.1 * 0.01 * ww[k] - 0.1 * G
+            G = max(min(rg * g[k].item(), c), -c)
+            mom[k] = mu * mom[k] - lr * wd * ww[k] - lr * G
             ww[k] += mom[k]
     assert w.tolist() == pytest.approx(ww, rel=1e-12)
     assert state.tolist() == pytest.approx(mom, rel=1e-12)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from optzoo import optimizer
+from optzoo.optimizer._numerics import mx_float
 
 F64 = torch.float64
 
@@ -37,7 +38,7 @@ def _dcasgd_reference(ws, gs, seq, *, lr, lr_mult1, wd, mu, lamda, rg, clip):
     out = []
     for k, g in zip(seq, gs):
         lr_k = lr * (lr_mult1 if k == 1 else 1.0)
-        G = _clip(rg * g.double(), clip)
+        G = _clip(rg * g.double(), clip and mx_float(clip))  # MXNet's clip bounds are fp32 parameters
         mom[k] = mu * mom[k] - lr_k * (G + wd * w[k] + lamda * G * G * (w[k] - prev[k]))
         prev[k] = w[k].clone()
         w[k] = w[k] + mom[k]
@@ -91,8 +92,9 @@ def test_signsgd_closed_form(wd_lh):
     assert opt.create_state(0, ws[0]) is None
     ref = [w.clone() for w in ws]
     for k, g in zip(SEQ, gs):
-        lr_k = lr * (3.0 if k == 1 else 1.0)
-        ref[k] = (1 - lr_k * wd - lr_k * wd_lh) * ref[k] - lr_k * torch.sign(g)
+        # the kernel's hyperparameters are fp32 values even for fp64 weights (test_numerics.py)
+        lr_k, wd_k, wd_lh_k = mx_float(lr * (3.0 if k == 1 else 1.0)), mx_float(wd), mx_float(wd_lh)
+        ref[k] = (1 - lr_k * wd_k - lr_k * wd_lh_k) * ref[k] - lr_k * torch.sign(g)
         opt.update(k, ws[k], g, None)
         torch.testing.assert_close(ws[k], ref[k], rtol=1e-12, atol=1e-14)
 
@@ -223,9 +225,10 @@ def _lbsgd_reference(ws, gs, seq, *, M, strategy, nwup, init, mu, wd, rg, clip):
         else:
             x = n[k] / nwup
             rho = 1 + (M - 1) * {"linear": x, "power2": x * x, "sqrt": math.sqrt(x)}[strategy]
-        lr = lr * rho
-        G = _clip(rg * gbar, clip)
-        mom[k] = mu * mom[k] - lr * wd * w[k] - lr * G
+        # sgd_mom_update's hyperparameters are fp32 values even for fp64 weights (test_numerics.py)
+        lr_k, mu_k, wd_k = mx_float(lr * rho), mx_float(mu), mx_float(wd)
+        G = _clip(mx_float(rg) * gbar, mx_float(clip))
+        mom[k] = mu_k * mom[k] - lr_k * wd_k * w[k] - lr_k * G
         w[k] = w[k] + mom[k]
         cum[k] = 0
         out.append((w[k].clone(), mom[k].clone(), n[k]))

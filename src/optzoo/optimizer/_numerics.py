@@ -1,20 +1,203 @@
-"""Scalar rounding that MXNet 1.9.1's C++ kernels do, reproduced for parity.
+"""MXNet 1.9.1's numerics, reproduced so that optzoo's numbers equal MXNet's bit for bit.
 
-Kernel hyperparameters are fp32 dmlc fields, and expressions like ``1.f - beta`` are evaluated in
-float before they meet the tensor: ``1 - 0.999`` is 0.00099998713 there, not 0.001, a 1.3e-5 relative
-difference in every second-moment update. Python-implemented MXNet optimizers (Adamax, Nadam, AdaGrad,
-AdaDelta, DCASGD, SGLD) compute such scalars in double instead.
+MXNet's CPU kernels evaluate an update in the weight's dtype, one IEEE operation at a time, so the same
+formula in the same operation order gives the same bits in torch, provided the inputs and the few
+non-elementwise steps are the same. Four things differ, and this module undoes them:
+
+1. **Square roots.** MXNet calls ``sqrtf`` / ``sqrt``, which IEEE 754 requires to be correctly rounded.
+   torch 2.13's CPU ``sqrt`` is not: it is one ulp off on ~15% of fp32 and ~1% of fp64 inputs.
+   :func:`sqrt_rn` is correctly rounded.
+
+2. **Hyperparameters are parsed from text.** MXNet hands every operator parameter to C++ as ``str(x)``:
+
+   * a ``float`` field of a fused kernel (``lr``, ``wd``, ``rescale_grad``, ``beta1``, ``epsilon``,
+     ``clip_gradient``, the bounds of the ``clip`` op, ...) is read by dmlc-core's ``stof``, which is
+     *not* correctly rounded (one fp32 ulp off ``float32(x)`` for ~16% of values): :func:`mx_float`.
+     It stays an fp32 value in an fp64 kernel;
+   * a ``double`` field (FTML's ``epsilon``) and the scalar of an NDArray op (``w * s``, ``w + s``: the
+     Python-implemented optimizers) are read by dmlc's ``stod``, one double ulp off for ~12% of
+     values: :func:`mx_double`;
+   * a ``Tuple<float>`` field (the per-tensor ``lrs``/``wds`` of the ``multi_*`` kernels) is read by
+     the C++ stream, correctly rounded: :func:`mx_list_float`.
+
+3. **Scalars take the kernel's dtype.** The kernel casts each parameter to ``DType`` before using it:
+   an epsilon of 1e-8 is 0 in a float16 kernel. torch rounds a Python scalar to an fp32/fp64 tensor's
+   dtype by itself, but computes float16/bfloat16 ops with the scalar kept in fp32, so :func:`in_dtype`
+   rounds it. :func:`mx_param`, :func:`mx_list_param` and :func:`mx_scalar` combine parsing and dtype;
+   an optimizer converts its scalars once, at the top of its rule.
+
+4. **Reductions** follow MXNet's summation order: :func:`sum_sq` (``multi_sum_sq``, the LARS and
+   LAMB norms), :func:`np_sum` (numpy 1.23's sum, LBSGD) and :func:`kahan_sum` (``mean``, GroupAdaGrad).
+
+Every parser maps a Python float to a Python float (the exact value the kernel holds), so a rule still
+reads as its equations. One operation on two kernel scalars (``1 - beta``, ``lr * wd``) needs no
+helper: it is exact in a Python double, and torch's one rounding when it meets the tensor is the
+kernel's. Two chained ones (``(1 - beta1^t) / lr``) are rounded between the steps with :func:`in_dtype`.
 """
+from __future__ import annotations
+
+import functools
+import math
+import struct
+from fractions import Fraction
+
 import numpy as np
+import torch
 
-__all__ = ["fp32", "one_minus_fp32"]
-
-
-def fp32(x: float) -> float:
-    """``x`` rounded to float32, as a kernel parameter field holds it."""
-    return float(np.float32(x))
+__all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
+           "mx_scalar", "sum_sq", "np_sum", "kahan_sum"]
 
 
-def one_minus_fp32(x: float) -> float:
-    """``1.f - x`` evaluated in float32, as the kernels compute it."""
-    return float(np.float32(1.0) - np.float32(x))
+# ------------------------------------------------------------------------------------------ sqrt
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` correctly rounded (IEEE ``sqrtf`` / ``sqrt``, as MXNet's ``math::sqrt``).
+
+    On the CPU, numpy's: it is the processor's IEEE square-root instruction, where torch's CPU
+    ``sqrt`` goes through a vector math library accurate to one ulp only. float16 and bfloat16 go
+    through float32: the root of a p-bit number never lies within 2^-(2p+1) (relative) of a p-bit
+    rounding midpoint, so a format of more than 2p + 1 bits rounds back correctly. On other devices,
+    torch's own ``sqrt`` (IEEE on CUDA).
+    """
+    if x.device.type != "cpu":
+        return x.sqrt()
+    wide = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
+    with np.errstate(invalid="ignore"):  # sqrt of a negative number is nan, as in torch
+        return torch.from_numpy(np.asarray(np.sqrt(wide.numpy()))).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def _round_f32(x: float) -> float:
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # rounds to +-inf
+        return math.copysign(math.inf, x)
+
+
+def _dmlc_parse(x: float, rnd) -> float:
+    """dmlc-core's ``ParseFloat`` (strtonum.h) applied to Python's ``str(x)``.
+
+    The integer part, then the fraction digits read as one integer divided by ``10**digits``, then
+    the exponent applied by repeated multiplication; every intermediate is rounded by ``rnd`` (to
+    fp32 for ``stof``, to fp64 for ``stod``). The extra roundings are why it is not correctly rounded.
+    """
+    x = float(x)
+    if not math.isfinite(x):
+        return x
+    mantissa, _, exponent = repr(abs(x)).partition("e")
+    int_part, _, frac = mantissa.partition(".")
+    value = rnd(float(int(int_part)))
+    if frac:
+        frac = frac[:19]  # dmlc reads at most 19 fraction digits into a uint64
+        value = rnd(value + rnd(float(int(frac)) / float(10 ** len(frac))))
+    if exponent:
+        e = int(exponent)
+        n, scale = abs(e), 1.0
+        while n >= 8:
+            scale, n = rnd(scale * 1e8), n - 8
+        while n > 0:
+            scale, n = rnd(scale * 10.0), n - 1
+        value = rnd(value / scale) if e < 0 else rnd(value * scale)
+    return math.copysign(value, x)
+
+
+@functools.lru_cache(maxsize=4096)
+def mx_float(x: float) -> float:
+    """The fp32 value of a fused kernel's ``float`` parameter: ``str(x)`` read by ``dmlc::stof``."""
+    return _dmlc_parse(x, _round_f32)
+
+
+@functools.lru_cache(maxsize=4096)
+def mx_double(x: float) -> float:
+    """The value of a ``double`` parameter or an NDArray op's scalar: ``str(x)`` read by ``dmlc::stod``
+    (e.g. 0.9962535345811363 comes back as 0.9962535345811364)."""
+    return _dmlc_parse(x, float)
+
+
+@functools.lru_cache(maxsize=4096)
+def mx_list_float(x: float) -> float:
+    """``str(x)`` correctly rounded to fp32: the elements of a ``Tuple<float>`` field (``lrs`` and
+    ``wds`` of the ``multi_*`` kernels), which the C++ stream reads.
+
+    The decimal string is rounded, not the double ``x``: they differ when ``x`` is exactly halfway
+    between two fp32 values while its shortest decimal form lies off the midpoint.
+    """
+    x = float(x)
+    f = _round_f32(x)
+    other = 2.0 * x - f  # the other fp32 neighbour, when x is a midpoint
+    if f != x and math.isfinite(other) and _round_f32(other) == other:
+        side = Fraction(repr(x)) - Fraction(x)
+        if side != 0 and (side > 0) == (other > f):
+            return other
+    return f
+
+
+@functools.lru_cache(maxsize=4096)
+def in_dtype(x: float, dtype: torch.dtype) -> float:
+    """``x`` as a kernel's ``DType(x)`` holds it (torch keeps float16/bfloat16 scalars in fp32)."""
+    if dtype == torch.float64:
+        return float(x)
+    return torch.tensor(x, dtype=torch.float64).to(dtype).item()
+
+
+def mx_param(x: float, dtype: torch.dtype) -> float:
+    """A fused kernel's ``float`` parameter as the kernel uses it on a ``dtype`` tensor."""
+    return in_dtype(mx_float(x), dtype)
+
+
+def mx_list_param(x: float, dtype: torch.dtype) -> float:
+    """An element of a fused kernel's float-list parameter as the kernel uses it on a ``dtype`` tensor."""
+    return in_dtype(mx_list_float(x), dtype)
+
+
+def mx_scalar(x: float, dtype: torch.dtype) -> float:
+    """The scalar of an NDArray op (``w * s``, ``w / s``, ``w + s``) on a ``dtype`` tensor, or a
+    ``double`` kernel parameter cast to the kernel's dtype."""
+    return in_dtype(mx_double(x), dtype)
+
+
+# ------------------------------------------------------------------------------------------ reductions
+def sum_sq(x: torch.Tensor) -> float:
+    """``sum(x*x)`` as MXNet's CPU ``multi_sum_sq`` computes it (the norms of LARS and LAMB): squares in
+    ``x``'s dtype, added one by one into an fp32 accumulator; returns that fp32 value.
+
+    A sequential sum cannot be vectorised and torch has none (its ``cumsum`` accumulates fp32 in
+    fp64), but numpy's ``add.accumulate`` is sequential in the array's dtype: fp32, fp16 and bf16 CPU
+    tensors get MXNet's value exactly. fp64 squares (which MXNet adds in fp64, rounding to fp32 after
+    every addition: only a Python loop could follow) and tensors on other devices (no host copy in
+    the update) get the fp64 sum rounded to fp32: more accurate, and within the sequential sum's own
+    error of MXNet's value ((n-1) * 2^-24 relative at worst, about sqrt(n) fp32 ulps typically).
+    """
+    sq = (x * x).detach().reshape(-1)
+    if sq.numel() == 0:
+        return 0.0
+    if sq.device.type == "cpu" and sq.dtype != torch.float64:
+        return float(np.add.accumulate(sq.to(torch.float32).numpy())[-1])
+    return _round_f32(float(sq.sum(dtype=torch.float64)))
+
+
+def np_sum(x: torch.Tensor) -> float:
+    """``x.asnumpy().sum()`` as numpy 1.23 (MXNet 1.9.1's) computes it, in ``x``'s dtype (LBSGD's
+    ``'lars'`` norms): numpy's pairwise sum of each 8192-element buffer, the buffers added in order.
+    (numpy >= 2 sums the whole array pairwise: the same value up to 8192 elements, not beyond.)
+    """
+    a = x.detach().reshape(-1)
+    a = (a.float() if a.dtype == torch.bfloat16 else a).cpu().numpy()
+    total = a[:8192].sum()
+    for start in range(8192, a.size, 8192):
+        total = total + a[start:start + 8192].sum()
+    return float(total)
+
+
+def kahan_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dimension (kept), as MXNet's CPU ``sum``/``mean`` reduce: element after
+    element in ``x``'s dtype, with Kahan compensation (mshadow's ``red::sum``). A loop over the last
+    dimension, vectorised over the others (GroupAdaGrad's row mean: one step per column).
+    """
+    cols = x.movedim(-1, 0).contiguous()
+    total, residual = torch.zeros_like(cols[0]), torch.zeros_like(cols[0])
+    for col in cols:
+        y = col - residual
+        t = total + y
+        residual = torch.where(torch.isinf(t), 0.0, (t - total) - y)
+        total = t
+    return total.unsqueeze(-1)

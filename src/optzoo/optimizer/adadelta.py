@@ -1,10 +1,12 @@
 """AdaDelta (MXNet ``adadelta``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from .adagrad import mx_scalar, sqrt_rn
+from ._numerics import mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -58,7 +60,8 @@ class AdaDelta(Optimizer):
     def rule(self, w, g, state, *, lr, wd, t, index):
         ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
         acc_g, acc_delta = (s.to(ct) for s in state)
-        w, g, D = w.to(ct), g.to(ct), mx_scalar
+        w, g = w.to(ct), g.to(ct)
+        D = functools.partial(mx_scalar, dtype=ct)  # scalars as MXNet's NDArray ops see them
         rho, one_minus_rho, eps = D(self.rho), D(1.0 - self.rho), D(self.epsilon)
         G = self._clip(g * D(self.rescale_grad))
         acc_g = acc_g * rho + one_minus_rho * G * G

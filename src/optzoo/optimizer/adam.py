@@ -1,12 +1,13 @@
 """Adam (MXNet ``adam``)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import one_minus_fp32
+from ._numerics import mx_param, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -51,11 +52,15 @@ class Adam(Optimizer):
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # mean, var
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
+    def prepare(self, *, lr, wd, t, index, dtype):
+        lr_t = lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)  # in double, as MXNet's Python side
+        P = functools.partial(mx_param, dtype=dtype)  # adam_update's float parameters
+        return P(self.beta1), P(self.beta2), P(self.epsilon), P(self.rescale_grad), P(lr_t), P(wd)
+
+    def kernel(self, w, g, state, s, seg=None):
+        b1, b2, eps, rg, lr_t, wd = s
         m, v = state
-        b1, b2 = self.beta1, self.beta2
-        lr_t = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)  # in double, as MXNet's Python side
-        G = self._clip(g * self.rescale_grad + wd * w)
-        m = b1 * m + one_minus_fp32(b1) * G
-        v = b2 * v + one_minus_fp32(b2) * G * G
-        return w - lr_t * m / (v.sqrt() + self.epsilon), (m, v)
+        G = self._clip(g * rg + w * wd)
+        m = b1 * m + (1 - b1) * G
+        v = b2 * v + (1 - b2) * G * G
+        return w - lr_t * m / (sqrt_rn(v) + eps), (m, v)

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._checks import check_unit_interval
-from .adagrad import mx_scalar
+from ._numerics import mx_scalar
 from .base import Optimizer
 from .registry import register
 

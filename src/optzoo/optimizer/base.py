@@ -16,6 +16,7 @@ import torch
 
 from .._checks import check_nonnegative, check_number, check_optional_clip, check_tensor_pair
 from . import _tree
+from ._numerics import in_dtype, mx_param
 
 __all__ = ["Optimizer", "LOW_PRECISION"]
 
@@ -213,14 +214,28 @@ class Optimizer:
 
     # ------------------------------------------------------------------ gradient preprocessing
     def _clip(self, x):
-        """``clip(x) = min(max(x, -c), c)`` when ``clip_gradient`` is set."""
+        """``clip(x) = min(max(x, -c), c)`` when ``clip_gradient`` is set.
+
+        ``c`` is the value MXNet's kernels clip to: an fp32 operator parameter in the tensor's dtype.
+        """
         if self.clip_gradient:
-            return x.clamp(-self.clip_gradient, self.clip_gradient)
+            c = mx_param(self.clip_gradient, x.dtype)
+            return x.clamp(-c, c)
         return x
 
-    def _rescaled_clipped(self, g):
-        """``clip(rg * g)``: MXNet's kernels always rescale first, then clip."""
-        return self._clip(g * self.rescale_grad)
+    def _rescaled_clipped(self, g, scale=None):
+        """``clip(rg * g)``: MXNet's kernels always rescale first, then clip.
+
+        ``rg`` is the fused kernels' fp32 parameter. With ``scale`` (a kernel scalar such as ``lr``):
+        ``scale * clip(rg * g)``, in the SGD-family kernels' order, which compute ``(scale * rg) * g``
+        when there is no clipping.
+        """
+        rg = mx_param(self.rescale_grad, g.dtype)
+        if scale is None:
+            return self._clip(g * rg)
+        if self.clip_gradient:
+            return scale * self._clip(rg * g)
+        return in_dtype(scale * rg, g.dtype) * g
 
     # ------------------------------------------------------------------ states
     def create_state(self, index, weight):
@@ -249,9 +264,36 @@ class Optimizer:
         return (state[0], state[1]) if self._mp_master_first else (state[1], state[0])
 
     # ------------------------------------------------------------------ updates
+    def prepare(self, *, lr, wd, t, index, dtype):
+        """The per-step scalars of the rule (a tuple of Python numbers), from the per-index ``lr``, ``wd`` and
+        update count ``t``, for tensors of ``dtype``: the Python half of an MXNet update."""
+        raise NotImplementedError
+
+    def kernel(self, w, g, state, s, seg=None):
+        """The tensor half of the rule: ``(new_w, new_state)`` from ``s = prepare(...)``; never mutates.
+
+        It runs per tensor (``seg`` None, ``s`` Python numbers) or over a whole contiguous bucket of
+        parameters (``seg`` a :class:`~optzoo.optimizer.engine.Segments`; each ``s[k]`` a number or a
+        per-element tensor), eagerly or compiled: elementwise ops, ``engine.sum_sq`` for per-tensor norms,
+        no Python branches on tensor values or on ``s``.
+        """
+        raise NotImplementedError
+
     def rule(self, weight, grad, state, *, lr, wd, t, index):
-        """The update rule: returns ``(new_weight, new_state)`` (None for "unchanged"); never mutates."""
-        raise NotImplementedError(f"{type(self).__name__} defines neither rule() nor update()")
+        """The update rule: returns ``(new_weight, new_state)`` (None for "unchanged"); never mutates.
+
+        By default ``kernel(w, g, state, prepare(...))``; an optimizer may override it whole instead
+        (then it has no fast path).
+        """
+        if not self.has_kernel():
+            raise NotImplementedError(f"{type(self).__name__} defines neither rule() nor update()")
+        s = self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=weight.dtype)
+        return self.kernel(weight, grad, state, s)
+
+    @classmethod
+    def has_kernel(cls) -> bool:
+        """Whether the rule is split into ``prepare`` + ``kernel`` (what the fast path executes)."""
+        return cls.kernel is not Optimizer.kernel and cls.rule is Optimizer.rule
 
     def update(self, index, weight, grad, state):
         """Update ``weight`` in place from ``grad`` and ``state`` (lists allowed, MXNet's aggregated form).

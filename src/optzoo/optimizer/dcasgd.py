@@ -1,9 +1,12 @@
 """DCASGD: delay-compensated asynchronous SGD (MXNet ``dcasgd``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
+from ._numerics import mx_scalar
 from .base import Optimizer
 from .registry import register
 
@@ -50,8 +53,9 @@ class DCASGD(Optimizer):
 
     def rule(self, w, g, state, *, lr, wd, t, index):
         mom, w_prev = state
-        G = self._rescaled_clipped(g)
-        d = -lr * (G + wd * w + self.lamda * G * G * (w - w_prev))
+        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
+        G = self._clip(g * D(self.rescale_grad))
+        d = D(-lr) * (G + D(wd) * w + D(self.lamda) * G * G * (w - w_prev))
         if mom is not None:
-            d = self.momentum * mom + d
+            d = mom * D(self.momentum) + d
         return w + d, (None if mom is None else d, w)

@@ -1,9 +1,12 @@
 """FTML, Follow the Moving Leader (MXNet ``ftml``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
+from ._numerics import in_dtype, mx_param, mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -52,22 +55,14 @@ class FTML(Optimizer):
 
     def rule(self, w, g, state, *, lr, wd, t, index):
         d, v, z = state
-
-        def param(x, fp32=True):  # an op parameter as the kernel sees it: (fp32 field ->) DType
-            x = torch.tensor(x, dtype=torch.float32 if fp32 else torch.float64)
-            return x.to(w.dtype)
-
-        b1, b2, lr_ = param(self.beta1), param(self.beta2), param(lr)
-        eps, t_ = param(self.epsilon, fp32=False), param(t, fp32=False)  # a double field, an int
-        one = torch.ones((), dtype=w.dtype)
-        # power::Map(beta, t) is libm pow in DType: pow of the exact values, correctly rounded
-        b1_t = param(float(b1) ** float(t_), fp32=False)
-        b2_t = param(float(b2) ** float(t_), fp32=False)
-        G = param(self.rescale_grad) * g + param(wd) * w
-        if self.clip_gradient:
-            c = float(param(self.clip_gradient))
-            G = G.clamp(-c, c)
-        v = b2 * v + (one - b2) * (G * G)
-        d_t = (one - b1_t) / lr_ * ((v / (one - b2_t)).sqrt() + eps)
-        z = b1 * z + (one - b1) * G - (d_t - b1 * d) * w
+        P = functools.partial(mx_param, dtype=w.dtype)  # ftml_update's float parameters
+        b1, b2, lr, wd, rg = P(self.beta1), P(self.beta2), P(lr), P(wd), P(self.rescale_grad)
+        eps = mx_scalar(self.epsilon, w.dtype)  # a double parameter
+        # power::Map(beta, t) in the weight dtype: libm's pow, correctly rounded
+        b1_t, b2_t = in_dtype(b1 ** t, w.dtype), in_dtype(b2 ** t, w.dtype)
+        G = self._clip(rg * g + wd * w)
+        v = b2 * v + (1 - b2) * (G * G)
+        c = in_dtype(in_dtype(1 - b1_t, w.dtype) / lr, w.dtype)  # (1 - beta1^t)/lr, two kernel roundings
+        d_t = c * (sqrt_rn(v / (1 - b2_t)) + eps)
+        z = b1 * z + (1 - b1) * G - (d_t - b1 * d) * w
         return -z / d_t, (d_t, v, z)

@@ -1,9 +1,12 @@
 """FTRL-Proximal (MXNet ``ftrl``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_nonnegative
+from ._numerics import mx_param, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -61,20 +64,13 @@ class Ftrl(Optimizer):
 
     def rule(self, w, g, state, *, lr, wd, t, index):
         z, n = state
-        dtype = torch.promote_types(w.dtype, z.dtype)
+        dtype = torch.promote_types(w.dtype, z.dtype)  # see "State" in the docstring
         w, g = w.to(dtype), g.to(dtype)
-
-        def param(x):  # an fp32 op parameter, as the kernel sees it in its dtype
-            return torch.tensor(x, dtype=torch.float32).to(dtype)
-
-        lr_, lamda1 = param(lr), param(self.lamda1)
-        G = param(self.rescale_grad) * g
-        if self.clip_gradient:
-            c = float(param(self.clip_gradient))
-            G = G.clamp(-c, c)
+        P = functools.partial(mx_param, dtype=dtype)  # ftrl_update's float parameters
+        lr, wd, lamda1, beta = P(lr), P(wd), P(self.lamda1), P(self.beta)
+        G = self._rescaled_clipped(g)
         G2 = G * G
-        z = z + (G - (((n + G2).sqrt() - n.sqrt()) * w) / lr_)
+        z = z + (G - ((sqrt_rn(n + G2) - sqrt_rn(n)) * w) / lr)
         n = n + G2
-        new_w = (z.sign() * lamda1 - z) / ((param(self.beta) + n.sqrt()) / lr_ + param(wd)) \
-            * (z.abs() > lamda1).to(dtype)
+        new_w = (z.sign() * lamda1 - z) / ((beta + sqrt_rn(n)) / lr + wd) * (z.abs() > lamda1).to(dtype)
         return new_w, (z, n)

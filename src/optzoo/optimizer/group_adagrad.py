@@ -1,9 +1,12 @@
 """GroupAdaGrad: AdaGrad with one rate per row (MXNet ``contrib.GroupAdaGrad``, name ``groupadagrad``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._checks import check_nonnegative
+from ._numerics import kahan_sum, mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -21,6 +24,9 @@ class GroupAdaGrad(Optimizer):
     Weight decay is not supported: ``wd`` must be 0, and a nonzero effective ``wd`` (from ``wd_mult``,
     ``param_dict`` or a later change of ``wd``) is rejected at update time, before anything changes.
     The weight must be 2-D, shape ``(rows, C)``.
+
+    The row sum is MXNet's: Kahan-compensated, column after column (:func:`kahan_sum`; a loop of
+    :math:`C` vectorised steps, the price of bit-exact parity), then divided by :math:`C`.
 
     State: ``history`` :math:`h` of shape ``(rows, 1)``, always **fp32** (MXNet creates it with no
     dtype); multi-precision ``(w32, h)`` through the generic wrapper, as in MXNet. Other weight dtypes
@@ -61,9 +67,7 @@ class GroupAdaGrad(Optimizer):
                              "GroupAdaGrad does not support weight decay, expected 0")
 
     def rule(self, w, g, h, *, lr, wd, t, index):
-        G = self._rescaled_clipped(g)
-        # MXNet's mean is a Kahan-compensated sum in the weight dtype; a float64 sum rounds the same
-        # almost always (a plain fp32 sum is 1 ulp off far more often)
-        row_mean = (G * G).mean(dim=1, keepdim=True, dtype=torch.float64).to(G.dtype)
-        h = (h + row_mean).to(h.dtype)
-        return w - lr * G / (h + self.float_stable_eps).sqrt(), h
+        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
+        G = self._clip(g * D(self.rescale_grad))
+        h = (h + kahan_sum(G * G) / G.shape[1]).to(h.dtype)  # MXNet's mean: a Kahan sum, then / C
+        return w - D(lr) * G / sqrt_rn(h + D(self.float_stable_eps)), h

@@ -4,18 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
+from ._numerics import in_dtype, mx_float, mx_list_param, mx_param, sqrt_rn, sum_sq
 from .base import Optimizer
 from .registry import register
-
-
-def _norm(x):
-    """:math:`\\|x\\|_2` as an fp32 value, as MXNet's ``multi_sum_sq`` + ``sqrt`` give it.
-
-    MXNet's CPU kernel sums the squares one by one in fp32, which cannot be vectorised; the fp64 sum
-    rounded to fp32 is at least as accurate and differs from it by at most an ulp or so.
-    """
-    sum_sq = (x * x).sum(dtype=torch.float64).to(torch.float32)
-    return sum_sq.double().sqrt().to(torch.float32)  # via fp64: the correctly rounded fp32 sqrt
 
 
 @register
@@ -39,7 +30,10 @@ class LAMB(Optimizer):
            \text{ or } r_2 = 0)
 
     where the bounds ``lower_bound`` (:math:`lb`) and ``upper_bound`` (:math:`ub`) apply only when
-    set to a nonzero value, as in MXNet. The norms are fp32 values, as in MXNet's kernels.
+    set to a nonzero value, as in MXNet. The numbers are those of MXNet's aggregated
+    ``multi_lamb_update`` (the path its Updater takes), for every weight dtype: :math:`u` is held in
+    fp32, the norms are fp32 values summed in order (``multi_sum_sq``), and the ratio
+    :math:`r_1/r_2` is taken in fp32 (bit-exact for fp32; for fp64 the norms are an fp32 ulp or so off).
 
     State: ``(m, v)`` in the weight dtype; multi-precision ``(w32, (m32, v32))``.
 
@@ -89,29 +83,24 @@ class LAMB(Optimizer):
 
     def rule(self, w, g, state, *, lr, wd, t, index):
         m, v = state
-
-        def param(x):  # an fp32 op parameter, as the kernel sees it in the weight dtype
-            return torch.tensor(x, dtype=torch.float32).to(w.dtype)
-
-        b1, b2, eps = param(self.beta1), param(self.beta2), param(self.epsilon)
-        one = torch.ones((), dtype=w.dtype)
-        G = param(self.rescale_grad) * g
-        if self.clip_gradient:
-            c = float(param(self.clip_gradient))
-            G = G.clamp(-c, c)
-        m = b1 * m + (one - b1) * G
-        v = b2 * v + (one - b2) * G * G
-        if self.bias_correction:
-            # beta^t is libm pow in the weight dtype: pow of the exact values, correctly rounded
-            b1_t = torch.tensor(float(b1) ** t, dtype=w.dtype)
-            b2_t = torch.tensor(float(b2) ** t, dtype=w.dtype)
-            u = (m / (one - b1_t)) / ((v / (one - b2_t)).sqrt() + eps) + param(wd) * w
-        else:
-            u = m / (v.sqrt() + eps) + param(wd) * w
-        r1, r2 = _norm(w), _norm(u)
+        # multi_lamb_update's parameters: float fields, and lr and wd from float lists
+        b1, b2, eps, rg = (mx_param(x, w.dtype) for x in (self.beta1, self.beta2, self.epsilon, self.rescale_grad))
+        lr, wd = mx_list_param(lr, w.dtype), mx_list_param(wd, w.dtype)
+        G = self._clip(g * rg)
+        m = b1 * m + (1 - b1) * G
+        v = b2 * v + (1 - b2) * G * G
+        m_hat, v_hat = m, v
+        if self.bias_correction:  # beta^t is std::pow in double, rounded to the weight dtype
+            m_hat, v_hat = m / (1 - in_dtype(b1 ** t, w.dtype)), v / (1 - in_dtype(b2 ** t, w.dtype))
+        # the kernel's sqrt is the double one, which widens the rest of u's expression to fp64; u is
+        # then stored in an fp32 temporary
+        wide = torch.float64
+        u = (m_hat.to(wide) / (sqrt_rn(v_hat.to(wide)) + eps) + (wd * w).to(wide)).to(torch.float32)
+        r1, r2 = (sqrt_rn(torch.tensor(sum_sq(x))) for x in (w, u))  # fp32 values
         if self.lower_bound:  # MXNet passes a bound only when it is truthy
-            r1 = r1.clamp(min=float(param(self.lower_bound)))
+            r1 = r1.clamp(min=mx_float(self.lower_bound))
         if self.upper_bound:
-            r1 = r1.clamp(max=float(param(self.upper_bound)))
-        ratio = torch.where((r1 == 0) | (r2 == 0), torch.ones_like(r1), r1 / r2).to(w.dtype)
-        return w - (param(lr) * ratio) * u, (m, v)
+            r1 = r1.clamp(max=mx_float(self.upper_bound))
+        if r1 != 0 and r2 != 0:
+            lr = in_dtype(lr * float(r1 / r2), w.dtype)
+        return w - lr * u.to(w.dtype), (m, v)

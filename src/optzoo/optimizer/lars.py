@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_number, check_unit_interval
+from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn, sum_sq
 from .base import Optimizer
 from .registry import register
 
@@ -18,7 +19,7 @@ class LARS(Optimizer):
     With :math:`G = \mathrm{clip}(rg\cdot g)`, L2 norms taken in float32:
 
     .. math::
-        \lambda &= \frac{\eta\,\lVert w\rVert}{\lVert rg\cdot g\rVert + wd\,\lVert w\rVert + eps}
+        \lambda &= \frac{\eta\,\lVert w\rVert}{rg\,\lVert g\rVert + wd\,\lVert w\rVert + eps}
                    \ \text{ if } \lVert w\rVert > 0 \text{ and } \lVert g\rVert > 0,
                    \text{ else } 1 \\
         lr' &= \lambda\cdot lr \\
@@ -36,10 +37,14 @@ class LARS(Optimizer):
     or ``bias`` get :math:`\lambda = 1`. With ``param_idx2name``, only names ending in ``_weight``
     keep weight decay (MXNet's LARS rule; other optimizers also keep ``_gamma``).
 
-    optzoo uses MXNet's single-tensor formula above. MXNet's Updater takes the aggregated path, which
-    computes :math:`\eta\lVert w\rVert/(rg\lVert g\rVert + \dots)`: the same value up to rounding in
-    fp32/fp64, but under multi-precision it squares the *fp16* weight and gradient in fp16 before
-    summing, which moves :math:`\lambda` by ~2e-4 relative (optzoo uses the fp32 master copy).
+    optzoo follows MXNet's aggregated path, the one its Updater takes: the squared norms are
+    ``multi_sum_sq``'s (fp32, summed in order), :math:`lr'` is ``multi_lars``'s fp32
+    :math:`lr\cdot\eta\cdot\lVert w\rVert/(\lVert g\rVert\,rg + wd\,\lVert w\rVert + eps)`, and the SGD
+    step uses the fp32 :math:`lr'` and ``wd`` (bit-exact for fp32; for fp64 the norms are within an fp32
+    ulp or so). MXNet's single-tensor path (a scalar index) takes :math:`\lVert rg\cdot g\rVert` in double
+    instead, the same value up to rounding. Under multi-precision MXNet squares the *fp16* weight and
+    gradient in fp16 before summing, which moves :math:`\lambda` by ~2e-4 relative; optzoo uses the
+    fp32 master copy.
 
     State: as :class:`SGD`, ``mom`` or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
 
@@ -89,23 +94,27 @@ class LARS(Optimizer):
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
-    def _trust_ratio(self, index, w, g, wd):
-        name = self.idx2name.get(index, str(index))
-        if name.endswith(_NO_LARS):
-            return 1.0
-        w_norm = float(torch.linalg.vector_norm(w.to(torch.float32)))
-        g_norm = float(torch.linalg.vector_norm(g.to(torch.float32) * self.rescale_grad))
-        if w_norm > 0.0 and g_norm > 0.0:
-            return self.eta * w_norm / (g_norm + wd * w_norm + self.eps)
-        return 1.0
+    def _lars_lr(self, index, w, g, lr, wd):
+        """:math:`lr' = \\lambda\\cdot lr` as MXNet's ``multi_lars`` computes it: in fp32, from ``lr`` and
+        ``wd`` (fp32 arrays) and ``multi_sum_sq``'s fp32 squared norms (``lr`` itself if excluded)."""
+        if self.idx2name.get(index, str(index)).endswith(_NO_LARS):
+            return lr
+        w2, g2 = sum_sq(w), sum_sq(g)
+        if not (w2 > 0 and g2 > 0):
+            return lr
+        lr, wd, w2, g2 = (torch.tensor(x, dtype=torch.float32) for x in (lr, wd, w2, g2))
+        eta, eps, rg = mx_float(self.eta), mx_float(self.eps), mx_float(self.rescale_grad)
+        return float(lr * eta * sqrt_rn(w2) / (sqrt_rn(g2) * rg + wd * sqrt_rn(w2) + eps))
 
     def rule(self, w, g, mom, *, lr, wd, t, index):
-        lr = lr * self._trust_ratio(index, w, g, wd)
-        G = self._rescaled_clipped(g)
-        if mom is None:
-            return (1 - lr * wd) * w - lr * G, None
         mu = self.momentum
         if self.momentum_correction and self.last_lr != 0:
             mu = mu * (self.cur_lr / self.last_lr)
-        mom = mu * mom - (lr * wd) * w - lr * G
-        return w + mom, mom
+        # MXNet hands lr and wd to multi_lars and the SGD kernel as fp32 arrays
+        lr, wd = in_dtype(lr, torch.float32), in_dtype(wd, torch.float32)
+        lr = self._lars_lr(index, w, g, lr, wd)
+        # preloaded_multi_sgd(_mom)_update: SGD's kernel, except that lr * wd is an fp32 product
+        lr_wd = in_dtype(lr * wd, torch.float32)
+        lr, mu = in_dtype(lr, w.dtype), mx_param(mu, w.dtype)
+        d = (0.0 if mom is None else mu * mom) - lr_wd * w - self._rescaled_clipped(g, lr)
+        return w + d, (None if mom is None else d)

@@ -6,6 +6,7 @@ import math
 import torch
 
 from .._checks import check_choice, check_nonnegative, check_positive_int, check_unit_interval
+from ._numerics import in_dtype, mx_param, np_sum
 from .base import Optimizer
 from .registry import register
 
@@ -94,9 +95,9 @@ class LBSGD(Optimizer):
         return 1.0 + (maxmult - 1) * math.sqrt(float(nup) / nwup)  # sqrt
 
     def _get_lars(self, w, g, wd):
-        """The ``'lars'`` multiplier, from squared sums in the weight dtype and the ratio in double."""
-        w2 = float((w * w).sum())
-        g2 = float((g * g).sum())
+        """The ``'lars'`` multiplier: squared sums in the weight dtype (numpy's, as MXNet takes them),
+        the ratio in double."""
+        w2, g2 = np_sum(w * w), np_sum(g * g)
         return min(max(math.sqrt(w2 / (g2 + wd * w2 + 1e-18)), 0.01), 100.0)
 
     def _cumulate(self, index, g):
@@ -118,8 +119,8 @@ class LBSGD(Optimizer):
         else:
             lr = lr * self._get_lbmult(entry["num_cums"])
         entry["cum_grad"] = 0  # num_cums is not reset (MXNet)
-        G = self._rescaled_clipped(grad)
+        lr, wd, mu = (mx_param(x, w.dtype) for x in (lr, wd, self.momentum))  # sgd(_mom)_update's parameters
         if mom is None:
-            return (1 - lr * wd) * w - lr * G, None
-        mom = self.momentum * mom - (lr * wd) * w - lr * G
+            return (1 - in_dtype(lr * wd, w.dtype)) * w - self._rescaled_clipped(grad, lr), None
+        mom = mu * mom - (lr * wd) * w - self._rescaled_clipped(grad, lr)
         return w + mom, mom

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from .adagrad import mx_scalar, sqrt_rn
+from ._numerics import mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_unit_interval
+from ._numerics import in_dtype, mx_param
 from .base import Optimizer
 from .registry import register
 
@@ -47,10 +48,10 @@ class NAG(Optimizer):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
     def rule(self, w, g, mom, *, lr, wd, t, index):
+        lr, wd, mu = (mx_param(x, w.dtype) for x in (lr, wd, self.momentum))  # the kernels' float parameters
+        if mom is None:  # sgd_update
+            return (1 - in_dtype(lr * wd, w.dtype)) * w - self._rescaled_clipped(g, lr), None
         G = self._rescaled_clipped(g)
-        if mom is None:
-            return (1 - lr * wd) * w - lr * G, None
-        mu = self.momentum
         m = mu * mom
         new_w = w - m + (mu + 1) * (m - lr * (G + wd * w))
         return new_w, m - lr * (G + wd * new_w)

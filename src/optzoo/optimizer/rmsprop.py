@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_optional_clip, check_unit_interval
-from .adagrad import mx_float, sqrt_rn
+from ._numerics import mx_float, sqrt_rn
 from .base import Optimizer
 from .registry import register
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_unit_interval
+from ._numerics import in_dtype, mx_list_param, mx_param
 from .base import Optimizer
 from .registry import register
 
@@ -43,12 +44,18 @@ class SGD(Optimizer):
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
-    def rule(self, w, g, mom, *, lr, wd, t, index):
-        G = self._rescaled_clipped(g)
-        if mom is None:
-            return (1 - lr * wd) * w - lr * G, None
-        mom = self.momentum * mom - (lr * wd) * w - lr * G
-        return w + mom, mom
+    def prepare(self, *, lr, wd, t, index, dtype):
+        # MXNet's Updater always takes multi_sgd(_mom)_update, which reads lr and wd from a float list
+        # and computes the update as a step d (mom = 0 without momentum), in this rounding order
+        lr, wd = mx_list_param(lr, dtype), mx_list_param(wd, dtype)
+        rg = mx_param(self.rescale_grad, dtype)
+        return mx_param(self.momentum, dtype), lr, lr * wd, rg, in_dtype(lr * rg, dtype)
+
+    def kernel(self, w, g, mom, s, seg=None):
+        mu, lr, lr_wd, rg, lr_rg = s
+        step = lr * self._clip(rg * g) if self.clip_gradient else lr_rg * g
+        d = (0.0 if mom is None else mu * mom) - lr_wd * w - step
+        return w + d, (None if mom is None else d)
 
 
 ccSGD = SGD  # MXNet's deprecated alias class

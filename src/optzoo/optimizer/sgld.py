@@ -1,10 +1,12 @@
 """SGLD: stochastic gradient Langevin dynamics (MXNet ``sgld``)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from ._numerics import mx_scalar
 from .base import Optimizer
 from .registry import register
 
@@ -58,6 +60,7 @@ class SGLD(Optimizer):
         return math.sqrt(lr) * xi.to(weight.device)
 
     def rule(self, w, g, state, *, lr, wd, t, index):
-        G = self._rescaled_clipped(g)
-        w = w + (-lr / 2) * (G + wd * w)
+        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
+        G = self._clip(g * D(self.rescale_grad))
+        w = w + D(-lr / 2) * (G + D(wd) * w)
         return w + self._noise(w, lr), None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
+from ._numerics import in_dtype, mx_param
 from .base import Optimizer
 from .registry import register
 
@@ -50,8 +51,10 @@ class Signum(Optimizer):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
     def rule(self, w, g, mom, *, lr, wd, t, index):
+        lr, wd, mu, wd_lh = (mx_param(x, w.dtype) for x in (lr, wd, self.momentum, self.wd_lh))
+        # scalar expressions the kernels round before they meet the tensors
+        lr_wd, lr_wd_lh, one_minus_mu = (in_dtype(x, w.dtype) for x in (lr * wd, lr * wd_lh, 1 - mu))
         if mom is None:
-            return (1 - lr * wd - lr * self.wd_lh) * w - lr * torch.sign(g), None
-        mu = self.momentum
-        mom = mu * mom - (1 - mu) * wd * w - (1 - mu) * self._rescaled_clipped(g)
-        return (1 - lr * self.wd_lh) * w + lr * torch.sign(mom), mom
+            return (1 - lr_wd - lr_wd_lh) * w - lr * torch.sign(g), None
+        mom = mu * mom - (one_minus_mu * wd) * w - self._rescaled_clipped(g, one_minus_mu)
+        return (1 - lr_wd_lh) * w + lr * torch.sign(mom), mom

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._numerics import mx_scalar
 from .base import Optimizer
 from .registry import register
 
@@ -34,5 +35,5 @@ class Test(Optimizer):
         return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
     def rule(self, w, g, state, *, lr, wd, t, index):
-        w = w + g * self.rescale_grad
+        w = w + g * mx_scalar(self.rescale_grad, g.dtype)
         return w, w

@@ -1,0 +1,248 @@
+"""The fast path: one optimizer rule executed over contiguous buckets, eagerly or compiled.
+
+A :class:`Bucket` lays out the parameters of one device and dtype contiguously: the parameters and their
+``.grad`` become views into one flat weight and one flat gradient buffer (as DDP's
+``gradient_as_bucket_view``), and the optimizer states are created flat. A step then runs the
+optimizer's ``kernel`` once over the whole bucket instead of once per tensor:
+
+- ``fused=None`` (default): the kernel runs eagerly over the flat tensors: a handful of large
+  memory-bound passes, no compilation.
+- ``fused=True``: the kernel is compiled with ``torch.compile`` (one fused loop per bucket; compiled
+  code is cached across processes by inductor's on-disk cache). Without a working compiler it falls
+  back to the eager kernel with one warning.
+
+Per-parameter scalars (learning rate and weight decay after multipliers, update counts, Nadam's
+schedule) are prepared in Python once per bucket when they agree across its parameters, else per
+parameter and spread over the bucket as per-element tensors. Per-tensor norms (LARS, LAMB) and
+GroupAdaGrad's row means are segment reductions (:class:`Segments`). The math is the optimizer's own
+``prepare`` + ``kernel``: the reference path calls the same two per tensor.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import _tree
+
+__all__ = ["Bucket", "Runner", "Segments", "sum_sq", "supports_buckets"]
+
+
+class Segments:
+    """Where each parameter lies in a flat bucket, for per-tensor reductions and per-parameter scalars."""
+
+    def __init__(self, sizes, device):
+        self.sizes = list(sizes)
+        self.lengths = torch.tensor(self.sizes, dtype=torch.int64, device=device)
+        self.total = sum(self.sizes)
+        self._ids = None
+
+    @property
+    def ids(self):
+        """Segment index of every element (built on first use)."""
+        if self._ids is None:
+            self._ids = torch.repeat_interleave(torch.arange(len(self.sizes), device=self.lengths.device),
+                                                self.lengths, output_size=self.total)
+        return self._ids
+
+    def spread(self, values, dtype):
+        """Per-segment values as a per-element tensor."""
+        v = torch.tensor(values, dtype=dtype, device=self.lengths.device)
+        return v[self.ids]
+
+
+def sum_sq(x, seg=None, dtype=torch.float32):
+    """:math:`\\sum x^2` per tensor, accumulated in float64 and rounded to ``dtype``.
+
+    Per-tensor (``seg`` None): a 0-d tensor. Over a bucket: one value per element, its segment's sum.
+    """
+    sq = x.to(torch.float64) * x.to(torch.float64)
+    if seg is None:
+        return sq.sum().to(dtype)
+    sums = torch.segment_reduce(sq, "sum", lengths=seg.lengths)
+    return sums.to(dtype)[seg.ids]
+
+
+_COMPILED = {}
+_WARNED = []
+
+
+def _fused_step(opt, w, g, inner, s, seg, low):
+    """One bucket update, in place: cast, kernel, write back (compiled as one loop under fused=True)."""
+    g = g.to(w.dtype)
+    new_w, new_s = type(opt).kernel(opt, w, g, inner, s, seg)
+    _tree.assign(inner, new_s)
+    w.copy_(new_w)
+    if low is not None:
+        low.copy_(w)
+
+
+def _compiled_step():
+    fn = _COMPILED.get("step")
+    if fn is None:
+        try:
+            fn = torch.compile(_fused_step, dynamic=False)
+        except Exception as exc:  # pragma: no cover - no compiler backend
+            warnings.warn(f"torch.compile is unavailable ({exc}); optzoo runs the eager kernels", RuntimeWarning)
+            fn = _fused_step
+        _COMPILED["step"] = fn
+    return fn
+
+
+def supports_buckets(opt, dtype, device) -> bool:
+    """Whether ``opt`` can run over flat buckets: a split rule and states shaped like the weight."""
+    if not type(opt).has_kernel():
+        return False
+    probe = torch.empty(8, dtype=dtype, device="meta")
+    return all(leaf.numel() == 8 for leaf in _tree.leaves(opt.create_state_multi_precision(0, probe)))
+
+
+class Bucket:
+    """Parameters of one device and dtype, laid out contiguously; their data and grads become views."""
+
+    def __init__(self, optimizer, indices, params, states=None):
+        self.optimizer = optimizer
+        self.indices = list(indices)
+        self.params = list(params)
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+        sizes = [p.numel() for p in self.params]
+        self.segments = Segments(sizes, self.device)
+        self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        with torch.no_grad():
+            self.w = torch.empty(self.segments.total, dtype=self.dtype, device=self.device)
+            self.g = torch.zeros_like(self.w)
+            for p, o, n in zip(self.params, self.offsets, sizes):
+                self.w[o:o + n].copy_(p.detach().reshape(-1))
+                if p.grad is not None:
+                    self.g[o:o + n].copy_(p.grad.reshape(-1))
+                p.data = self.w[o:o + n].view_as(p)
+                p.grad = self.g[o:o + n].view_as(p)
+            self.state = optimizer.create_state_multi_precision(self.indices[0], self.w)
+            for k, existing in enumerate(states or []):
+                if existing is not None:
+                    _tree.assign(self.state_of(k), existing)
+
+    def view(self, k, flat):
+        """The k-th parameter's slice of a flat tensor (or state tree)."""
+        if flat is None:
+            return None
+        if isinstance(flat, torch.Tensor):
+            o, n = self.offsets[k], self.segments.sizes[k]
+            return flat[o:o + n].view(self.params[k].shape) if flat.numel() == self.segments.total else flat
+        return tuple(self.view(k, f) for f in flat)
+
+    def state_of(self, k):
+        return self.view(k, self.state)
+
+    def gather_grads(self):
+        """Make every ``.grad`` the bucket's view again (copying a gradient that autograd or the user
+        allocated anew, e.g. after ``zero_grad(set_to_none=True)``); returns which parameters have one."""
+        has = []
+        for k, p in enumerate(self.params):
+            view = self.g[self.offsets[k]:self.offsets[k] + self.segments.sizes[k]].view_as(p)
+            if p.grad is None:
+                view.zero_()
+                has.append(False)
+                continue
+            if p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+                p.grad = view
+            has.append(True)
+        return has
+
+    def zero_grad(self):
+        self.g.zero_()
+        for k, p in enumerate(self.params):
+            if p.grad is None or p.grad.data_ptr() != self.g[self.offsets[k]:].data_ptr():
+                p.grad = self.g[self.offsets[k]:self.offsets[k] + self.segments.sizes[k]].view_as(p)
+
+    def tree_views(self):
+        return [_tree.detached(self.state_of(k)) for k in range(len(self.params))]
+
+
+class Runner:
+    """The buckets of one optimizer's parameters and the fast step over them, shared by the Trainer and the
+    torch face. ``step`` handles whole buckets whose parameters all have a gradient; the caller runs the
+    reference path (on the same views) for anything it leaves."""
+
+    def __init__(self, optimizer, fused):
+        self.optimizer = optimizer
+        self.fused = fused
+        self.buckets = None
+
+    def build(self, indices, params, states):
+        """Lay out the parameters; returns index -> state view (the states now live in the buckets)."""
+        groups = {}
+        for i, p, st in zip(indices, params, states):
+            groups.setdefault((p.device, p.dtype), []).append((i, p, st))
+        self.buckets, views = [], {}
+        for (device, dtype), members in groups.items():
+            if not supports_buckets(self.optimizer, dtype, device):
+                continue
+            bucket = Bucket(self.optimizer, [m[0] for m in members], [m[1] for m in members],
+                            [m[2] for m in members])
+            self.buckets.append(bucket)
+            views.update({i: bucket.state_of(k) for k, i in enumerate(bucket.indices)})
+        return views
+
+    def step(self, fresh):
+        """Update every bucket whose parameters are all in ``fresh``; returns the indices it updated."""
+        done = set()
+        for bucket in self.buckets or ():
+            if all(i in fresh for i in bucket.indices) and all(bucket.gather_grads()):
+                self._step_bucket(bucket)
+                done.update(bucket.indices)
+        return done
+
+    def _scalars(self, bucket, dtype):
+        opt, indices = self.optimizer, bucket.indices
+        counts = opt._index_update_count
+        first = counts.get(indices[0])
+        uniform = not getattr(opt, "_prepare_per_index", False) and all(counts.get(i) == first for i in indices)
+        if uniform:
+            if opt._counts_updates and not opt._lr_before_count:
+                opt._update_count(indices)
+            lrs, wds = opt._get_lrs(indices), opt._get_wds(indices)
+            if opt._counts_updates and opt._lr_before_count:
+                opt._update_count(indices)
+            ts = [counts[i] if opt._counts_updates else None for i in indices]
+        else:  # exactly the reference path's order: count, then read, index by index
+            lrs, wds, ts = [], [], []
+            for i in indices:
+                if opt._counts_updates and not opt._lr_before_count:
+                    opt._update_count(i)
+                lrs.append(opt._get_lrs([i])[0])
+                wds.append(opt._get_wds([i])[0])
+                if opt._counts_updates and opt._lr_before_count:
+                    opt._update_count(i)
+                ts.append(counts[i] if opt._counts_updates else None)
+        cache, per = {}, []
+        for i, lr, wd, t in zip(indices, lrs, wds, ts):
+            key = (lr, wd, t)
+            if uniform and key in cache:
+                per.append(cache[key])
+            else:
+                cache[key] = opt.prepare(lr=lr, wd=wd, t=t, index=i, dtype=dtype)
+                per.append(cache[key])
+        if len(cache) == 1 and uniform:
+            return per[0]
+        cols = list(zip(*per))
+        return tuple(col[0] if all(c == col[0] for c in col) else bucket.segments.spread(col, dtype) for col in cols)
+
+    def _step_bucket(self, bucket):
+        opt = self.optimizer
+        mp = opt._mp(bucket.w)
+        if mp:
+            w, inner = opt._split_mp(bucket.state)
+            low = bucket.w
+        else:
+            w, inner, low = bucket.w, bucket.state, None
+        s = self._scalars(bucket, w.dtype)
+        with torch.no_grad():
+            if self.fused:
+                s = tuple(torch.tensor(x, dtype=w.dtype, device=w.device) if not isinstance(x, torch.Tensor) else x
+                          for x in s)
+                _compiled_step()(opt, w, bucket.g, inner, s, bucket.segments, low)
+            else:
+                _fused_step(opt, w, bucket.g, inner, s, bucket.segments, low)
