@@ -180,9 +180,10 @@ def test_grad_scaler_equals_unscaled_training_and_skips_inf():
     assert all(opt.state[p]["step"] == 2 for p in opt.state)  # the inf step was skipped, not counted
 
 
-def test_params_without_grad_are_skipped_and_closure_returns_loss():
+@pytest.mark.parametrize("fused", [False, None])
+def test_params_without_grad_are_skipped_and_closure_returns_loss(fused):
     a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
-    opt = ot.SGD([a, b], lr=0.5)
+    opt = ot.SGD([a, b], lr=0.5, fused=fused)
 
     def closure():
         opt.zero_grad()
@@ -192,7 +193,7 @@ def test_params_without_grad_are_skipped_and_closure_returns_loss():
 
     assert opt.step(closure).item() == 6.0
     assert a.detach().tolist() == [-0.5, -0.5] and b.detach().tolist() == [1.0, 1.0]
-    assert b not in opt.state
+    assert opt.state[a]["step"] == 1 and opt.state.get(b, {}).get("step", 0) == 0
 
 
 @pytest.mark.parametrize("spec", spec_params())

@@ -22,6 +22,7 @@ import torch as _torch
 
 from .optimizer import _tree
 from .optimizer import registry as _registry
+from .optimizer.engine import Runner
 from .optimizer.updater import dump_optimizer, load_optimizer
 
 __all__ = ["OptzooOptimizer", "create"]
@@ -50,6 +51,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             defaults[key] = value
         self._inner = []          # one MXNet-style optimizer per param group
         self._inner_kwargs = []
+        self._runners = []        # per group: the fast path's buckets (built at the first step)
         super().__init__(params, defaults)
 
     @classmethod
@@ -72,6 +74,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             kwargs = self._mx_kwargs(group)
             self._inner.append(self.optimizer_class(**kwargs))
             self._inner_kwargs.append(kwargs)
+            self._runners.append(None)
         except Exception:
             self.param_groups.pop()
             raise
@@ -116,23 +119,30 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         base = 0
         for g, group in enumerate(self.param_groups):
             self._sync(g, group)
+            inner, params = self._inner[g], group["params"]
+            if self.fused is not False and self._runners[g] is None:
+                self._runners[g] = Runner(inner, self.fused)
+                views = self._runners[g].build(range(base, base + len(params)), params,
+                                               [self.state[p].get("mx_state") for p in params])
+                for i, st in views.items():
+                    self.state[params[i - base]]["mx_state"] = st
+            fresh = {base + k for k, p in enumerate(params) if p.grad is not None}
+            done = self._runners[g].step(fresh) if self._runners[g] is not None else set()
             indices, weights, grads, states = [], [], [], []
-            for k, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
+            for i in sorted(fresh - done):
+                p = params[i - base]
                 state = self.state[p]
                 if "mx_state" not in state:
-                    state["mx_state"] = self._inner[g].create_state_multi_precision(base + k, p.detach())
-                indices.append(base + k)
+                    state["mx_state"] = inner.create_state_multi_precision(i, p.detach())
+                indices.append(i)
                 weights.append(p.detach())
                 grads.append(p.grad)
                 states.append(state["mx_state"])
             if indices:
-                inner = self._inner[g]
                 inner.update_multi_precision(indices, weights, grads, states)
-                for i in indices:
-                    self.state[group["params"][i - base]]["step"] = inner._index_update_count.get(i, 0)
-            base += len(group["params"])
+            for i in fresh:
+                self.state[params[i - base]]["step"] = inner._index_update_count.get(i, 0)
+            base += len(params)
         return loss
 
     # ------------------------------------------------------------------ state dicts
@@ -185,6 +195,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         self.state.clear()
         self.state.update(new_state)
         self._inner = inner
+        self._runners = [None] * len(inner)   # rebuilt at the next step, from the loaded states
         self._inner_kwargs = [self._mx_kwargs(group) for group in self.param_groups]
 
 

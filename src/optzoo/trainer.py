@@ -14,6 +14,7 @@ import torch
 from . import _io
 from .optimizer import Optimizer, create, get_updater
 from .optimizer import _tree
+from .optimizer.engine import Runner
 from .optimizer.updater import dump_optimizer, load_optimizer
 
 __all__ = ["Trainer"]
@@ -75,14 +76,21 @@ class Trainer:
         One process, one device: gradients are used as they are. The distributed kinds come later.
     compression_params, update_on_kvstore
         Accepted for MXNet compatibility; only meaningful for distributed kvstores.
+    fused : None, True or False
+        ``None`` (default): the fastest path without compilation: parameters (and their ``.grad``) become
+        views into one contiguous buffer per device and dtype, and the optimizer runs once per buffer.
+        ``True``: the same, with the optimizer's kernel compiled by ``torch.compile``. ``False``: one update
+        per parameter (the reference path). All give the reference path's numbers (see the README).
 
     ``step(batch_size)`` sets ``rescale_grad = optimizer_rescale_grad / batch_size``: gradients are expected
     *summed* over the batch (``loss.sum().backward()`` or ``reduction='sum'``), as MXNet's losses give them.
     """
 
     def __init__(self, params, optimizer, optimizer_params=None, kvstore="device", compression_params=None,
-                 update_on_kvstore=None):
+                 update_on_kvstore=None, fused=None):
         named = _named(params)
+        if fused not in (None, False, True):
+            raise ValueError(f"fused={fused!r} is invalid: expected None, True or False")
         optimizer_params = dict(optimizer_params or {})
         if kvstore in _LATER_KVSTORES:
             raise NotImplementedError(f"kvstore={kvstore!r}: distributed kvstores are not implemented yet; "
@@ -111,6 +119,8 @@ class Trainer:
         self._scale = optimizer.rescale_grad
         self._kvstore = kvstore
         self._updater = get_updater(optimizer)
+        self._fused = fused
+        self._runner = None
         # Gluon's _fresh_grad: set when backward accumulates into .grad, reset by a step
         self._fresh = [False] * len(self._params)
         self._seen_grad = [None] * len(self._params)
@@ -193,27 +203,37 @@ class Trainer:
         self._update(ignore_stale_grad)
 
     def _update(self, ignore_stale_grad):
-        indices, grads, weights, stale = [], [], [], []
+        indices, stale = [], []
         for i, p in enumerate(self._params):
             if not p.requires_grad:
                 continue
-            fresh = p.grad is not None and (self._fresh[i] or p.grad is not self._seen_grad[i])
-            if not fresh:
+            if p.grad is not None and (self._fresh[i] or p.grad is not self._seen_grad[i]):
+                indices.append(i)
+            else:
                 stale.append(self._names[i])
-                continue
-            indices.append(i)
-            grads.append(p.grad)
-            weights.append(p.detach())
         if stale and not ignore_stale_grad:
             warnings.warn(f"Gradient of Parameter(s) {', '.join(map(repr, stale))} has not been updated by "
                           "backward since the last `step`; they are not updated. Call step(batch_size, "
                           "ignore_stale_grad=True) to silence this for parameters you leave unused on purpose.",
                           UserWarning, stacklevel=3)
-        if indices:
-            self._updater(indices, grads, weights)
+        # whole buckets on the fast path; the reference path (on the same views) for the rest
+        done = self._fast_path().step(set(indices)) if indices and self._fused is not False else set()
+        rest = [i for i in indices if i not in done]
+        if rest:
+            self._updater(rest, [self._params[i].grad for i in rest], [self._params[i].detach() for i in rest])
         for i in indices:
             self._fresh[i] = False
             self._seen_grad[i] = self._params[i].grad
+
+    def _fast_path(self):
+        if self._runner is None:
+            live = [i for i, p in enumerate(self._params) if p.requires_grad]
+            self._runner = Runner(self._optimizer, self._fused)
+            views = self._runner.build(live, [self._params[i] for i in live],
+                                       [self._updater.states.get(i) for i in live])
+            self._updater.states.update(views)
+            self._updater.states_synced.update(dict.fromkeys(views, True))
+        return self._runner
 
     # ------------------------------------------------------------------ checkpoints
     def save_states(self, fname) -> None:
@@ -269,6 +289,7 @@ class Trainer:
             self._param_dict[self._index[n]].wd_mult = info["wd_mult"]
         self._optimizer = optimizer
         self._updater = get_updater(optimizer)
+        self._runner = None  # rebuilt at the next step, from the loaded states
         owner = getattr(type(optimizer), "_state_owner", None)
         self._updater.states = {i: _tree.tag(s, owner) if owner else s for i, s in states.items()}
         self._updater.states_synced = dict.fromkeys(states, True)

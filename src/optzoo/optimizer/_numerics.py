@@ -60,6 +60,10 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type != "cpu":
         return x.sqrt()
+    if torch.compiler.is_compiling():
+        # inside a compiled fast-path kernel numpy is out of reach: the fp64 root rounds back
+        # correctly for fp32/fp16/bf16 (same argument as above); fp64 keeps torch's (<= 1 ulp)
+        return x.sqrt() if x.dtype == torch.float64 else x.double().sqrt().to(x.dtype)
     wide = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
     with np.errstate(invalid="ignore"):  # sqrt of a negative number is nan, as in torch
         return torch.from_numpy(np.asarray(np.sqrt(wide.numpy()))).to(x.dtype)

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from . import _tree
+from . import _numerics, _tree
 
 __all__ = ["Bucket", "Runner", "Segments", "sum_sq", "supports_buckets"]
 
@@ -51,16 +51,19 @@ class Segments:
         return v[self.ids]
 
 
-def sum_sq(x, seg=None, dtype=torch.float32):
-    """:math:`\\sum x^2` per tensor, accumulated in float64 and rounded to ``dtype``.
+def sum_sq(x, seg=None):
+    """:math:`\\sum x^2` per tensor as an fp32 value, for the norms of LARS and LAMB.
 
-    Per-tensor (``seg`` None): a 0-d tensor. Over a bucket: one value per element, its segment's sum.
+    Per tensor (``seg`` None): a 0-d tensor holding MXNet's own sequential fp32 sum
+    (:func:`~optzoo.optimizer._numerics.sum_sq`). Over a bucket: one value per element, its segment's
+    sum, accumulated in fp64 and rounded to fp32 (MXNet's order cannot be vectorised; this is within
+    the sequential sum's rounding error of it).
     """
-    sq = x.to(torch.float64) * x.to(torch.float64)
     if seg is None:
-        return sq.sum().to(dtype)
+        return torch.tensor(_numerics.sum_sq(x), dtype=torch.float32, device=x.device)
+    sq = x.to(torch.float64) * x.to(torch.float64)
     sums = torch.segment_reduce(sq, "sum", lengths=seg.lengths)
-    return sums.to(dtype)[seg.ids]
+    return sums.to(torch.float32)[seg.ids]
 
 
 _COMPILED = {}
@@ -71,15 +74,26 @@ def _fused_step(opt, w, g, inner, s, seg, low):
     """One bucket update, in place: cast, kernel, write back (compiled as one loop under fused=True)."""
     g = g.to(w.dtype)
     new_w, new_s = type(opt).kernel(opt, w, g, inner, s, seg)
-    _tree.assign(inner, new_s)
+    _write(inner, new_s)
     w.copy_(new_w)
     if low is not None:
         low.copy_(w)
 
 
+def _write(dst, src):
+    """``_tree.assign`` in a form dynamo traces (no identity tests on tuples)."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, tuple):
+        for d, x in zip(dst, src):
+            _write(d, x)
+
+
 def _compiled_step():
     fn = _COMPILED.get("step")
     if fn is None:
+        # one compiled graph per optimizer class, option set and bucket shape: more than dynamo's default 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         try:
             fn = torch.compile(_fused_step, dynamic=False)
         except Exception as exc:  # pragma: no cover - no compiler backend
@@ -114,10 +128,10 @@ class Bucket:
             self.g = torch.zeros_like(self.w)
             for p, o, n in zip(self.params, self.offsets, sizes):
                 self.w[o:o + n].copy_(p.detach().reshape(-1))
-                if p.grad is not None:
-                    self.g[o:o + n].copy_(p.grad.reshape(-1))
                 p.data = self.w[o:o + n].view_as(p)
-                p.grad = self.g[o:o + n].view_as(p)
+                if p.grad is not None:  # a parameter without a gradient keeps none
+                    self.g[o:o + n].copy_(p.grad.reshape(-1))
+                    p.grad = self.g[o:o + n].view_as(p)
             self.state = optimizer.create_state_multi_precision(self.indices[0], self.w)
             for k, existing in enumerate(states or []):
                 if existing is not None:
@@ -150,15 +164,6 @@ class Bucket:
                 p.grad = view
             has.append(True)
         return has
-
-    def zero_grad(self):
-        self.g.zero_()
-        for k, p in enumerate(self.params):
-            if p.grad is None or p.grad.data_ptr() != self.g[self.offsets[k]:].data_ptr():
-                p.grad = self.g[self.offsets[k]:self.offsets[k] + self.segments.sizes[k]].view_as(p)
-
-    def tree_views(self):
-        return [_tree.detached(self.state_of(k)) for k in range(len(self.params))]
 
 
 class Runner:
