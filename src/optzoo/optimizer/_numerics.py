@@ -136,6 +136,7 @@ def mx_list_float(x: float) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
+@torch.compiler.assume_constant_result  # a Python constant inside compiled kernels (clip bounds)
 def in_dtype(x: float, dtype: torch.dtype) -> float:
     """``x`` as a kernel's ``DType(x)`` holds it (torch keeps float16/bfloat16 scalars in fp32)."""
     if dtype == torch.float64:

@@ -57,14 +57,18 @@ class AdaDelta(Optimizer):
         return (torch.zeros_like(weight, dtype=torch.float32),   # acc_g
                 torch.zeros_like(weight, dtype=torch.float32))   # acc_delta
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
-        acc_g, acc_delta = (s.to(ct) for s in state)
-        w, g = w.to(ct), g.to(ct)
+    def prepare(self, *, lr, wd, t, index, dtype):
+        ct = torch.promote_types(dtype, torch.float32)  # see "State" in the docstring
         D = functools.partial(mx_scalar, dtype=ct)  # scalars as MXNet's NDArray ops see them
-        rho, one_minus_rho, eps = D(self.rho), D(1.0 - self.rho), D(self.epsilon)
-        G = self._clip(g * D(self.rescale_grad))
+        return D(self.rho), D(1.0 - self.rho), D(self.epsilon), D(self.rescale_grad), D(wd)
+
+    def kernel(self, w, g, state, s, seg=None):
+        rho, one_minus_rho, eps, rg, wd = s
+        ct = torch.promote_types(w.dtype, torch.float32)
+        acc_g, acc_delta = (x.to(ct) for x in state)
+        w, g = w.to(ct), g.to(ct)
+        G = self._clip(g * rg)
         acc_g = acc_g * rho + one_minus_rho * G * G
         delta = sqrt_rn(acc_delta + eps) / sqrt_rn(acc_g + eps) * G
         acc_delta = acc_delta * rho + one_minus_rho * delta * delta
-        return w - (delta + D(wd) * w), (acc_g, acc_delta)
+        return w - (delta + wd * w), (acc_g, acc_delta)

@@ -49,10 +49,15 @@ class AdaGrad(Optimizer):
     def create_state(self, index, weight):
         return torch.zeros_like(weight, dtype=torch.float32)  # history
 
-    def rule(self, w, g, h, *, lr, wd, t, index):
-        ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
-        w, g, h = w.to(ct), g.to(ct), h.to(ct)
+    def prepare(self, *, lr, wd, t, index, dtype):
+        ct = torch.promote_types(dtype, torch.float32)  # see "State" in the docstring
         D = functools.partial(mx_scalar, dtype=ct)  # scalars as MXNet's NDArray ops see them
-        G = self._clip(g * D(self.rescale_grad))
+        return D(self.rescale_grad), D(self.float_stable_eps), D(wd), D(-lr)
+
+    def kernel(self, w, g, h, s, seg=None):
+        rg, eps, wd, neg_lr = s
+        ct = torch.promote_types(w.dtype, torch.float32)
+        w, g, h = w.to(ct), g.to(ct), h.to(ct)
+        G = self._clip(g * rg)
         h = h + G * G
-        return w + (G / sqrt_rn(h + D(self.float_stable_eps)) + w * D(wd)) * D(-lr), h
+        return w + (G / sqrt_rn(h + eps) + w * wd) * neg_lr, h

@@ -49,12 +49,16 @@ class Adamax(Optimizer):
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, u
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        m, u = state
-        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
+    def prepare(self, *, lr, wd, t, index, dtype):
+        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
         b1 = self.beta1
         lr_t = lr / (1.0 - b1 ** t)
-        G = self._clip(g * D(self.rescale_grad) + D(wd) * w)
-        m = m * D(b1) + D(1.0 - b1) * G
-        u = torch.maximum(D(self.beta2) * u, G.abs())
-        return w - D(lr_t) * m / u, (m, u)
+        return D(self.rescale_grad), D(wd), D(b1), D(1.0 - b1), D(self.beta2), D(lr_t)
+
+    def kernel(self, w, g, state, s, seg=None):
+        rg, wd, b1, one_minus_b1, b2, lr_t = s
+        m, u = state
+        G = self._clip(g * rg + wd * w)
+        m = m * b1 + one_minus_b1 * G
+        u = torch.maximum(b2 * u, G.abs())
+        return w - lr_t * m / u, (m, u)

@@ -19,6 +19,7 @@ GroupAdaGrad's row means are segment reductions (:class:`Segments`). The math is
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -95,7 +96,8 @@ def _compiled_step():
         # one compiled graph per optimizer class, option set and bucket shape: more than dynamo's default 8
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         try:
-            fn = torch.compile(_fused_step, dynamic=False)
+            # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does
+            fn = torch.compile(_fused_step, dynamic=False, options={"emulate_precision_casts": True})
         except Exception as exc:  # pragma: no cover - no compiler backend
             warnings.warn(f"torch.compile is unavailable ({exc}); optzoo runs the eager kernels", RuntimeWarning)
             fn = _fused_step
@@ -182,6 +184,8 @@ class Runner:
         for i, p, st in zip(indices, params, states):
             groups.setdefault((p.device, p.dtype), []).append((i, p, st))
         self.buckets, views = [], {}
+        if getattr(self.optimizer, "_prepare_per_index", False) and len(groups) > 1:
+            return views  # bucket by bucket would change the order of a per-index sequence (Nadam)
         for (device, dtype), members in groups.items():
             if not supports_buckets(self.optimizer, dtype, device):
                 continue
@@ -200,7 +204,7 @@ class Runner:
                 done.update(bucket.indices)
         return done
 
-    def _scalars(self, bucket, dtype):
+    def _scalars(self, bucket, dtype, sdt):
         opt, indices = self.optimizer, bucket.indices
         counts = opt._index_update_count
         first = counts.get(indices[0])
@@ -233,7 +237,7 @@ class Runner:
         if len(cache) == 1 and uniform:
             return per[0]
         cols = list(zip(*per))
-        return tuple(col[0] if all(c == col[0] for c in col) else bucket.segments.spread(col, dtype) for col in cols)
+        return tuple(col[0] if all(c == col[0] for c in col) else bucket.segments.spread(col, sdt) for col in cols)
 
     def _step_bucket(self, bucket):
         opt = self.optimizer
@@ -243,10 +247,12 @@ class Runner:
             low = bucket.w
         else:
             w, inner, low = bucket.w, bucket.state, None
-        s = self._scalars(bucket, w.dtype)
+        # scalars are held in the widest dtype the kernel computes in (fp32 states with fp16 weights)
+        sdt = functools.reduce(torch.promote_types, [x.dtype for x in _tree.leaves(inner)], w.dtype)
+        s = self._scalars(bucket, w.dtype, sdt)
         with torch.no_grad():
             if self.fused:
-                s = tuple(torch.tensor(x, dtype=w.dtype, device=w.device) if not isinstance(x, torch.Tensor) else x
+                s = tuple(torch.tensor(x, dtype=sdt, device=w.device) if not isinstance(x, torch.Tensor) else x
                           for x in s)
                 _compiled_step()(opt, w, bucket.g, inner, s, bucket.segments, low)
             else:

@@ -53,6 +53,9 @@ class Nadam(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    #: prepare() advances the shared m_schedule: once per index, in index order, also over a bucket
+    _prepare_per_index = True
+
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, schedule_decay=0.004,
                  **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
@@ -65,17 +68,24 @@ class Nadam(Optimizer):
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        m, v = state
-        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
+    def prepare(self, *, lr, wd, t, index, dtype):
+        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
         b1, b2, psi = self.beta1, self.beta2, self.schedule_decay
-        G = self._clip(g * D(self.rescale_grad) + D(wd) * w)
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_t1 = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
         self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
         m_schedule_next = self.m_schedule * mu_t1
-        m = m * D(b1) + D(1.0 - b1) * G
-        v = v * D(b2) + D(1.0 - b2) * G * G
-        m_bar = D(1.0 - mu_t) * (G / D(1.0 - self.m_schedule)) + D(mu_t1) * (m / D(1.0 - m_schedule_next))
-        v_hat = v / D(1.0 - b2 ** t)
-        return w - D(lr) * m_bar / (sqrt_rn(v_hat) + D(self.epsilon)), (m, v)
+        return (D(self.rescale_grad), D(wd), D(b1), D(1.0 - b1), D(b2), D(1.0 - b2), D(1.0 - mu_t),
+                D(1.0 - self.m_schedule), D(mu_t1), D(1.0 - m_schedule_next), D(1.0 - b2 ** t), D(lr),
+                D(self.epsilon))
+
+    def kernel(self, w, g, state, s, seg=None):
+        (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, one_minus_M, mu_t1, one_minus_M_next,
+         one_minus_b2_t, lr, eps) = s
+        m, v = state
+        G = self._clip(g * rg + wd * w)
+        m = m * b1 + one_minus_b1 * G
+        v = v * b2 + one_minus_b2 * G * G
+        m_bar = one_minus_mu_t * (G / one_minus_M) + mu_t1 * (m / one_minus_M_next)
+        v_hat = v / one_minus_b2_t
+        return w - lr * m_bar / (sqrt_rn(v_hat) + eps), (m, v)

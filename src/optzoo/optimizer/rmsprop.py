@@ -73,13 +73,17 @@ class RMSProp(Optimizer):
             return torch.zeros_like(weight, dtype=torch.float32)
         return (zeros(), zeros(), zeros()) if self.centered else (zeros(),)  # n [, g, delta]
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
-        w, g, state = w.to(ct), g.to(ct), tuple(s.to(ct) for s in state)
+    def prepare(self, *, lr, wd, t, index, dtype):
         F = mx_float  # the fused C++ kernel's float parameters, as dmlc parses str(x)
-        g1, lr, eps = F(self.gamma1), F(lr), F(self.epsilon)
-        one_minus_g1 = 1.0 - g1  # the kernel's fp32 ``1.f - gamma1``
-        G = self._clip(g * F(self.rescale_grad) + F(wd) * w)
+        g1 = F(self.gamma1)
+        # 1 - g1: the kernel's fp32 ``1.f - gamma1``
+        return g1, 1.0 - g1, F(self.gamma2), F(self.epsilon), F(self.rescale_grad), F(lr), F(wd)
+
+    def kernel(self, w, g, state, s, seg=None):
+        g1, one_minus_g1, g2, eps, rg, lr, wd = s
+        ct = torch.promote_types(w.dtype, torch.float32)  # see "State" in the docstring
+        w, g, state = w.to(ct), g.to(ct), tuple(x.to(ct) for x in state)
+        G = self._clip(g * rg + wd * w)
         if not self.centered:
             (n,) = state
             n = one_minus_g1 * (G * G) + g1 * n
@@ -90,10 +94,10 @@ class RMSProp(Optimizer):
             n = one_minus_g1 * G * G + g1 * n
             gbar = one_minus_g1 * G + g1 * gbar
             # (lr*G)/sqrt here but lr*(G/sqrt) when not centered: the two kernels' rounding orders
-            delta = F(self.gamma2) * delta - lr * G / sqrt_rn(n - gbar * gbar + eps)
+            delta = g2 * delta - lr * G / sqrt_rn(n - gbar * gbar + eps)
             new_w = w + delta
             new_state = (n, gbar, delta)
         if self.clip_weights:
-            cw = F(self.clip_weights)
+            cw = mx_float(self.clip_weights)
             new_w = new_w.clamp(-cw, cw)
         return new_w, new_state
