@@ -184,6 +184,29 @@ def test_sgld_generator_is_the_noise_source():
     assert torch.equal(w, 0.3 * torch.randn(6, generator=torch.Generator().manual_seed(4)))
 
 
+@pytest.mark.parametrize("seeded_by", ["manual_seed", "generator"])
+def test_sgld_eager_fast_path_draws_the_reference_noise(seeded_by):
+    """fused=None draws one noise tensor per parameter, in order: the reference path's values (one draw
+    over the whole bucket would give others)."""
+    import optzoo.torch as ot
+
+    def run(fused):
+        torch.manual_seed(11)
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in ((40, 50), (40,), (7, 3, 5))]
+        kw = {"generator": torch.Generator().manual_seed(3)} if seeded_by == "generator" else {}
+        opt = ot.SGLD(params, fused=fused, lr=0.04, weight_decay=0.01, **kw)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+        return [p.detach() for p in params], opt
+
+    ref, _ = run(False)
+    got, opt = run(None)
+    assert opt._runners[0].buckets, "the fast path ran"
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
 def test_sgld_rejects_a_non_generator():
     with pytest.raises(TypeError, match="generator"):
         optimizer.SGLD(generator=3)

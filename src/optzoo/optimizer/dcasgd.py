@@ -51,11 +51,18 @@ class DCASGD(Optimizer):
         mom = torch.zeros_like(weight) if self.momentum != 0.0 else None
         return (mom, weight.detach().clone())  # (mom, w_prev)
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
+    def prepare(self, *, lr, wd, t, index, dtype):
+        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
+        return D(self.rescale_grad), D(-lr), D(wd), D(self.lamda), D(self.momentum)
+
+    def kernel(self, w, g, state, s, seg=None):
+        rg, neg_lr, wd, lamda, mu = s
         mom, w_prev = state
-        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
-        G = self._clip(g * D(self.rescale_grad))
-        d = D(-lr) * (G + D(wd) * w + D(self.lamda) * G * G * (w - w_prev))
+        G = self._clip(g * rg)
+        d = neg_lr * (G + wd * w + lamda * G * G * (w - w_prev))
         if mom is not None:
-            d = mom * D(self.momentum) + d
-        return w + d, (None if mom is None else d, w)
+            d = mom * mu + d
+        # torch 2.13's inductor stores the *updated* w into a state set to the input w (or to w.clone());
+        # w * 1 (exact, fused into the loop) keeps the value from before the update
+        w_prev = w * 1 if torch.compiler.is_compiling() else w
+        return w + d, (None if mom is None else d, w_prev)

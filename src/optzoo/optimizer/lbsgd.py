@@ -42,6 +42,11 @@ class LBSGD(Optimizer):
     ``{'cum_grad', 'num_cums'}``). MXNet keeps a reference to the first gradient of a large batch;
     optzoo copies it. MXNet uses :math:`\rho = 1` for an unknown ``warmup_strategy``; optzoo rejects it.
 
+    Runs on the reference path only: whether a call moves the weight at all is decided per parameter
+    in Python (``num_cums % batch_scale``), the accumulators are optimizer attributes rather than
+    bucketable states, and the ``'lars'`` multiplier is a numpy sum, so there is no single elementwise
+    kernel to run over a bucket.
+
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
     torch.optim has no LBSGD (``torch.optim.SGD`` with gradient accumulation and a warmup scheduler

@@ -47,11 +47,18 @@ class NAG(Optimizer):
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
-    def rule(self, w, g, mom, *, lr, wd, t, index):
-        lr, wd, mu = (mx_param(x, w.dtype) for x in (lr, wd, self.momentum))  # the kernels' float parameters
+    def prepare(self, *, lr, wd, t, index, dtype):
+        lr, wd, mu = (mx_param(x, dtype) for x in (lr, wd, self.momentum))  # the kernels' float parameters
+        rg = mx_param(self.rescale_grad, dtype)
+        # sgd_update's (1 - lr*wd) and unclipped lr*rg are rounded to the kernel's dtype first
+        return lr, wd, mu, mu + 1, rg, 1 - in_dtype(lr * wd, dtype), in_dtype(lr * rg, dtype)
+
+    def kernel(self, w, g, mom, s, seg=None):
+        lr, wd, mu, mu_1, rg, decay, lr_rg = s
         if mom is None:  # sgd_update
-            return (1 - in_dtype(lr * wd, w.dtype)) * w - self._rescaled_clipped(g, lr), None
-        G = self._rescaled_clipped(g)
+            step = lr * self._clip(rg * g) if self.clip_gradient else lr_rg * g
+            return decay * w - step, None
+        G = self._clip(g * rg)
         m = mu * mom
-        new_w = w - m + (mu + 1) * (m - lr * (G + wd * w))
+        new_w = w - m + mu_1 * (m - lr * (G + wd * w))
         return new_w, m - lr * (G + wd * new_w)

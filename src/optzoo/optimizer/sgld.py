@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._numerics import mx_scalar
+from ._numerics import mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -25,6 +25,12 @@ class SGLD(Optimizer):
     the drift step, as MXNet), from ``generator`` when given, else from torch's default generator of
     the weight's device (reproducible with ``torch.manual_seed``). MXNet draws from its own global
     RNG, so its noise values cannot be reproduced; only their distribution is the same.
+
+    The fast path draws the same values eagerly (``fused=None``: one draw per parameter, in order;
+    only where learning rates differ within a bucket is the scale the root of ``lr`` rounded to the
+    weight dtype, an ulp off at most). Compiled (``fused=True``) it draws once per bucket, from
+    torch.compile's own generator (seeded by torch's default one) or, given ``generator``, eagerly at
+    a graph break: the same distribution, other values.
 
     State: None; multi-precision ``(w32, None)`` (the noise is then drawn in float32).
 
@@ -51,16 +57,31 @@ class SGLD(Optimizer):
         return None
 
     def _noise(self, weight, lr):
-        r"""``sqrt(lr) * N(0, 1)`` with the weight's shape, dtype and device."""
-        if lr < 0:
+        r"""``sqrt(lr) * N(0, 1)`` with the weight's shape, dtype and device (``lr`` a number or, on the fast
+        path, a tensor broadcast against the weight)."""
+        if not isinstance(lr, torch.Tensor) and lr < 0:
             raise ValueError(f"lr={lr!r} is invalid for SGLD: the noise variance lr must be >= 0")
         gen = self.generator
         device = gen.device if gen is not None else weight.device
         xi = torch.randn(weight.shape, dtype=weight.dtype, device=device, generator=gen)
-        return math.sqrt(lr) * xi.to(weight.device)
+        scale = sqrt_rn(lr) if isinstance(lr, torch.Tensor) else math.sqrt(lr)
+        return scale * xi.to(weight.device)
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
-        G = self._clip(g * D(self.rescale_grad))
-        w = w + D(-lr / 2) * (G + D(wd) * w)
-        return w + self._noise(w, lr), None
+    def prepare(self, *, lr, wd, t, index, dtype):
+        if lr < 0:
+            raise ValueError(f"lr={lr!r} is invalid for SGLD: the noise variance lr must be >= 0")
+        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
+        return D(self.rescale_grad), D(-lr / 2), D(wd), lr
+
+    def kernel(self, w, g, state, s, seg=None):
+        rg, neg_half_lr, wd, lr = s
+        G = self._clip(g * rg)
+        w = w + neg_half_lr * (G + wd * w)
+        if seg is None or torch.compiler.is_compiling():
+            return w + self._noise(w, lr), None
+        # eagerly over a bucket: one draw per parameter, in index order, as the reference path draws
+        noise, o = [], 0
+        for n in seg.sizes:
+            noise.append(self._noise(w[o:o + n], lr[o:o + n] if isinstance(lr, torch.Tensor) and lr.dim() else lr))
+            o += n
+        return w + torch.cat(noise), None

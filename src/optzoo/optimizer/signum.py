@@ -50,11 +50,17 @@ class Signum(Optimizer):
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
-    def rule(self, w, g, mom, *, lr, wd, t, index):
-        lr, wd, mu, wd_lh = (mx_param(x, w.dtype) for x in (lr, wd, self.momentum, self.wd_lh))
+    def prepare(self, *, lr, wd, t, index, dtype):
+        lr, wd, mu, wd_lh, rg = (mx_param(x, dtype) for x in (lr, wd, self.momentum, self.wd_lh, self.rescale_grad))
         # scalar expressions the kernels round before they meet the tensors
-        lr_wd, lr_wd_lh, one_minus_mu = (in_dtype(x, w.dtype) for x in (lr * wd, lr * wd_lh, 1 - mu))
+        lr_wd, lr_wd_lh, one_minus_mu = (in_dtype(x, dtype) for x in (lr * wd, lr * wd_lh, 1 - mu))
+        return (lr, mu, rg, one_minus_mu, one_minus_mu * wd, in_dtype(one_minus_mu * rg, dtype),
+                1 - lr_wd_lh, 1 - lr_wd - lr_wd_lh)
+
+    def kernel(self, w, g, mom, s, seg=None):
+        lr, mu, rg, one_minus_mu, omu_wd, omu_rg, decay_lh, decay = s
         if mom is None:
-            return (1 - lr_wd - lr_wd_lh) * w - lr * torch.sign(g), None
-        mom = mu * mom - (one_minus_mu * wd) * w - self._rescaled_clipped(g, one_minus_mu)
-        return (1 - lr_wd_lh) * w + lr * torch.sign(mom), mom
+            return decay * w - lr * torch.sign(g), None
+        G = one_minus_mu * self._clip(rg * g) if self.clip_gradient else omu_rg * g
+        mom = mu * mom - omu_wd * w - G
+        return decay_lh * w + lr * torch.sign(mom), mom

@@ -34,6 +34,10 @@ class Test(Optimizer):
     def create_state(self, index, weight):
         return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        w = w + g * mx_scalar(self.rescale_grad, g.dtype)
+    def prepare(self, *, lr, wd, t, index, dtype):
+        return (mx_scalar(self.rescale_grad, dtype),)
+
+    def kernel(self, w, g, state, s, seg=None):
+        (rg,) = s
+        w = w + g * rg
         return w, w
