@@ -79,8 +79,8 @@ class Spec:
         "fp64_norms"  MXNet's multi_sum_sq adds fp64 squares into an fp32 sum, rounding after every
                       addition, which optzoo does not emulate (it would take a Python loop per element;
                       fp32 is exact): fp64 cases are not bit-exact
-        "bucket_norms" per-tensor norms over a fast-path bucket are fp64 segment sums, not MXNet's
-                      sequential fp32 sums (the reference path keeps MXNet's): fast path within 1e-5
+        "bucket_norms" per-tensor norms over a compiled fast-path bucket are fp64 segment sums, not
+                      MXNet's sequential fp32 sums (eager buckets keep MXNet's): compiled within 1e-5
         "fp32_trust_ratio" in fp64 the trust ratio's norms differ from MXNet's by fp64_norms' rounding,
                       which 30 Trainer steps amplify: Trainer fp64 parity within 1e-7 (measured 7.7e-9)
     shapes: the two parameters' shapes.

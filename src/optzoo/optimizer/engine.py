@@ -57,11 +57,14 @@ def sum_sq(x, seg=None):
 
     Per tensor (``seg`` None): a 0-d tensor holding MXNet's own sequential fp32 sum
     (:func:`~optzoo.optimizer._numerics.sum_sq`). Over a bucket: one value per element, its segment's
-    sum, accumulated in fp64 and rounded to fp32 (MXNet's order cannot be vectorised; this is within
-    the sequential sum's rounding error of it).
+    sum: MXNet's sums again when eager on the CPU; compiled (or on other devices), accumulated in fp64
+    and rounded to fp32 (MXNet's order cannot be vectorised; this is within the sequential sum's
+    rounding error of it).
     """
     if seg is None:
         return torch.tensor(_numerics.sum_sq(x), dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():  # eager: MXNet's sums, one per tensor
+        return seg.spread([_numerics.sum_sq(part) for part in torch.split(x, seg.sizes)], torch.float32)
     sq = x.to(torch.float64) * x.to(torch.float64)
     sums = torch.segment_reduce(sq, "sum", lengths=seg.lengths)
     return sums.to(torch.float32)[seg.ids]

@@ -53,16 +53,20 @@ class FTML(Optimizer):
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(weight))  # d, v, z
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
-        d, v, z = state
-        P = functools.partial(mx_param, dtype=w.dtype)  # ftml_update's float parameters
+    def prepare(self, *, lr, wd, t, index, dtype):
+        P = functools.partial(mx_param, dtype=dtype)  # ftml_update's float parameters
         b1, b2, lr, wd, rg = P(self.beta1), P(self.beta2), P(lr), P(wd), P(self.rescale_grad)
-        eps = mx_scalar(self.epsilon, w.dtype)  # a double parameter
+        eps = mx_scalar(self.epsilon, dtype)  # a double parameter
         # power::Map(beta, t) in the weight dtype: libm's pow, correctly rounded
-        b1_t, b2_t = in_dtype(b1 ** t, w.dtype), in_dtype(b2 ** t, w.dtype)
+        b1_t, b2_t = in_dtype(b1 ** t, dtype), in_dtype(b2 ** t, dtype)
+        c = in_dtype(in_dtype(1 - b1_t, dtype) / lr, dtype)  # (1 - beta1^t)/lr, two kernel roundings
+        return b1, b2, wd, rg, eps, c, 1 - b2_t
+
+    def kernel(self, w, g, state, s, seg=None):
+        b1, b2, wd, rg, eps, c, c2 = s
+        d, v, z = state
         G = self._clip(rg * g + wd * w)
         v = b2 * v + (1 - b2) * (G * G)
-        c = in_dtype(in_dtype(1 - b1_t, w.dtype) / lr, w.dtype)  # (1 - beta1^t)/lr, two kernel roundings
-        d_t = c * (sqrt_rn(v / (1 - b2_t)) + eps)
+        d_t = c * (sqrt_rn(v / c2) + eps)
         z = b1 * z + (1 - b1) * G - (d_t - b1 * d) * w
         return -z / d_t, (d_t, v, z)

@@ -62,13 +62,16 @@ class Ftrl(Optimizer):
         f32 = torch.float32
         return (torch.zeros_like(weight, dtype=f32), torch.zeros_like(weight, dtype=f32))  # z, n
 
-    def rule(self, w, g, state, *, lr, wd, t, index):
+    def prepare(self, *, lr, wd, t, index, dtype):
+        P = functools.partial(mx_param, dtype=torch.promote_types(dtype, torch.float32))  # see "State"
+        return P(lr), P(wd), P(self.lamda1), P(self.beta), P(self.rescale_grad)  # ftrl_update's parameters
+
+    def kernel(self, w, g, state, s, seg=None):
+        lr, wd, lamda1, beta, rg = s
         z, n = state
         dtype = torch.promote_types(w.dtype, z.dtype)  # see "State" in the docstring
         w, g = w.to(dtype), g.to(dtype)
-        P = functools.partial(mx_param, dtype=dtype)  # ftrl_update's float parameters
-        lr, wd, lamda1, beta = P(lr), P(wd), P(self.lamda1), P(self.beta)
-        G = self._rescaled_clipped(g)
+        G = self._clip(g * rg)
         G2 = G * G
         z = z + (G - ((sqrt_rn(n + G2) - sqrt_rn(n)) * w) / lr)
         n = n + G2

@@ -28,6 +28,10 @@ class GroupAdaGrad(Optimizer):
     The row sum is MXNet's: Kahan-compensated, column after column (:func:`kahan_sum`; a loop of
     :math:`C` vectorised steps, the price of bit-exact parity), then divided by :math:`C`.
 
+    Runs on the reference path only: its state holds one value per row, shape ``(rows, 1)``, not one
+    per element, so it cannot lie in a flat bucket beside the weight, and the row mean is a loop over
+    the columns.
+
     State: ``history`` :math:`h` of shape ``(rows, 1)``, always **fp32** (MXNet creates it with no
     dtype); multi-precision ``(w32, h)`` through the generic wrapper, as in MXNet. Other weight dtypes
     compute in torch's promoted dtype, :math:`h` rounded to fp32 when stored (MXNet 1.9.1 raises on

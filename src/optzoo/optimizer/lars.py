@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_number, check_unit_interval
-from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn, sum_sq
-from .base import Optimizer
+from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn
+from .base import LOW_PRECISION, Optimizer
+from .engine import sum_sq
 from .registry import register
 
 #: Parameters whose name ends like this keep the plain learning rate (biases, BatchNorm gamma/beta).
@@ -64,6 +65,7 @@ class LARS(Optimizer):
     capabilities = frozenset({"multi_precision", "aggregated"})
     _mp_master_first = False
     aggregate_num = 4
+    _prepare_per_index = True  # the exclusion by name and the momentum correction are per index
 
     def __init__(self, momentum=0.0, lazy_update=True, eta=0.001, eps=0, momentum_correction=True, **kwargs):
         super().__init__(**kwargs)
@@ -74,6 +76,7 @@ class LARS(Optimizer):
         self.momentum_correction = bool(momentum_correction)
         self.last_lr = None
         self.cur_lr = None
+        self._lr_pairs = {}  # index -> (last_lr, cur_lr) of its latest read, for prepare
 
     def set_wd_mult(self, args_wd_mult):
         """As :meth:`Optimizer.set_wd_mult`, but only names ending in ``_weight`` keep weight decay."""
@@ -85,36 +88,51 @@ class LARS(Optimizer):
         self.wd_mult.update(args_wd_mult)
 
     def _get_lrs(self, indices):
-        # MXNet tracks the global lr here, once per update call (a list call reads it once).
+        # MXNet tracks the global lr here, at every read; each index keeps the pair its read left, for
+        # prepare (the fast path reads every index of a bucket before preparing any of them)
         lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
         self.last_lr = lr if self.cur_lr is None else self.cur_lr
         self.cur_lr = lr
+        self._lr_pairs.update(dict.fromkeys(indices, (self.last_lr, self.cur_lr)))
         return self._multiplied(lr, indices, "lr_mult", self.lr_mult)
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
-    def _lars_lr(self, index, w, g, lr, wd):
-        """:math:`lr' = \\lambda\\cdot lr` as MXNet's ``multi_lars`` computes it: in fp32, from ``lr`` and
-        ``wd`` (fp32 arrays) and ``multi_sum_sq``'s fp32 squared norms (``lr`` itself if excluded)."""
-        if self.idx2name.get(index, str(index)).endswith(_NO_LARS):
-            return lr
-        w2, g2 = sum_sq(w), sum_sq(g)
-        if not (w2 > 0 and g2 > 0):
-            return lr
-        lr, wd, w2, g2 = (torch.tensor(x, dtype=torch.float32) for x in (lr, wd, w2, g2))
-        eta, eps, rg = mx_float(self.eta), mx_float(self.eps), mx_float(self.rescale_grad)
-        return float(lr * eta * sqrt_rn(w2) / (sqrt_rn(g2) * rg + wd * sqrt_rn(w2) + eps))
-
-    def rule(self, w, g, mom, *, lr, wd, t, index):
+    def prepare(self, *, lr, wd, t, index, dtype):
+        last_lr, cur_lr = self._lr_pairs.pop(index, (self.last_lr, self.cur_lr))
         mu = self.momentum
-        if self.momentum_correction and self.last_lr != 0:
-            mu = mu * (self.cur_lr / self.last_lr)
-        # MXNet hands lr and wd to multi_lars and the SGD kernel as fp32 arrays
+        if self.momentum_correction and last_lr != 0:
+            mu = mu * (cur_lr / last_lr)
+        # MXNet hands lr and wd to multi_lars and the SGD kernel as fp32 arrays; multi_lars is fp32 math
         lr, wd = in_dtype(lr, torch.float32), in_dtype(wd, torch.float32)
-        lr = self._lars_lr(index, w, g, lr, wd)
+        eta, eps, rg32 = mx_float(self.eta), mx_float(self.eps), mx_float(self.rescale_grad)
+        scaled = 0.0 if self.idx2name.get(index, str(index)).endswith(_NO_LARS) else 1.0
+        return (mx_param(mu, dtype), lr, wd, in_dtype(lr * eta, torch.float32), eps, rg32,
+                mx_param(self.rescale_grad, dtype), scaled)
+
+    def kernel(self, w, g, mom, s, seg=None):
+        mu, lr, wd, lr_eta, eps, rg32, rg, scaled = s
+        lr, wd, lr_eta, eps, rg32 = (_f32(x) for x in (lr, wd, lr_eta, eps, rg32))
+        # multi_lars: lr' from multi_sum_sq's fp32 squared norms, all in fp32 (lr itself if excluded)
+        w2, g2 = sum_sq(w, seg), sum_sq(g, seg)
+        nw = sqrt_rn(w2)
+        lars_lr = lr_eta * nw / (sqrt_rn(g2) * rg32 + wd * nw + eps)
+        lr = torch.where((w2 > 0) & (g2 > 0) & (scaled > 0), lars_lr, lr)
         # preloaded_multi_sgd(_mom)_update: SGD's kernel, except that lr * wd is an fp32 product
-        lr_wd = in_dtype(lr * wd, torch.float32)
-        lr, mu = in_dtype(lr, w.dtype), mx_param(mu, w.dtype)
-        d = (0.0 if mom is None else mu * mom) - lr_wd * w - self._rescaled_clipped(g, lr)
+        lr_wd = (lr * wd).to(torch.float32)
+        # an fp32 scalar meets a float16/bfloat16 tensor in fp32 (as a Python scalar would), rounded once
+        wd_w = (lr_wd * w.float()).to(w.dtype) if w.dtype in LOW_PRECISION else lr_wd * w
+        lr = lr.to(w.dtype)
+        if self.clip_gradient:
+            step = lr * self._clip(rg * g)
+        else:  # (lr * rg) * g, the product rounded once to the weight dtype
+            step = (lr.double() * rg).to(w.dtype) * g
+        d = (0.0 if mom is None else mu * mom) - wd_w - step
         return w + d, (None if mom is None else d)
+
+
+def _f32(x):
+    """An fp32 parameter that the fast path hands over as an fp64 tensor (fp64 weights), back in fp32 so that
+    multi_lars's arithmetic stays fp32."""
+    return x.to(torch.float32) if isinstance(x, torch.Tensor) and x.dtype == torch.float64 else x
