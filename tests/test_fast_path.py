@@ -117,3 +117,20 @@ def test_buckets_make_parameters_and_grads_views():
 def test_eager_buckets_half_precision_without_master_copy(spec):
     ref = run_face(spec, spec.variants[-1], False, dtype=torch.bfloat16)
     assert_match(ref, run_face(spec, spec.variants[-1], None, dtype=torch.bfloat16), 0)
+
+
+def test_a_failing_compiler_falls_back_with_one_warning(monkeypatch):
+    from optzoo.optimizer import engine
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no C compiler found")
+        return compiled
+
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    monkeypatch.setattr(engine.torch, "compile", broken_compile)
+    spec = next(s for s in SPECS if s.name == "adam")
+    with pytest.warns(RuntimeWarning, match="no C compiler found") as record:
+        got = run_face(spec, spec.variants[0], True)
+    assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
+    assert_match(run_face(spec, spec.variants[0], False), got, 0)

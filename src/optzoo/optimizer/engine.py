@@ -108,6 +108,22 @@ def _compiled_step():
     return fn
 
 
+def _run_compiled(*args):
+    """The compiled step; if compilation fails (no C compiler, unsupported platform), warn once and run
+    the eager kernel from then on. Compilation happens before the kernel touches any tensor."""
+    fn = _compiled_step()
+    try:
+        fn(*args)
+    except Exception as exc:
+        if fn is _fused_step:
+            raise
+        warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); running the eager kernels instead",
+                      RuntimeWarning, stacklevel=4)
+        _COMPILED["step"] = _fused_step
+        _fused_step(*args)
+
+
 def supports_buckets(opt, dtype, device) -> bool:
     """Whether ``opt`` can run over flat buckets: a split rule and states shaped like the weight."""
     if not type(opt).has_kernel():
@@ -257,6 +273,6 @@ class Runner:
             if self.fused:
                 s = tuple(torch.tensor(x, dtype=sdt, device=w.device) if not isinstance(x, torch.Tensor) else x
                           for x in s)
-                _compiled_step()(opt, w, bucket.g, inner, s, bucket.segments, low)
+                _run_compiled(opt, w, bucket.g, inner, s, bucket.segments, low)
             else:
                 _fused_step(opt, w, bucket.g, inner, s, bucket.segments, low)
