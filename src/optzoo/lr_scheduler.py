@@ -237,7 +237,34 @@ class MultiFactorScheduler(LRScheduler):
         return self.base_lr
 
 
-class PolyScheduler(LRScheduler):
+class _DecayScheduler(LRScheduler):
+    """Poly and Cosine: ``final_lr + (base_lr_orig - final_lr) * decay(n - warmup_steps)`` up to
+    ``max_update``, the last in-range value past it (MXNet's arithmetic, in MXNet's order)."""
+
+    def __init__(self, max_update, base_lr=0.01, final_lr=0,
+                 warmup_steps=0, warmup_begin_lr=0, warmup_mode="linear"):
+        _, warmup_steps, _, _ = self._check_warmup(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        max_update = _check_max_update(max_update, warmup_steps)
+        final_lr = _plain(check_nonnegative("final_lr", final_lr))
+        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        self.base_lr_orig = self.base_lr
+        self.max_update = max_update
+        self.final_lr = final_lr
+        self.max_steps = self.max_update - self.warmup_steps
+
+    def _decay(self, n):
+        raise NotImplementedError
+
+    def __call__(self, num_update):
+        if num_update < self.warmup_steps:
+            return self.get_warmup_lr(num_update)
+        if num_update <= self.max_update:
+            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * \
+                self._decay(num_update - self.warmup_steps)
+        return self.base_lr
+
+
+class PolyScheduler(_DecayScheduler):
     r"""Polynomial decay from ``base_lr`` to ``final_lr`` over ``max_update - warmup_steps`` updates.
 
     With :math:`T` = ``max_update``, :math:`p` = ``pwr``, :math:`\eta_T` = ``final_lr`` and
@@ -267,27 +294,15 @@ class PolyScheduler(LRScheduler):
 
     def __init__(self, max_update, base_lr=0.01, pwr=2, final_lr=0,
                  warmup_steps=0, warmup_begin_lr=0, warmup_mode="linear"):
-        _, warmup_steps, _, _ = self._check_warmup(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        max_update = _check_max_update(max_update, warmup_steps)
         pwr = _plain(check_nonnegative("pwr", pwr))
-        final_lr = _plain(check_nonnegative("final_lr", final_lr))
-        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
+        super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         self.power = pwr
-        self.base_lr_orig = self.base_lr
-        self.max_update = max_update
-        self.final_lr = final_lr
-        self.max_steps = self.max_update - self.warmup_steps
 
-    def __call__(self, num_update):
-        if num_update < self.warmup_steps:
-            return self.get_warmup_lr(num_update)
-        if num_update <= self.max_update:
-            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * \
-                pow(1 - float(num_update - self.warmup_steps) / float(self.max_steps), self.power)
-        return self.base_lr
+    def _decay(self, n):
+        return pow(1 - float(n) / float(self.max_steps), self.power)
 
 
-class CosineScheduler(LRScheduler):
+class CosineScheduler(_DecayScheduler):
     r"""Cosine decay from ``base_lr`` to ``final_lr`` over ``max_update - warmup_steps`` updates.
 
     With :math:`T` = ``max_update``, :math:`\eta_T` = ``final_lr`` and :math:`\eta_0` = ``base_lr_orig``
@@ -312,21 +327,5 @@ class CosineScheduler(LRScheduler):
         See :class:`LRScheduler`.
     """
 
-    def __init__(self, max_update, base_lr=0.01, final_lr=0,
-                 warmup_steps=0, warmup_begin_lr=0, warmup_mode="linear"):
-        _, warmup_steps, _, _ = self._check_warmup(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        max_update = _check_max_update(max_update, warmup_steps)
-        final_lr = _plain(check_nonnegative("final_lr", final_lr))
-        super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
-        self.base_lr_orig = self.base_lr
-        self.max_update = max_update
-        self.final_lr = final_lr
-        self.max_steps = self.max_update - self.warmup_steps
-
-    def __call__(self, num_update):
-        if num_update < self.warmup_steps:
-            return self.get_warmup_lr(num_update)
-        if num_update <= self.max_update:
-            self.base_lr = self.final_lr + (self.base_lr_orig - self.final_lr) * \
-                (1 + cos(pi * (num_update - self.warmup_steps) / self.max_steps)) / 2
-        return self.base_lr
+    def _decay(self, n):
+        return (1 + cos(pi * n / self.max_steps)) / 2
