@@ -134,3 +134,26 @@ def test_a_failing_compiler_falls_back_with_one_warning(monkeypatch):
         got = run_face(spec, spec.variants[0], True)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     assert_match(run_face(spec, spec.variants[0], False), got, 0)
+
+
+@pytest.mark.parametrize("spec,variant", variant_params())
+def test_mxnet_style_list_update_of_many_small_tensors(spec, variant):
+    """update() with a list of many small tensors runs as one flat pass: same numbers as one by one."""
+    def run(listed):
+        torch.manual_seed(0)
+        opt = optzoo.optimizer.create(spec.name, **hyper(spec, variant))
+        if "stochastic" in spec.flags:
+            opt._noise = lambda w, lr: torch.zeros_like(w)
+        gen = torch.Generator().manual_seed(1)
+        ws = [torch.randn(spec.shapes[k % 2], generator=gen) for k in range(10)]
+        states = [opt.create_state_multi_precision(i, w) for i, w in enumerate(ws)]
+        for _ in range(3):
+            gs = [torch.randn(w.shape, generator=gen) for w in ws]
+            if listed:
+                opt.update_multi_precision(list(range(10)), ws, gs, states)
+            else:
+                for i in range(10):
+                    opt.update_multi_precision(i, ws[i], gs[i], states[i])
+        return ws + [t for st in states for t in leaves(st)]
+
+    assert_match(run(False), run(True), 0)

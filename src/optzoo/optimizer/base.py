@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from .._checks import check_nonnegative, check_number, check_optional_clip, check_tensor_pair
-from . import _tree
+from . import _tree, engine
 from ._numerics import in_dtype, mx_param
 
 __all__ = ["Optimizer", "LOW_PRECISION"]
@@ -307,6 +307,8 @@ class Optimizer:
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
             self._check_state(i, w, s)
+        if len(set(indices)) == len(indices) and engine.update_lists(self, indices, weights, grads, states):
+            return  # many small tensors: one multi-tensor pass (same numbers)
         for i, w, g, s in zip(indices, weights, grads, states):
             self._apply(i, w, g, s)
 

@@ -276,3 +276,64 @@ class Runner:
                 _run_compiled(opt, w, bucket.g, inner, s, bucket.segments, low)
             else:
                 _fused_step(opt, w, bucket.g, inner, s, bucket.segments, low)
+
+
+#: The MXNet-style ``update`` with a list runs it as one bucket when the tensors are this many and this
+#: small on average: concatenating costs a copy in and out, which pays off against one launch per op
+#: per tensor only for small tensors (the per-tensor loop is faster for large ones).
+LIST_MIN_TENSORS = 8
+LIST_MAX_MEAN_NUMEL = 1 << 16
+
+
+def update_lists(opt, indices, weights, grads, states) -> bool:
+    """Run a checked list call of ``opt.update`` over one temporary flat bucket; False if not applicable."""
+    if (len(indices) < LIST_MIN_TENSORS or not type(opt).has_kernel()
+            or sum(w.numel() for w in weights) > LIST_MAX_MEAN_NUMEL * len(weights)):
+        return False
+    w0 = weights[0]
+    if any(w.dtype != w0.dtype or w.device != w0.device for w in weights):
+        return False
+    if not supports_buckets(opt, w0.dtype, w0.device) or any(st is None for st in states) and \
+            any(st is not None for st in states):
+        return False
+    bucket = _ListBucket(indices, weights, grads, states)
+    Runner(opt, False)._step_bucket(bucket)
+    bucket.write_back()
+    return True
+
+
+class _ListBucket:
+    """A Bucket over copies: the flat concatenation of separate tensors, written back after the step."""
+
+    def __init__(self, indices, weights, grads, states):
+        self.indices, self.params = list(indices), list(weights)
+        self.segments = Segments([w.numel() for w in weights], weights[0].device)
+        self.w = torch.cat([w.reshape(-1) for w in weights])
+        self.g = torch.cat([g.reshape(-1) for g in grads])
+        self.state = _cat_states(states)
+        self._states = states
+
+    def write_back(self):
+        for w, part in zip(self.params, torch.split(self.w, self.segments.sizes)):
+            w.copy_(part.view_as(w))
+        _split_into(self.state, self._states, self.segments.sizes)
+
+
+def _cat_states(states):
+    first = states[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat([st.reshape(-1) for st in states])
+    return tuple(_cat_states([st[k] for st in states]) for k in range(len(first)))
+
+
+def _split_into(flat, states, sizes):
+    if flat is None:
+        return
+    if isinstance(flat, torch.Tensor):
+        for st, part in zip(states, torch.split(flat, sizes)):
+            st.copy_(part.view_as(st))
+        return
+    for k, f in enumerate(flat):
+        _split_into(f, [st[k] for st in states], sizes)
