@@ -75,8 +75,12 @@ def test_compiled_kernels_match_the_reference_path(spec):
 
 
 @pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS])
-def test_trainer_fast_path_with_per_parameter_multipliers(spec):
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
+def test_trainer_fast_path_with_per_parameter_multipliers(spec, chunk, monkeypatch):
     """Different lr/wd multipliers inside one bucket become per-element scalars; same numbers."""
+    from optzoo.optimizer import engine
+    if chunk:
+        monkeypatch.setattr(engine, "EAGER_CHUNK", chunk)
     def run(fused):
         gen = torch.Generator().manual_seed(0)
         params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes(spec))}
@@ -157,3 +161,14 @@ def test_mxnet_style_list_update_of_many_small_tensors(spec, variant):
         return ws + [t for st in states for t in leaves(st)]
 
     assert_match(run(False), run(True), 0)
+
+
+@pytest.mark.parametrize("spec,variant", variant_params())
+def test_eager_buckets_in_chunks_equal_the_reference_path(spec, variant, monkeypatch):
+    """Large buckets run elementwise kernels chunk by chunk: chunks that cut through parameters (and
+    per-element scalars) give the same numbers."""
+    from optzoo.optimizer import engine
+    monkeypatch.setattr(engine, "EAGER_CHUNK", 7)
+    assert_match(run_face(spec, variant, False), run_face(spec, variant, None), 0)
+    kw = dict(dtype=torch.float16, multi_precision=True)
+    assert_match(run_face(spec, variant, False, **kw), run_face(spec, variant, None, **kw), 0)

@@ -84,6 +84,18 @@ def _fused_step(opt, w, g, inner, s, seg, low):
         low.copy_(w)
 
 
+#: elements per chunk of the eager fast path (1 MiB of fp32)
+EAGER_CHUNK = 1 << 18
+
+
+def _slice_tree(tree, sl):
+    if tree is None:
+        return None
+    if isinstance(tree, torch.Tensor):
+        return tree[sl]
+    return tuple(_slice_tree(t, sl) for t in tree)
+
+
 def _write(dst, src):
     """``_tree.assign`` in a form dynamo traces (no identity tests on tuples)."""
     if isinstance(dst, torch.Tensor):
@@ -274,8 +286,18 @@ class Runner:
                 s = tuple(torch.tensor(x, dtype=sdt, device=w.device) if not isinstance(x, torch.Tensor) else x
                           for x in s)
                 _run_compiled(opt, w, bucket.g, inner, s, bucket.segments, low)
-            else:
+            elif getattr(opt, "_segment_kernel", False) or bucket.segments.total <= EAGER_CHUNK:
                 _fused_step(opt, w, bucket.g, inner, s, bucket.segments, low)
+            else:
+                # elementwise kernels run eagerly over cache-sized chunks: each op's temporaries then come
+                # from the allocator's free lists instead of fresh (page-faulting) mappings of the bucket's size
+                n = bucket.segments.total
+                for lo in range(0, n, EAGER_CHUNK):
+                    sl = slice(lo, min(lo + EAGER_CHUNK, n))
+                    part = tuple(x[sl] if isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() == n else x
+                                 for x in s)
+                    _fused_step(opt, w[sl], bucket.g[sl], _slice_tree(inner, sl), part, None,
+                                None if low is None else low[sl])
 
 
 #: The MXNet-style ``update`` with a list runs it as one bucket when the tensors are this many and this

@@ -69,6 +69,8 @@ class LAMB(Optimizer):
     capabilities = frozenset({"multi_precision", "aggregated"})
     aggregate_num = 45
 
+    _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
+
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=None,
                  upper_bound=None, bias_correction=True, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)

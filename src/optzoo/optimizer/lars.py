@@ -67,6 +67,8 @@ class LARS(Optimizer):
     aggregate_num = 4
     _prepare_per_index = True  # the exclusion by name and the momentum correction are per index
 
+    _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
+
     def __init__(self, momentum=0.0, lazy_update=True, eta=0.001, eps=0, momentum_correction=True, **kwargs):
         super().__init__(**kwargs)
         self.momentum = check_unit_interval("momentum", momentum)

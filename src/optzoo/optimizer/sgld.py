@@ -47,6 +47,8 @@ class SGLD(Optimizer):
 
     capabilities = frozenset({"multi_precision", "stochastic"})
 
+    _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
+
     def __init__(self, generator=None, **kwargs):
         super().__init__(**kwargs)
         if generator is not None and not isinstance(generator, torch.Generator):
