@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # torch is pinned to the local CPU wheel for development and CI; the package itself asks for torch>=2.4.
 TORCH  := torch==2.13.0
 
-.PHONY: setup test demo fixtures clean
+.PHONY: setup test demo bench fixtures clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ test: setup
 # Until the demo issue lands, the main job is the tutorial's optimizers on one problem (see optzoo.demo).
 demo: setup
 	$(PY) -m optzoo.demo
+
+# The benchmark (about 10 minutes on 2 cores): tables on stdout, bench/results/, and bench/README.md's table.
+bench: setup
+	$(PY) -m optzoo.bench --readme bench/README.md
 
 # Re-record the MXNet 1.9.1 golden numbers (needs network for the side venv; never needed by `make test`).
 .mxref/bin/python:

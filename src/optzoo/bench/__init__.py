@@ -1,0 +1,357 @@
+"""``python -m optzoo.bench``: every optimizer's step time and effective bandwidth, against its peers.
+
+In one process: an in-place triad (``a += s*b``) as the machine's bandwidth roofline, then per workload
+(:mod:`optzoo.bench.workloads`) torch's fused Adam as the reference, the torch.optim peers
+(:mod:`optzoo.bench.peers`) and every optzoo optimizer through its torch face
+(``optzoo.torch.create(name, params, fused=...)``) in each requested ``fused`` mode; MXNet 1.9.1 runs the
+same workloads in a subprocess when its Python is found. Each measurement: gradients set once, the first
+``step()`` timed alone (state creation; compilation for ``fused=True``), ``--warmup`` untimed steps,
+then the median of up to ``--repeat`` timed steps (see :func:`optzoo.bench.timing.time_steps` for how
+``--budget`` bounds slow ones). Results: a table on stdout, ``latest.json`` and ``latest.md`` under ``--out``.
+
+    python -m optzoo.bench                                  # everything, full size (9 min on 2 cores)
+    python -m optzoo.bench --workloads single --optimizers adam,sgd:momentum=0.5 --fused none,true,false
+    python -m optzoo.bench --scale 1e-3 --no-peers --mxnet none --out /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .. import torch as _face
+from ..optimizer import registry
+from . import peers as _peers
+from .report import evaluate_targets, mode_name, text_report, update_readme, write_results
+from .timing import load_average, machine_info, time_steps, triad
+from .workloads import WORKLOADS, bytes_moved, bytes_per_element, make_workload, param_shape, settings_for
+
+__all__ = ["main", "run", "parse_args"]
+
+_MODES = {"none": None, "true": True, "false": False}
+_ROOT = Path(__file__).resolve().parents[3]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m optzoo.bench", description=__doc__.splitlines()[0].strip("`: "),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    p.add_argument("--optimizers", default=None,
+                   help="comma-separated registered names, each optionally name:key=value[:key=value] "
+                        "(MXNet hyperparameter names); default: every registered optimizer")
+    p.add_argument("--fused", default="none,true", help="comma-separated fused modes of none, true, false")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the full workload sizes (0, 1]")
+    p.add_argument("--repeat", type=int, default=10, help="timed steps per measurement, at most")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call")
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of timed steps per measurement, about")
+    p.add_argument("--out", default="bench/results", help="directory for latest.json and latest.md")
+    p.add_argument("--readme", default=None, help="also put the latest table into this markdown file, between "
+                                                   "its <!-- bench:latest:start/end --> markers")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="measure nothing: write the reports (stdout, --out, --readme) from a saved latest.json")
+    p.add_argument("--no-peers", action="store_true", help="skip torch.optim / pytorch-optimizer / MXNet peers "
+                                                           "(torch's fused Adam is still measured)")
+    p.add_argument("--mxnet", default="auto", help="MXNet 1.9.1's python: a path, 'auto' (.mxref/bin/python "
+                                                    "if present) or 'none'")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args.workload_keys = [w.strip() for w in args.workloads.split(",") if w.strip()]
+        for key in args.workload_keys:
+            if key not in WORKLOADS:
+                raise ValueError(f"--workloads: {key!r} is unknown: expected some of {', '.join(WORKLOADS)}")
+        args.modes = [_MODES[m.strip().lower()] if m.strip().lower() in _MODES else _bad_mode(m)
+                      for m in args.fused.split(",") if m.strip()]
+        args.specs = parse_optimizers(args.optimizers)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads {args.threads} is invalid: expected >= 1")
+        if args.repeat < 1 or args.warmup < 0 or args.budget < 0:
+            raise ValueError(f"--repeat {args.repeat} / --warmup {args.warmup} / --budget {args.budget} is invalid: "
+                             "expected repeat >= 1, warmup >= 0, budget >= 0")
+        make_workload("single", args.scale)  # validates --scale
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def _bad_mode(m):
+    raise ValueError(f"--fused: {m!r} is invalid: expected none, true or false")
+
+
+def parse_optimizers(text) -> list:
+    """``[(label, canonical name, hyperparameter overrides)]`` from ``name[:key=value...],...``."""
+    if text is None:
+        return [(name, name, {}) for name in registry.list_optimizers()]
+    specs = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        name, *pairs = item.split(":")
+        overrides = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise ValueError(f"--optimizers: {pair!r} in {item!r} is invalid: expected key=value")
+            try:
+                overrides[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                overrides[key] = value
+        specs.append((item, registry.get_record(name).name, overrides))
+    return specs
+
+
+class _Data:
+    """One workload's weights and gradients, made once; each measurement gets fresh weight copies."""
+
+    def __init__(self, workload, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.weights = [torch.randn(s, generator=gen).to(workload.dtype) for s in workload.shapes]
+        self.grads = [torch.randn(s, generator=gen).to(workload.dtype) for s in workload.shapes]
+
+    def params(self, shapes=None):
+        out = []
+        for k, (w, g) in enumerate(zip(self.weights, self.grads)):
+            shape = shapes[k] if shapes else w.shape
+            p = torch.nn.Parameter(w.reshape(shape).clone())
+            p.grad = g.reshape(shape)
+            out.append(p)
+        return out
+
+
+def _measure(make, params, args) -> dict:
+    """Build an optimizer over ``params`` and time its ``step()``; errors are reported, not raised."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt = make(params)
+            result = dict(time_steps(opt.step, repeat=args.repeat, warmup=args.warmup, budget=args.budget))
+        result["finite"] = all(bool(torch.isfinite(p).all()) for p in params)
+        result["_opt"] = opt
+        return result
+    except Exception as exc:  # a mode or optimizer that cannot run: report it, go on
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+_T0 = [time.perf_counter()]
+
+
+def _collect(workload):
+    """Free the last measurement's cycles when they hold much memory (a full collection costs ~0.1 s)."""
+    if workload.numel >= 1 << 20:
+        gc.collect()
+
+
+def _log(args, text):
+    if not args.quiet:
+        print(f"[{time.perf_counter() - _T0[0]:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+def _baseline(data, workload, args) -> dict:
+    params = data.params()
+    r = _measure(lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), params, args)
+    if "_opt" in r:
+        r["bytes"] = _peers.torch_bytes_moved(r.pop("_opt"))
+        r["bytes_per_element"] = r["bytes"] / workload.numel
+        r["gbps"] = r["bytes"] / r["ms"] / 1e6
+    return r
+
+
+def _measure_peers(data, workload, args) -> list:
+    out = []
+    for label, name, overrides in args.specs:
+        settings = settings_for(name, overrides)
+        for find in (_peers.torch_peer, _peers.pytorch_optimizer_peer):
+            peer = find(name, settings)
+            if peer is None:
+                continue
+            entry = {"optimizer": label, "workload": workload.key, "library": peer.library, "class": peer.name,
+                     "kwargs": peer.kwargs, "math": peer.math, "variants": {}}
+            best = None
+            for variant in _peers.variants(peer.cls):
+                vname = _peers.variant_name(variant)
+                r = _measure(lambda ps: peer.cls(ps, **peer.kwargs, **variant), data.params(), args)
+                opt = r.pop("_opt", None)
+                entry["variants"][vname] = r.get("ms", r.get("error"))
+                if "ms" in r and (best is None or r["ms"] < best[1]["ms"]):
+                    r["bytes"] = _peers.torch_bytes_moved(opt)
+                    best = (vname, r)
+                del opt
+            if best is None:
+                entry["error"] = "; ".join(f"{k}: {v}" for k, v in entry["variants"].items())
+            else:
+                entry["variant"] = best[0]
+                entry.update(best[1])
+                entry["gbps"] = entry["bytes"] / entry["ms"] / 1e6
+            entry.setdefault("variant", "-")
+            out.append(entry)
+            _log(args, f"  peer {label:<14} {entry['class']:<9} {entry['variant']:<8} "
+                       f"{entry['ms']:9.2f} ms" if "ms" in entry else f"  peer {label}: {entry['error']}")
+            _collect(workload)
+    return out
+
+
+def _measure_optzoo(data, workload, args, baseline, peers) -> list:
+    rows = []
+    for label, name, overrides in args.specs:
+        settings = settings_for(name, overrides)
+        moved = bytes_moved(name, workload, overrides)
+        shapes = [param_shape(name, s) for s in workload.shapes]
+        peer = next((p for p in peers if p["optimizer"] == label and p["library"] == "torch.optim"), None)
+        for mode in args.modes:
+            def make(ps, mode=mode):
+                return _face.create(name, ps, fused=mode, multi_precision=workload.multi_precision, **settings)
+            r = _measure(make, data.params(shapes), args)
+            r.pop("_opt", None)
+            row = {"optimizer": label, "name": name, "settings": settings, "workload": workload.key, "fused": mode,
+                   "bytes": moved, "bytes_per_element": moved / workload.numel, **r}
+            if "ms" in r:
+                row["gbps"] = moved / r["ms"] / 1e6
+                if "gbps" in baseline:
+                    row["vs_adam_gbps"] = row["gbps"] / baseline["gbps"]
+                    row["vs_adam_time"] = r["ms"] / baseline["ms"]
+                if peer and "ms" in peer:
+                    row["peer"] = f"{peer['class']} ({peer['variant']})"
+                    row["peer_ms"] = peer["ms"]
+                    row["vs_peer"] = r["ms"] / peer["ms"]
+            rows.append(row)
+            _log(args, f"  optzoo {label:<14} fused={mode_name(mode):<5} "
+                       + (f"{r['ms']:9.2f} ms  first {r['first_ms']:9.2f} ms  {row['gbps']:7.2f} GB/s"
+                          if "ms" in r else r["error"]))
+            _collect(workload)
+    return rows
+
+
+def _mxnet_python(args):
+    if args.mxnet == "none":
+        return None, "skipped (--mxnet none)"
+    if args.mxnet != "auto":
+        path = Path(args.mxnet)
+        return (path, "") if path.exists() else (None, f"not found: {args.mxnet}")
+    for root in (Path.cwd(), _ROOT):
+        path = root / ".mxref" / "bin" / "python"
+        if path.exists():
+            return path, ""
+    return None, "not found (.mxref/bin/python; see --mxnet)"
+
+
+def _run_mxnet(args, workloads, rows) -> dict:
+    python, status = _mxnet_python(args)
+    if python is None:
+        return {"status": status}
+    jobs = [{"label": label, "name": name, "settings": settings_for(name, overrides), "workload": w.key,
+             "shapes": [param_shape(name, s) for s in w.shapes], "dtype": w.dtype_name,
+             "multi_precision": w.multi_precision}
+            for w in workloads for label, name, overrides in args.specs]
+    cfg = {"jobs": jobs, "repeat": args.repeat, "warmup": args.warmup, "budget": args.budget, "seed": args.seed}
+    worker = Path(__file__).with_name("_mxnet_worker.py")
+    _log(args, f"MXNet: {python}")
+    tail = []
+    try:
+        # stdout (the JSON) to a file, stderr (progress) streamed: no pipe can fill up and block the worker
+        with tempfile.TemporaryFile("w+") as stdout:
+            proc = subprocess.Popen([str(python), str(worker)], stdin=subprocess.PIPE, stdout=stdout,
+                                    stderr=subprocess.PIPE, text=True)
+            proc.stdin.write(json.dumps(cfg))
+            proc.stdin.close()
+            for line in proc.stderr:
+                tail = (tail + [line.rstrip()])[-5:]
+                if not args.quiet:
+                    sys.stderr.write(line)
+            proc.wait()
+            stdout.seek(0)
+            text = stdout.read()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"status": f"failed: {type(exc).__name__}: {exc}", "python": str(python)}
+    if proc.returncode != 0:
+        return {"status": f"failed (exit {proc.returncode}): {(tail or ['no output'])[-1][:300]}",
+                "python": str(python)}
+    out = json.loads(text)
+    found = {(r["label"], r["workload"]): r for r in out["results"]}
+    for row in rows:
+        mx = found.get((row["optimizer"], row["workload"]))
+        if mx is None:
+            continue
+        row["mxnet"] = mx
+        if "ms" in mx and "ms" in row:
+            row["mxnet_ms"] = mx["ms"]
+            row["vs_mxnet"] = row["ms"] / mx["ms"]
+    return {"status": "ok", "python": str(python), "version": out["version"], "results": out["results"]}
+
+
+def run(args) -> dict:
+    """Run the benchmark described by ``parse_args`` output; returns the results (see ``latest.json``)."""
+    start = _T0[0] = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    workloads = [make_workload(k, args.scale) for k in args.workload_keys]
+    triad_numel = make_workload("single", args.scale).numel
+    results = {"schema": "optzoo.bench/1", "started": datetime.datetime.now().isoformat(timespec="seconds"),
+               "machine": machine_info(), "load_average": {"start": load_average()},
+               "config": {"argv": args.argv, "workloads": args.workload_keys, "fused": args.modes,
+                          "optimizers": [s[0] for s in args.specs], "scale": args.scale, "repeat": args.repeat,
+                          "warmup": args.warmup, "budget": args.budget, "peers": not args.no_peers,
+                          "threads": args.threads,
+                          "seed": args.seed},
+               "pytorch_optimizer": _peers.pytorch_optimizer_status(),
+               "bytes_per_element": {label: {"float32": bytes_per_element(name, settings=o),
+                                             "float16_mp": bytes_per_element(name, torch.float16, True, settings=o)}
+                                     for label, name, o in args.specs},
+               "triad": {}, "workloads": {}, "rows": [], "peers": []}
+    results["triad"]["start"] = triad(triad_numel, repeat=args.repeat, budget=args.budget)
+    _log(args, f"triad: {results['triad']['start']['gbps']:.1f} GB/s")
+    for w in workloads:
+        _log(args, w.describe())
+        data = _Data(w, args.seed)
+        before = _baseline(data, w, args)
+        peers = [] if args.no_peers or w.multi_precision else _measure_peers(data, w, args)
+        after = _baseline(data, w, args)
+        # the faster of two measurements (before and after the peers): the stricter reference
+        baseline = min((b for b in (before, after) if "ms" in b), key=lambda b: b["ms"], default=before)
+        _log(args, f"  torch fused Adam {baseline.get('ms', float('nan')):9.2f} ms")
+        rows = _measure_optzoo(data, w, args, baseline, peers)
+        results["workloads"][w.key] = {"label": w.label, "describe": w.describe(), "tensors": len(w.shapes),
+                                       "elements": w.numel, "dtype": w.dtype_name,
+                                       "multi_precision": w.multi_precision, "baseline": baseline,
+                                       "baseline_runs_ms": [b.get("ms") for b in (before, after)]}
+        results["rows"] += rows
+        results["peers"] += peers
+        del data
+        gc.collect()
+    results["mxnet"] = {"status": "skipped (--no-peers)"} if args.no_peers else _run_mxnet(args, workloads,
+                                                                                           results["rows"])
+    results["triad"]["end"] = triad(triad_numel, repeat=args.repeat, budget=args.budget)
+    results["load_average"]["end"] = load_average()
+    results["targets"] = evaluate_targets(results["rows"])
+    results["total_s"] = time.perf_counter() - start
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.readme and not Path(args.readme).is_file():
+        raise SystemExit(f"--readme {args.readme}: no such file")
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+    else:
+        results = run(args)
+    json_path, md_path = write_results(results, args.out)
+    print(text_report(results))
+    print(f"wrote {json_path} and {md_path}")
+    if args.readme:
+        update_readme(args.readme, results)
+        print(f"updated {args.readme}")
+    return 0
