@@ -28,7 +28,7 @@ DEFAULTS = {
     "nadam": {"learning_rate": 0.05},
     "signum": {"learning_rate": 0.005, "momentum": 0.9},
     "lbsgd": {"learning_rate": 1e-3, "momentum": 0.8},
-    "dcasgd": {"learning_rate": 1e-3, "lamda": 0.04},
+    "dcasgd": {"learning_rate": 5e-4, "lamda": 0.04},  # 1e-3 diverges from the steep start
     "ftrl": {"learning_rate": 0.5, "lamda1": 0.0, "beta": 1},
     "ftml": {"learning_rate": 0.05, "beta1": 0.6, "beta2": 0.999},
     "sgld": {"learning_rate": 1e-4},
