@@ -64,6 +64,10 @@ class Optimizer:
     _mp_master_first = True
     #: How many parameters the Updater hands to one ``update`` call (MXNet's aggregate_num).
     aggregate_num = 0
+    #: Fast path: ``prepare`` must run once per index, in index order (it advances per-index state).
+    _prepare_per_index = False
+    #: Fast path: the kernel reduces or draws per parameter (uses ``seg``), so buckets are not chunked.
+    _segment_kernel = False
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)

@@ -66,6 +66,8 @@ def sum_sq(x, seg=None):
     if x.device.type == "cpu" and not torch.compiler.is_compiling():  # eager: MXNet's sums, one per tensor
         return seg.spread([_numerics.sum_sq(part) for part in torch.split(x, seg.sizes)], torch.float32)
     sq = x.to(torch.float64) * x.to(torch.float64)
+    if len(seg.sizes) == 1:
+        return sq.sum().to(torch.float32)
     sums = torch.segment_reduce(sq, "sum", lengths=seg.lengths)
     return sums.to(torch.float32)[seg.ids]
 
@@ -215,7 +217,7 @@ class Runner:
         for i, p, st in zip(indices, params, states):
             groups.setdefault((p.device, p.dtype), []).append((i, p, st))
         self.buckets, views = [], {}
-        if getattr(self.optimizer, "_prepare_per_index", False) and len(groups) > 1:
+        if self.optimizer._prepare_per_index and len(groups) > 1:
             return views  # bucket by bucket would change the order of a per-index sequence (Nadam)
         for (device, dtype), members in groups.items():
             if not supports_buckets(self.optimizer, dtype, device):
@@ -239,7 +241,7 @@ class Runner:
         opt, indices = self.optimizer, bucket.indices
         counts = opt._index_update_count
         first = counts.get(indices[0])
-        uniform = not getattr(opt, "_prepare_per_index", False) and all(counts.get(i) == first for i in indices)
+        uniform = not opt._prepare_per_index and all(counts.get(i) == first for i in indices)
         if uniform:
             if opt._counts_updates and not opt._lr_before_count:
                 opt._update_count(indices)
@@ -286,7 +288,7 @@ class Runner:
                 s = tuple(torch.tensor(x, dtype=sdt, device=w.device) if not isinstance(x, torch.Tensor) else x
                           for x in s)
                 _run_compiled(opt, w, bucket.g, inner, s, bucket.segments, low)
-            elif getattr(opt, "_segment_kernel", False) or bucket.segments.total <= EAGER_CHUNK:
+            elif opt._segment_kernel or bucket.segments.total <= EAGER_CHUNK:
                 _fused_step(opt, w, bucket.g, inner, s, bucket.segments, low)
             else:
                 # elementwise kernels run eagerly over cache-sized chunks: each op's temporaries then come
