@@ -1,5 +1,4 @@
 """The base class's bookkeeping (MXNet 1.9.1 §1) and the registry, on closed forms."""
-import warnings
 
 import numpy as np
 import pytest
