@@ -316,14 +316,28 @@ class Optimizer:
         for i, w, g, s in zip(indices, weights, grads, states):
             self._apply(i, w, g, s)
 
+    def _count_and_read(self, indices, together=False):
+        """Count each index and read its ``(lr, wd, t)``, in MXNet's order (the count comes first, except
+        for LBSGD, which reads its learning rate before counting).
+
+        Index by index, as one-by-one calls do; ``together`` counts the whole list, then reads once: the
+        same values when the indices' counts are equal, with one scheduler call instead of one per index.
+        """
+        counts, before = self._counts_updates, self._lr_before_count
+        groups = [list(indices)] if together else [[i] for i in indices]
+        out = []
+        for group in groups:
+            if counts and not before:
+                self._update_count(group)
+            lrs, wds = self._get_lrs(group), self._get_wds(group)
+            if counts and before:
+                self._update_count(group)
+            out += [(lr, wd, self._index_update_count[i] if counts else None)
+                    for i, lr, wd in zip(group, lrs, wds)]
+        return out
+
     def _apply(self, index, w, g, s):
-        if self._counts_updates and not self._lr_before_count:
-            self._update_count(index)
-        lr = self._get_lrs([index])[0]
-        wd = self._get_wds([index])[0]
-        if self._counts_updates and self._lr_before_count:
-            self._update_count(index)
-        t = self._index_update_count[index] if self._counts_updates else None
+        ((lr, wd, t),) = self._count_and_read([index])
         with torch.no_grad():
             new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=index)
             _tree.assign(s, new_s)

@@ -242,31 +242,13 @@ class Runner:
         counts = opt._index_update_count
         first = counts.get(indices[0])
         uniform = not opt._prepare_per_index and all(counts.get(i) == first for i in indices)
-        if uniform:
-            if opt._counts_updates and not opt._lr_before_count:
-                opt._update_count(indices)
-            lrs, wds = opt._get_lrs(indices), opt._get_wds(indices)
-            if opt._counts_updates and opt._lr_before_count:
-                opt._update_count(indices)
-            ts = [counts[i] if opt._counts_updates else None for i in indices]
-        else:  # exactly the reference path's order: count, then read, index by index
-            lrs, wds, ts = [], [], []
-            for i in indices:
-                if opt._counts_updates and not opt._lr_before_count:
-                    opt._update_count(i)
-                lrs.append(opt._get_lrs([i])[0])
-                wds.append(opt._get_wds([i])[0])
-                if opt._counts_updates and opt._lr_before_count:
-                    opt._update_count(i)
-                ts.append(counts[i] if opt._counts_updates else None)
+        read = opt._count_and_read(indices, together=uniform)
         cache, per = {}, []
-        for i, lr, wd, t in zip(indices, lrs, wds, ts):
-            key = (lr, wd, t)
-            if uniform and key in cache:
-                per.append(cache[key])
-            else:
+        for i, key in zip(indices, read):
+            if not (uniform and key in cache):  # per index otherwise: prepare may advance per-index state
+                lr, wd, t = key
                 cache[key] = opt.prepare(lr=lr, wd=wd, t=t, index=i, dtype=dtype)
-                per.append(cache[key])
+            per.append(cache[key])
         if len(cache) == 1 and uniform:
             return per[0]
         cols = list(zip(*per))
