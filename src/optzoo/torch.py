@@ -182,13 +182,9 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             if saved_id not in state_dict["state"]:
                 continue
             entry = state_dict["state"][saved_id]
-            s = _tree.to_device(_tree.to_plain(entry["mx_state"]), p.device)
-            expected = inner[g].create_state_multi_precision(base, _torch.empty(p.shape, dtype=p.dtype, device="meta"))
-            if not _tree.same_structure(expected, s, p.device):
-                raise ValueError(f"state_dict state of parameter {base} (group {g}) is {_tree.describe(s)}: "
-                                 f"expected {_tree.describe(expected)} for a parameter of shape {tuple(p.shape)}")
-            owner = getattr(type(inner[g]), "_state_owner", None)
-            new_state[p] = {"step": entry["step"], "mx_state": _tree.tag(s, owner) if owner else s}
+            s = inner[g]._adopt_state(base, p, _tree.to_plain(entry["mx_state"]),
+                                      f"state_dict state of parameter {base} (group {g})")
+            new_state[p] = {"step": entry["step"], "mx_state": s}
         # all checked: commit
         for saved, group in zip(groups, self.param_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})

@@ -276,12 +276,7 @@ class Trainer:
         for n, s in blob["states"].items():
             i = self._index[n]
             p = self._params[i]
-            s = _tree.to_device(s, p.device)
-            expected = optimizer.create_state_multi_precision(i, torch.empty(p.shape, dtype=p.dtype, device="meta"))
-            if not _tree.same_structure(expected, s, p.device):
-                raise ValueError(f"trainer states file {fname!r}: the state of {n!r} is {_tree.describe(s)}, "
-                                 f"expected {_tree.describe(expected)}")
-            states[i] = s
+            states[i] = optimizer._adopt_state(i, p, s, f"trainer states file {fname!r}: the state of {n!r}")
         # all checked: commit
         optimizer.param_dict = self._param_dict
         for n, info in saved.items():
@@ -290,8 +285,7 @@ class Trainer:
         self._optimizer = optimizer
         self._updater = get_updater(optimizer)
         self._runner = None  # rebuilt at the next step, from the loaded states
-        owner = getattr(type(optimizer), "_state_owner", None)
-        self._updater.states = {i: _tree.tag(s, owner) if owner else s for i, s in states.items()}
+        self._updater.states = states
         self._updater.states_synced = dict.fromkeys(states, True)
 
 

@@ -64,6 +64,8 @@ class Optimizer:
     _mp_master_first = True
     #: How many parameters the Updater hands to one ``update`` call (MXNet's aggregate_num).
     aggregate_num = 0
+    #: The class whose ``create_state`` made a state (set for every subclass defining one).
+    _state_owner = None
     #: Fast path: ``prepare`` must run once per index, in index order (it advances per-index state).
     _prepare_per_index = False
     #: Fast path: the kernel reduces or draws per parameter (uses ``seg``), so buckets are not chunked.
@@ -379,12 +381,27 @@ class Optimizer:
             for args in zip(indices, weights, grads, states):
                 self.update(*args)
 
+    def _mark_state(self, state):
+        """Mark a state (read back from a file) as this optimizer's, as ``create_state`` marks new ones."""
+        return _tree.tag(state, self._state_owner) if self._state_owner else state
+
+    def _adopt_state(self, index, param, state, what):
+        """A state read back for ``param``: moved to its device, checked against this optimizer's layout
+        (a ValueError starting with ``what`` otherwise) and marked as this optimizer's."""
+        state = _tree.to_device(state, param.device)
+        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        expected = self.create_state_multi_precision(index, meta)
+        if not _tree.same_structure(expected, state, param.device):
+            raise ValueError(f"{what} is {_tree.describe(state)}: expected {_tree.describe(expected)} for a "
+                             f"parameter of shape {tuple(param.shape)}")
+        return self._mark_state(state)
+
     def _check_state(self, index, weight, state):
         """Reject a state of another layout, shape, dtype, device or optimizer before any update."""
         if type(self).create_state is Optimizer.create_state and state is None:
             return
         owner = _tree.owner_of(state)
-        expected_owner = getattr(type(self), "_state_owner", None)
+        expected_owner = self._state_owner
         if owner is not None and expected_owner is not None and owner != expected_owner:
             raise TypeError(f"state for index {index!r} was created by {owner}: expected a state created by "
                             f"{expected_owner} (this {type(self).__name__})")

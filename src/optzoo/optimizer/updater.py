@@ -98,8 +98,7 @@ class Updater:
         if optimizer is not None:
             self.optimizer = optimizer
             self.aggregate_updates = optimizer.aggregate_num > 0
-        owner = getattr(type(self.optimizer), "_state_owner", None)
-        self.states = {i: _tree.tag(s, owner) if owner else s for i, s in blob["states"].items()}
+        self.states = {i: self.optimizer._mark_state(s) for i, s in blob["states"].items()}
         self.states_synced = dict.fromkeys(self.states, False)
 
 
