@@ -1,0 +1,158 @@
+"""The ``optzoo`` command line: ``optzoo demo``, ``optzoo list``, ``optzoo bench``.
+
+    optzoo demo [--optimizers sgd,nag,adam] [--epochs 20] [--seed 0] [--out demo-out] [--device cpu] [--fused]
+    optzoo list
+    optzoo bench [arguments of python -m optzoo.bench]
+
+Bad arguments end with a message naming the argument and exit status 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from . import optimizer
+
+__all__ = ["main", "build_parser"]
+
+_FUSED = {"none": None, "true": True, "false": False}
+_DEMO_EXTRA = "optzoo demo needs matplotlib, pillow and rich (the 'demo' extra): pip install 'optzoo[demo]'"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optzoo", description="MXNet 1.9.1's optimizers on PyTorch tensors.")
+    sub = p.add_subparsers(dest="command", metavar="{demo,list,bench}")
+    demo = sub.add_parser("demo", help="train a small network on the 8x8 digits with every optimizer; "
+                                       "table and pictures",
+                          description="Train a 64-64-10 MLP on the 8x8 digits (shipped with optzoo) with each "
+                                      "optimizer through optzoo.Trainer; print a table and write PNGs.")
+    demo.add_argument("--optimizers", default=None, metavar="NAMES",
+                      help="comma-separated registered names (default: all; see `optzoo list`)")
+    demo.add_argument("--epochs", default="20", metavar="N", help="passes over the training images (default 20)")
+    demo.add_argument("--batch-size", default="32", metavar="N", help="images per step (default 32)")
+    demo.add_argument("--seed", default="0", metavar="N", help="initial weights, split and batch order (default 0)")
+    demo.add_argument("--out", default="demo-out", metavar="DIR", help="where the PNGs and tables go "
+                                                                       "(default demo-out)")
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    demo.add_argument("--fused", nargs="?", const="true", default="none", metavar="{none,true,false}",
+                      help="the Trainer's fused argument: none (default, eager buckets), true (torch.compile; "
+                           "the same as a bare --fused), false (one update per parameter)")
+    demo.add_argument("--trajectory-steps", default=None, metavar="N",
+                      help="updates per 2-D trajectory (default: per function, 60 to 1000)")
+    demo.set_defaults(parser=demo)
+    sub.add_parser("list", help="every registered optimizer, its description and default hyperparameters")
+    sub.add_parser("bench", help="the benchmark: python -m optzoo.bench (`optzoo bench --help`)", add_help=False)
+    return p
+
+
+def _int(parser, flag, text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        parser.error(f"{flag}={text!r}: expected an integer >= {low}")
+    if value < low:
+        parser.error(f"{flag}={value}: expected an integer >= {low}")
+    return value
+
+
+def _optimizers(parser, text):
+    known = optimizer.list_optimizers()
+    if text is None:
+        return known
+    names = []
+    for n in (n.strip() for n in text.split(",")):
+        if not n:
+            continue
+        try:
+            canonical = optimizer.get_record(n).name
+        except (ValueError, TypeError):
+            parser.error(f"--optimizers: unknown optimizer {n!r}; expected some of {', '.join(known)} "
+                         "(comma-separated)")
+        if canonical not in names:
+            names.append(canonical)
+    if not names:
+        parser.error(f"--optimizers={text!r}: expected at least one name of {', '.join(known)}")
+    return names
+
+
+def _out_dir(parser, text):
+    out = Path(text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        parser.error(f"--out={text!r}: cannot write there ({e.strerror or e})")
+    return out
+
+
+def _device(parser, text):
+    import torch
+    try:
+        device = torch.device(text)
+        torch.zeros(1, device=device)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"--device={text!r}: not usable here ({first})")
+    if device.type == "meta":
+        parser.error(f"--device={text!r}: expected a device that holds data, e.g. cpu or cuda")
+    return str(device)
+
+
+def _demo(parser, args) -> int:
+    from .demo.run import DemoConfig, run
+    fused = _FUSED.get(args.fused.lower())
+    if args.fused.lower() not in _FUSED:
+        parser.error(f"--fused={args.fused!r}: expected one of none, true, false")
+    config = DemoConfig(
+        optimizers=_optimizers(parser, args.optimizers), epochs=_int(parser, "--epochs", args.epochs, 1),
+        batch_size=_int(parser, "--batch-size", args.batch_size, 1), seed=_int(parser, "--seed", args.seed, 0),
+        device=_device(parser, args.device), fused=fused,
+        trajectory_steps=None if args.trajectory_steps is None
+        else _int(parser, "--trajectory-steps", args.trajectory_steps, 1))
+    config.out = _out_dir(parser, args.out)
+    try:
+        import matplotlib  # noqa: F401
+        import PIL  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError as e:
+        print(f"{_DEMO_EXTRA} ({e})", file=sys.stderr)
+        return 1
+    return run(config)
+
+
+def _list() -> int:
+    import inspect
+    base = inspect.signature(optimizer.Optimizer.__init__).parameters.values()
+    shared = ", ".join(f"{p.name}={p.default!r}" for p in base if p.default is not inspect.Parameter.empty)
+    print(f"Every optimizer takes the Optimizer arguments ({shared}); below, each one's own defaults.\n")
+    for r in optimizer.records():
+        aliases = f" (also {', '.join(r.aliases)})" if r.aliases else ""
+        print(f"{r.name}{aliases}: {r.description or '(no description)'}")
+        defaults = ", ".join(f"{k}={v!r}" for k, v in r.defaults().items())
+        print(f"    defaults: {defaults or '(only the Optimizer arguments)'}")
+        if r.capabilities:
+            print(f"    capabilities: {', '.join(sorted(r.capabilities))}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "list":
+        return _list()
+    return _demo(args.parser, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
