@@ -96,8 +96,8 @@ def test_constructor_errors():
         optzoo.Trainer(p, optimizer.SGD(), {"learning_rate": 0.1})
     with pytest.raises(ValueError, match="kvstore='bogus'"):
         optzoo.Trainer(p, "sgd", kvstore="bogus")
-    with pytest.raises(NotImplementedError, match="dist_sync"):
-        optzoo.Trainer(p, "sgd", kvstore="dist_sync")
+    with pytest.raises(NotImplementedError, match="kvstore='nccl' is not supported"):
+        optzoo.Trainer(p, "sgd", kvstore="nccl")
     with pytest.raises(ValueError, match="Cannot find optimizer 'nadamw'"):
         optzoo.Trainer(p, "nadamw")
 

@@ -1,7 +1,9 @@
 """``optzoo.Trainer``: MXNet Gluon's Trainer on PyTorch parameters (MXNet 1.9.1 semantics, reference §6).
 
 It binds named parameters to an optimizer and an :class:`~optzoo.optimizer.Updater`, steps them with
-``rescale_grad = 1/batch_size`` and saves / loads everything needed to resume exactly.
+``rescale_grad = 1/batch_size`` and saves / loads everything needed to resume exactly. With a
+distributed kvstore (:mod:`optzoo.kvstore`) it sums the gradients of all workers first (``dist_sync``),
+votes on signs (Signum under ``dist_sync``), or hands the update to the store (``dist_async``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import warnings
 import torch
 
 from . import _io
+from . import kvstore as _kvstore
 from .optimizer import Optimizer, create, get_updater
 from .optimizer import _tree
 from .optimizer.engine import Runner
@@ -20,8 +23,6 @@ from .optimizer.updater import dump_optimizer, load_optimizer
 __all__ = ["Trainer"]
 
 _FORMAT = "optzoo.trainer/1"
-_LOCAL_KVSTORES = (None, "local", "device")
-_LATER_KVSTORES = ("dist_sync", "dist_device_sync", "dist_async", "dist_sync_device", "nccl", "horovod")
 
 
 class _ParamInfo:
@@ -72,10 +73,20 @@ class Trainer:
         A registered name (created with ``optimizer_params``) or an instance (``optimizer_params`` must then
         be empty).
     optimizer_params : dict, optional
-    kvstore : None, 'local' or 'device'
-        One process, one device: gradients are used as they are. The distributed kinds come later.
-    compression_params, update_on_kvstore
-        Accepted for MXNet compatibility; only meaningful for distributed kvstores.
+    kvstore : None, 'local', 'device', 'dist_sync', 'dist_device_sync' (alias 'dist_sync_device'), 'dist_async'
+        or a :class:`~optzoo.kvstore.KVStore` (``optzoo.kvstore.create(kind, timeout=...)``)
+        ``None``/``'local'``/``'device'``: one process, one device, gradients used as they are.
+        ``'dist_sync'``: the store is created and every worker's parameters are made rank 0's *here*, at
+        construction (MXNet waits for the first step, after a first forward pass on unsynchronised
+        weights); each step sums the gradients over all workers (or, for Signum/SignSGD, takes the
+        majority vote of the workers' signs). ``'dist_async'``: the store's server applies the optimizer
+        (``update_on_kvstore``). See the README section "Distributed training". ``'nccl'`` and
+        ``'horovod'`` raise NotImplementedError.
+    compression_params : dict, optional
+        ``{'type': '2bit', 'threshold': 0.5}``: MXNet's 2-bit gradient compression; distributed kvstores only.
+    update_on_kvstore : None or bool
+        None: decided by the kvstore (True only for ``'dist_async'``). False with ``'dist_async'`` and True
+        with ``'dist_sync'`` raise ValueError; ignored without a distributed kvstore.
     fused : None, True or False
         ``None`` (default): the fastest path without compilation: parameters (and their ``.grad``) become
         views into one contiguous buffer per device and dtype, and the optimizer runs once per buffer.
@@ -84,6 +95,9 @@ class Trainer:
 
     ``step(batch_size)`` sets ``rescale_grad = optimizer_rescale_grad / batch_size``: gradients are expected
     *summed* over the batch (``loss.sum().backward()`` or ``reduction='sum'``), as MXNet's losses give them.
+    With ``dist_sync`` the gradients are also summed over the workers, so ``batch_size`` is the **total**
+    batch of one step, all workers together (``N`` workers each on ``b`` samples: ``step(N*b)``); then
+    ``N`` workers equal one process on the whole batch.
     """
 
     def __init__(self, params, optimizer, optimizer_params=None, kvstore="device", compression_params=None,
@@ -92,16 +106,12 @@ class Trainer:
         if fused not in (None, False, True):
             raise ValueError(f"fused={fused!r} is invalid: expected None, True or False")
         optimizer_params = dict(optimizer_params or {})
-        if kvstore in _LATER_KVSTORES:
-            raise NotImplementedError(f"kvstore={kvstore!r}: distributed kvstores are not implemented yet; "
-                                      f"use one of {_LOCAL_KVSTORES}")
-        if kvstore not in _LOCAL_KVSTORES:
-            raise ValueError(f"kvstore={kvstore!r} is invalid: expected one of {_LOCAL_KVSTORES}")
-        if compression_params is not None:
-            raise ValueError(f"compression_params={compression_params!r}: gradient compression needs a "
-                             "distributed kvstore")
         if update_on_kvstore not in (None, False, True):
             raise ValueError(f"update_on_kvstore={update_on_kvstore!r} is invalid: expected None or a bool")
+        kv = _make_kvstore(kvstore, compression_params)
+        if kv is not None and update_on_kvstore is not None and update_on_kvstore != kv.update_on_kvstore:
+            raise ValueError(f"update_on_kvstore={update_on_kvstore!r} is invalid with kvstore {kv.type!r}: "
+                             f"it {'always' if kv.update_on_kvstore else 'never'} updates on the kvstore")
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._index = {n: i for i, n in enumerate(self._names)}
@@ -117,7 +127,10 @@ class Trainer:
             raise TypeError(f"optimizer={optimizer!r} is invalid: expected a registered name or an Optimizer")
         self._optimizer = optimizer
         self._scale = optimizer.rescale_grad
-        self._kvstore = kvstore
+        if kv is not None and self._voting(kv) and getattr(kv, "compression", None) is not None:
+            raise ValueError(f"compression_params with {type(optimizer).__name__} under {kv.type!r}: the workers "
+                             "already send 1-bit signs; drop compression_params")
+        self._kvstore = kv
         self._updater = get_updater(optimizer)
         self._fused = fused
         self._runner = None
@@ -126,6 +139,10 @@ class Trainer:
         self._seen_grad = [None] * len(self._params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i)) if p.requires_grad else None
                        for i, p in enumerate(self._params)]
+        if kv is not None:
+            if kv.update_on_kvstore:
+                kv.set_optimizer(optimizer)
+            kv.init(self._names, self._params)
 
     def _hook(self, i):
         def mark(_):
@@ -136,6 +153,11 @@ class Trainer:
     @property
     def optimizer(self) -> Optimizer:
         return self._optimizer
+
+    @property
+    def kvstore(self):
+        """The distributed store (:class:`~optzoo.kvstore.KVStore`), or None in one process."""
+        return self._kvstore
 
     @property
     def learning_rate(self):
@@ -183,47 +205,119 @@ class Trainer:
             raise ValueError(f"batch_size={batch_size!r} is invalid: expected a number > 0")
 
     def step(self, batch_size, ignore_stale_grad=False):
-        """One optimizer step on every parameter whose gradient is fresh, with ``rescale_grad = scale/batch_size``."""
+        """One optimizer step on every parameter whose gradient is fresh, with ``rescale_grad = scale/batch_size``
+        (``batch_size``: the total over all workers under ``dist_sync``)."""
         self._check_batch_size(batch_size)
         self._optimizer.rescale_grad = self._scale / batch_size
-        self._allreduce_grads()
-        self._update(ignore_stale_grad)
+        indices = self._fresh_indices(ignore_stale_grad)
+        kv = self._kvstore
+        if kv is not None and kv.update_on_kvstore:
+            if indices:
+                kv.pushpull(indices, [self._params[i] for i in indices], self._optimizer.rescale_grad)
+            self._mark_seen(indices)
+            return
+        if not self._voting(kv) and kv is not None and indices:
+            self._allreduce(indices)
+        self._update_indices(indices)
 
     def allreduce_grads(self):
-        """Sum gradients across devices (one device here: nothing to do), for a later ``update``."""
-        self._allreduce_grads()
+        """Sum gradients across workers (``dist_sync``; nothing to do in one process), for a later
+        ``update``. With Signum/SignSGD under ``dist_sync`` the workers exchange signs in ``update``
+        instead, and this does nothing."""
+        self._no_update_on_kvstore("allreduce_grads")
+        kv = self._kvstore
+        if kv is not None and not self._voting(kv):
+            indices = self._fresh_indices(True)
+            if indices:
+                self._allreduce(indices)
+            for i in indices:  # the sums are fresh for update(), whatever object .grad now is
+                self._fresh[i] = True
 
-    def _allreduce_grads(self):
-        pass  # one process, one device: the gradients are already the sum
+    def _allreduce(self, indices):
+        if self._fused is not False:
+            # gradients into the fast path's flat buffers first: the store then reduces them in place
+            for bucket in self._fast_path().buckets or ():
+                bucket.gather_grads()
+        self._kvstore.allreduce_grads(indices, [self._params[i] for i in indices])
 
     def update(self, batch_size, ignore_stale_grad=False):
         """The update half of ``step`` (after ``allreduce_grads``, e.g. to clip gradients in between)."""
+        self._no_update_on_kvstore("update")
         self._check_batch_size(batch_size)
         self._optimizer.rescale_grad = self._scale / batch_size
-        self._update(ignore_stale_grad)
+        self._update_indices(self._fresh_indices(ignore_stale_grad))
 
-    def _update(self, ignore_stale_grad):
-        indices, stale = [], []
-        for i, p in enumerate(self._params):
-            if not p.requires_grad:
-                continue
-            if p.grad is not None and (self._fresh[i] or p.grad is not self._seen_grad[i]):
-                indices.append(i)
-            else:
-                stale.append(self._names[i])
+    def _no_update_on_kvstore(self, what):
+        if self._kvstore is not None and self._kvstore.update_on_kvstore:
+            raise RuntimeError(f"Trainer.{what}() is not available with kvstore {self._kvstore.type!r}: it "
+                               "updates on the kvstore; call step(batch_size)")
+
+    def _voting(self, kv):
+        """Whether the workers exchange signs instead of gradients (an optimizer with a vote split)."""
+        return kv is not None and not kv.update_on_kvstore and hasattr(type(self._optimizer), "apply_vote")
+
+    def _fresh_indices(self, ignore_stale_grad):
+        """Parameters whose gradient is fresh (on any worker under a sync kvstore); warns about the others."""
+        live = [i for i, p in enumerate(self._params) if p.requires_grad]
+        fresh = [self._params[i].grad is not None and (self._fresh[i] or self._params[i].grad is not self._seen_grad[i])
+                 for i in live]
+        if self._kvstore is not None:
+            fresh = self._kvstore.agree(fresh)
+        stale = [self._names[i] for i, f in zip(live, fresh) if not f]
         if stale and not ignore_stale_grad:
             warnings.warn(f"Gradient of Parameter(s) {', '.join(map(repr, stale))} has not been updated by "
                           "backward since the last `step`; they are not updated. Call step(batch_size, "
                           "ignore_stale_grad=True) to silence this for parameters you leave unused on purpose.",
                           UserWarning, stacklevel=3)
+        return [i for i, f in zip(live, fresh) if f]
+
+    def _mark_seen(self, indices):
+        for i in indices:
+            self._fresh[i] = False
+            self._seen_grad[i] = self._params[i].grad
+
+    def _update_indices(self, indices):
+        if self._voting(self._kvstore):
+            self._vote_update(indices)
+            return
         # whole buckets on the fast path; the reference path (on the same views) for the rest
         done = self._fast_path().step(set(indices)) if indices and self._fused is not False else set()
         rest = [i for i in indices if i not in done]
         if rest:
             self._updater(rest, [self._params[i].grad for i in rest], [self._params[i].detach() for i in rest])
+        self._mark_seen(indices)
+
+    def _vote_update(self, indices):
+        """Sign-vote step: each worker's local ``direction`` (its own momentum), the majority vote of their
+        signs through the kvstore, then ``apply_vote`` with the optimizer's own decay terms."""
+        opt, states, synced = self._optimizer, self._updater.states, self._updater.states_synced
         for i in indices:
-            self._fresh[i] = False
-            self._seen_grad[i] = self._params[i].grad
+            p = self._params[i]
+            if p.grad is None:  # fresh on another worker only: this one votes with a zero gradient
+                p.grad = torch.zeros_like(p)
+            if i not in states:
+                states[i] = opt.create_state_multi_precision(i, p.detach())
+            elif not synced.get(i, True):
+                states[i] = _tree.to_device(states[i], p.device)
+            synced[i] = True
+        todo = []
+        with torch.no_grad():
+            for i, (lr, wd, t) in zip(indices, opt._count_and_read(indices)):
+                w = self._params[i].detach()
+                if opt._mp(w):
+                    target, inner = opt._split_mp(states[i])
+                else:
+                    target, inner = w, states[i]
+                s = opt.prepare(lr=lr, wd=wd, t=t, index=i, dtype=target.dtype)
+                x, new_inner = opt.direction(target, self._params[i].grad.to(target.dtype), inner, s)
+                _tree.assign(inner, new_inner)
+                todo.append((w, target, inner, s, x))
+            votes = self._kvstore.vote([x for *_, x in todo]) if todo else []
+            for (w, target, inner, s, _), v in zip(todo, votes):
+                target.copy_(opt.apply_vote(target, v.to(target.dtype), s, inner))
+                if target is not w:
+                    w.copy_(target)
+        self._mark_seen(indices)
 
     def _fast_path(self):
         if self._runner is None:
@@ -238,7 +332,24 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_states(self, fname) -> None:
         """Write optimizer hyperparameters, states, update counts, scheduler state and multipliers, keyed by
-        parameter name, atomically (temporary file + rename)."""
+        parameter name, atomically (temporary file + rename).
+
+        Under ``dist_sync`` every worker holds the same states (Signum's momenta excepted: each worker keeps
+        its own; rank 0's are written): rank 0 writes, the others wait for it. ``dist_async`` saves the
+        server's states (if the store can)."""
+        kv = self._kvstore
+        if kv is not None and kv.update_on_kvstore:
+            if not hasattr(kv, "save_optimizer_states"):
+                raise NotImplementedError(f"save_states with kvstore {kv.type!r}: this store cannot save its "
+                                          "optimizer states")
+            kv.save_optimizer_states(fname)
+            return
+        if kv is None or kv.rank == 0:
+            self._save_local(fname)
+        if kv is not None:
+            kv.barrier()
+
+    def _save_local(self, fname):
         names = self._names
         blob = {
             "format": _FORMAT,
@@ -253,7 +364,15 @@ class Trainer:
 
     def load_states(self, fname) -> None:
         """Load ``save_states`` output. Everything is checked first: on any mismatch (another optimizer, other
-        names, shapes or dtypes, a damaged file) a clear error is raised and the trainer is unchanged."""
+        names, shapes or dtypes, a damaged file) a clear error is raised and the trainer is unchanged.
+        Under ``dist_sync`` every worker reads the file (it must be readable on every machine)."""
+        kv = self._kvstore
+        if kv is not None and kv.update_on_kvstore:
+            if not hasattr(kv, "load_optimizer_states"):
+                raise NotImplementedError(f"load_states with kvstore {kv.type!r}: this store cannot load "
+                                          "optimizer states")
+            kv.load_optimizer_states(fname)
+            return
         blob = _io.safe_load(fname, _FORMAT, "trainer states")
         mine = type(self._optimizer).__name__
         saved_opt = blob["optimizer"]["name"]
@@ -287,6 +406,27 @@ class Trainer:
         self._runner = None  # rebuilt at the next step, from the loaded states
         self._updater.states = states
         self._updater.states_synced = dict.fromkeys(states, True)
+
+
+def _make_kvstore(kvstore, compression_params):
+    """The distributed store for the ``kvstore`` argument, or None for the one-process kinds."""
+    if isinstance(kvstore, _kvstore.KVStore):
+        if compression_params is not None:
+            raise ValueError("compression_params with a KVStore instance: set it on the store, "
+                             "optzoo.kvstore.create(kind, compression_params=...)")
+        return kvstore
+    kind = _kvstore.normalize(kvstore)
+    if kind not in _kvstore.DIST_KINDS:
+        if compression_params is not None:
+            raise ValueError(f"compression_params={compression_params!r}: gradient compression needs a "
+                             "distributed kvstore ('dist_sync', 'dist_device_sync', 'dist_async')")
+        return None
+    if compression_params is None:
+        return _kvstore.create(kind)
+    if kind == "dist_async":
+        raise NotImplementedError("compression_params with kvstore='dist_async': optzoo compresses gradients "
+                                  "only under 'dist_sync' and 'dist_device_sync'")
+    return _kvstore.create(kind, compression_params=compression_params)
 
 
 def _registered_name(opt):

@@ -29,6 +29,12 @@ class Signum(Optimizer):
     :math:`-lr\cdot wd_{lh}\cdot w` next to SignSGD's own decoupled :math:`-lr\cdot wd\cdot w`, so
     :math:`wd_{lh} = 0` gives MXNet's numbers.
 
+    Under a distributed kvstore (``dist_sync``) each worker keeps its own ``mom``, updated with its local
+    gradient, and the workers send only the signs of their directions (1 bit per element) and step by
+    the majority vote :math:`v = \mathrm{sign}(\sum_{workers} \mathrm{sign}(mom))` (SignSGD: of
+    :math:`\mathrm{sign}(g)`, stepping by :math:`-lr\cdot v`), as signSGD with majority vote
+    (Bernstein et al., 2019): ``direction`` and ``apply_vote`` are the two halves of the rule.
+
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
     torch.optim has no sign-based optimizer.
@@ -58,9 +64,26 @@ class Signum(Optimizer):
                 1 - lr_wd_lh, 1 - lr_wd - lr_wd_lh)
 
     def kernel(self, w, g, mom, s, seg=None):
+        x, mom = self.direction(w, g, mom, s)
+        return self.apply_vote(w, torch.sign(x), s, mom), mom
+
+    # The rule split in two for distributed training (optzoo.kvstore): each worker computes its local
+    # ``direction``, the workers vote on its sign, and ``apply_vote`` steps by the vote. One worker's own
+    # sign is the single-process rule (``kernel`` is the composition).
+    def direction(self, w, g, mom, s):
+        r"""``(x, new_mom)``: the tensor whose sign is the step: ``mom`` after its update (:math:`\mu > 0`),
+        the raw gradient ``g`` (:math:`\mu = 0`, stepped by :math:`-\mathrm{sign}`)."""
         lr, mu, rg, one_minus_mu, omu_wd, omu_rg, decay_lh, decay = s
         if mom is None:
-            return decay * w - lr * torch.sign(g), None
+            return g, None
         G = one_minus_mu * self._clip(rg * g) if self.clip_gradient else omu_rg * g
         mom = mu * mom - omu_wd * w - G
-        return decay_lh * w + lr * torch.sign(mom), mom
+        return mom, mom
+
+    def apply_vote(self, w, v, s, mom):
+        """The new weight from the (voted) sign ``v`` of ``direction``'s ``x`` (``mom``: the state, None
+        for SignSGD)."""
+        lr, mu, rg, one_minus_mu, omu_wd, omu_rg, decay_lh, decay = s
+        if mom is None:
+            return decay * w - lr * v
+        return decay_lh * w + lr * v

@@ -1,0 +1,232 @@
+"""``dist_sync`` / ``dist_device_sync``: synchronous data parallelism over torch.distributed collectives.
+
+Every step, each worker's gradients are summed over all workers (``allreduce_grads``), then every worker
+runs the same optimizer on the same sums: the weights stay identical everywhere, and ``N`` workers each on
+a slice of a batch equal one process on the whole batch (per-tensor norms of LARS/LAMB, LBSGD's batch
+scale are those of the global gradient). Optimizers with a sign-vote split (Signum, SignSGD) send one
+bit per element instead (``vote``); with ``compression_params={'type': '2bit', ...}`` gradients go as
+MXNet's 2-bit codes.
+
+Gradients of one device and dtype are flattened into buckets of at most ``bucket_bytes`` (25 MB, as DDP)
+and each bucket is one collective; when the gradients already lie back to back in memory (the Trainer's
+fast path keeps them in one flat buffer) the bucket is reduced in place without a copy.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from . import compression as _comp
+from . import signs as _signs
+from ._group import Collectives, timeout_seconds
+from .base import DistributedError, KVStore
+
+__all__ = ["DistSync", "BUCKET_BYTES"]
+
+# torch >= 2.10 renamed all_gather_into_tensor (which now warns)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+#: Bytes of one gradient bucket (DDP's default bucket_cap_mb = 25).
+BUCKET_BYTES = 25 * 1024 * 1024
+
+
+class DistSync(KVStore):
+    """The synchronous distributed store (see the module docstring).
+
+    Parameters
+    ----------
+    type : 'dist_sync' or 'dist_device_sync'
+    timeout : float seconds, optional
+        How long a collective waits for the other workers before raising :class:`DistributedError`;
+        default ``$OPTZOO_DIST_TIMEOUT``, else 300.
+    compression_params : dict, optional
+        ``{'type': '2bit', 'threshold': 0.5}`` (MXNet 1.9.1's only kind).
+    bucket_bytes : int
+        Upper size of one collective's payload.
+
+    ``bytes_sent`` counts the payload bytes this worker contributes to the step collectives (gradient
+    sums, sign bits, 2-bit codes): ``4n`` per step for ``n`` fp32 gradient elements, ``ceil(n/8)`` for
+    signs, ``4 ceil(n/16)`` for 2-bit codes (per bucket). ``control_bytes`` counts the rest (the initial
+    broadcast and consistency check, one byte per parameter per step to agree on which gradients are fresh).
+    """
+
+    update_on_kvstore = False
+
+    def __init__(self, type="dist_sync", timeout=None, compression_params=None, bucket_bytes=BUCKET_BYTES):
+        if type not in ("dist_sync", "dist_device_sync"):
+            raise ValueError(f"type={type!r} is invalid: expected 'dist_sync' or 'dist_device_sync'")
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes={bucket_bytes!r} is invalid: expected an int >= 1")
+        self.type = type
+        self.timeout = timeout_seconds(timeout)
+        self.compression = _comp.parse_compression_params(compression_params)
+        self.bucket_bytes = bucket_bytes
+        self.bytes_sent = 0
+        self.control_bytes = 0
+        self._residuals = {}
+        self._net = None
+
+    # ------------------------------------------------------------------ group
+    @property
+    def rank(self) -> int:
+        return self._net.rank if self._net else (dist.get_rank() if dist.is_initialized() else 0)
+
+    @property
+    def num_workers(self) -> int:
+        return self._net.size if self._net else (dist.get_world_size() if dist.is_initialized() else 1)
+
+    def _connect(self, device_type):
+        if self._net is None:
+            self._net = Collectives(self.type, device_type, self.timeout)
+        return self._net
+
+    def init(self, names, params):
+        """Check that every worker has the same parameter names, shapes and dtypes, then broadcast rank
+        0's values into every worker's parameters (in place)."""
+        types = {p.device.type for p in params}
+        if len(types) != 1:
+            raise ValueError(f"{self.type}: parameters on device types {sorted(types)}: expected one device type")
+        net = self._connect(types.pop())
+        device = self._control_device = params[0].device
+        digest = hashlib.sha256(repr([(n, tuple(p.shape), str(p.dtype)) for n, p in zip(names, params)]).encode())
+        mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.uint8, device=device)
+        every = torch.empty(net.size * 8, dtype=torch.uint8, device=device)
+        net.call("checking the parameters", _all_gather, every, mine)
+        self.control_bytes += 8
+        differ = [r for r, d in enumerate(every.view(net.size, 8)) if not torch.equal(d, every[:8])]
+        if differ:
+            raise DistributedError(f"{self.type}: rank(s) {differ} have other parameter names, shapes or dtypes "
+                                   "than rank 0: every worker must build the same model", differ)
+        with torch.no_grad():
+            for chunk in self._buckets([p.detach() for p in params]):
+                flat, copy_back = _flat(chunk)
+                net.call("broadcasting the parameters", dist.broadcast, flat, src=0)
+                self.control_bytes += flat.numel() * flat.element_size()
+                copy_back()
+
+    # ------------------------------------------------------------------ step collectives
+    def agree(self, flags):
+        """Per-parameter flags ORed over all workers (which gradients are fresh anywhere)."""
+        if self._net is None or not flags:
+            return list(flags)
+        t = torch.tensor([bool(f) for f in flags], dtype=torch.uint8, device=self._control_device)
+        self._net.call("agreeing on fresh gradients", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        self.control_bytes += t.numel()
+        return [bool(f) for f in t.tolist()]
+
+    def allreduce_grads(self, indices, params):
+        """Sum ``p.grad`` over all workers in place (a missing gradient counts as zeros and is created)."""
+        net = self._require()
+        grads = []
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        if self.compression is not None:
+            pos = {id(g): i for i, g in zip(indices, grads)}
+            for chunk in self._buckets(grads):
+                self._allreduce_2bit(net, [pos[id(g)] for g in chunk], chunk)
+            return
+        with torch.no_grad():
+            for chunk in self._buckets(grads):
+                flat, copy_back = _flat(chunk)
+                net.call("summing gradients", dist.all_reduce, flat)
+                self.bytes_sent += flat.numel() * flat.element_size()
+                copy_back()
+
+    def _allreduce_2bit(self, net, indices, grads):
+        th = self.compression.threshold
+        for i, g in zip(indices, grads):
+            r = self._residuals.get(i)
+            if r is None or r.shape != g.shape or r.device != g.device:
+                self._residuals[i] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+        with torch.no_grad():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            res = torch.cat([self._residuals[i].reshape(-1) for i in indices])
+            q, res = _comp.quantize(flat, res, th)
+            for i, part in zip(indices, torch.split(res, [g.numel() for g in grads])):
+                self._residuals[i].copy_(part.view_as(self._residuals[i]))
+            packed = _comp.pack_2bit(q)
+            every = packed.new_empty(net.size * packed.numel())
+            net.call("gathering 2-bit gradients", _all_gather, every, packed)
+            self.bytes_sent += packed.numel()
+            codes = _comp.unpack_2bit(every.view(net.size, -1), flat.numel())
+            # as MXNet's server: dequantise each push and add them in turn
+            total = codes[0].to(flat.dtype) * th
+            for r in range(1, net.size):
+                total = total + codes[r].to(flat.dtype) * th
+            for g, part in zip(grads, torch.split(total, [g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def vote(self, directions):
+        """The majority vote :math:`\\mathrm{sign}(\\sum_r \\mathrm{sign}(x_r))` of every worker's tensors
+        (int8, same shapes), sending one bit per element (0 counts as +1, see :mod:`.signs`)."""
+        net = self._require()
+        out = [None] * len(directions)
+        pos = {id(x): k for k, x in enumerate(directions)}
+        for chunk in self._buckets(directions, element_bytes=0.125):
+            bits = torch.cat([x.reshape(-1) >= 0 for x in chunk])
+            packed = _signs.pack_signs(bits)
+            every = packed.new_empty(net.size * packed.numel())
+            net.call("gathering signs", _all_gather, every, packed)
+            self.bytes_sent += packed.numel()
+            votes = _signs.vote(every.view(net.size, -1), bits.numel())
+            for x, v in zip(chunk, torch.split(votes, [x.numel() for x in chunk])):
+                out[pos[id(x)]] = v.view(x.shape)
+        return out
+
+    def barrier(self):
+        if self._net is not None:
+            self._net.call("waiting at a barrier", dist.barrier)
+
+    def close(self):
+        if self._net is not None:
+            self._net.close()
+            self._net = None
+
+    # ------------------------------------------------------------------ helpers
+    def _require(self):
+        if self._net is None:
+            raise RuntimeError(f"{self.type}: call init(names, params) first (the Trainer does)")
+        return self._net
+
+    def _buckets(self, tensors, element_bytes=None):
+        """Tensors grouped by device and dtype, in order, into chunks of at most ``bucket_bytes``."""
+        groups = {}
+        for t in tensors:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        for members in groups.values():
+            chunk, size = [], 0
+            for t in members:
+                n = t.numel() * (element_bytes or t.element_size())
+                if chunk and size + n > self.bucket_bytes:
+                    yield chunk
+                    chunk, size = [], 0
+                chunk.append(t)
+                size += n
+            if chunk:
+                yield chunk
+
+
+def _flat(tensors):
+    """``(flat, copy_back)``: one flat tensor over ``tensors`` and the function that writes it back; when
+    they are contiguous and back to back in one storage, a view of it (nothing to copy)."""
+    first = tensors[0]
+    offset, ok = first.storage_offset(), True
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or t.storage_offset() != offset:
+            ok = False
+            break
+        offset += t.numel()
+    if ok:
+        start = first.storage_offset()
+        flat = first.new_empty(0).set_(first.untyped_storage(), start, (offset - start,))
+        return flat, lambda: None
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+
+    def copy_back():
+        for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
+    return flat, copy_back
