@@ -16,7 +16,7 @@ import torch
 import optzoo
 from optzoo import _io
 from optzoo.optimizer.updater import dump_optimizer, get_updater
-from optzoo.kvstore import dist_async
+from optzoo.kvstore import dist_async, ps
 from optzoo.kvstore.dist_async import ParameterServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -163,7 +163,7 @@ def _loopback(server, rank=0):
     kv.timeout, kv.rank, kv.num_workers = 5.0, rank, server.num_workers
     kv.pushes_sent = kv.bytes_sent = 0
     kv._names, kv._optimizer, kv._open, kv._joined = None, None, True, False
-    kv._send = lambda method, args: dist_async._answer(server, method, kv.rank, args)
+    kv._send = lambda method, args: ps._answer(server, method, kv.rank, args)
     return kv
 
 
