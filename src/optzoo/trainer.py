@@ -15,6 +15,7 @@ import torch
 
 from . import _io
 from . import kvstore as _kvstore
+from .kvstore.signs import vote_update
 from .optimizer import Optimizer, create, get_updater
 from .optimizer import _tree
 from .optimizer.engine import Runner
@@ -278,45 +279,14 @@ class Trainer:
 
     def _update_indices(self, indices):
         if self._voting(self._kvstore):
-            self._vote_update(indices)
+            vote_update(self._kvstore, self._updater, [self._params[i] for i in indices], indices)
+            self._mark_seen(indices)
             return
         # whole buckets on the fast path; the reference path (on the same views) for the rest
         done = self._fast_path().step(set(indices)) if indices and self._fused is not False else set()
         rest = [i for i in indices if i not in done]
         if rest:
             self._updater(rest, [self._params[i].grad for i in rest], [self._params[i].detach() for i in rest])
-        self._mark_seen(indices)
-
-    def _vote_update(self, indices):
-        """Sign-vote step: each worker's local ``direction`` (its own momentum), the majority vote of their
-        signs through the kvstore, then ``apply_vote`` with the optimizer's own decay terms."""
-        opt, states, synced = self._optimizer, self._updater.states, self._updater.states_synced
-        for i in indices:
-            p = self._params[i]
-            if p.grad is None:  # fresh on another worker only: this one votes with a zero gradient
-                p.grad = torch.zeros_like(p)
-            if i not in states:
-                states[i] = opt.create_state_multi_precision(i, p.detach())
-            elif not synced.get(i, True):
-                states[i] = _tree.to_device(states[i], p.device)
-            synced[i] = True
-        todo = []
-        with torch.no_grad():
-            for i, (lr, wd, t) in zip(indices, opt._count_and_read(indices)):
-                w = self._params[i].detach()
-                if opt._mp(w):
-                    target, inner = opt._split_mp(states[i])
-                else:
-                    target, inner = w, states[i]
-                s = opt.prepare(lr=lr, wd=wd, t=t, index=i, dtype=target.dtype)
-                x, new_inner = opt.direction(target, self._params[i].grad.to(target.dtype), inner, s)
-                _tree.assign(inner, new_inner)
-                todo.append((w, target, inner, s, x))
-            votes = self._kvstore.vote([x for *_, x in todo]) if todo else []
-            for (w, target, inner, s, _), v in zip(todo, votes):
-                target.copy_(opt.apply_vote(target, v.to(target.dtype), s, inner))
-                if target is not w:
-                    w.copy_(target)
         self._mark_seen(indices)
 
     def _fast_path(self):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["packed_size", "pack_signs", "unpack_signs", "vote"]
+from ..optimizer import _tree
+
+__all__ = ["packed_size", "pack_signs", "unpack_signs", "vote", "vote_update"]
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
@@ -47,3 +49,32 @@ def vote(gathered: torch.Tensor, n: int) -> torch.Tensor:
     ``(N, ceil(n/8))``: with :math:`c` workers sending +1, :math:`\\sum_r s_r = 2c - N`."""
     ones = _bits(gathered, n).sum(0, dtype=torch.int32)
     return torch.sign(2 * ones - gathered.shape[0]).to(torch.int8)
+
+
+def vote_update(kv, updater, params, indices) -> None:
+    """One sign-vote step of ``updater``'s optimizer (Signum/SignSGD) on ``params`` (the parameters of
+    ``indices``): each worker's local ``direction`` (its own momentum), the majority vote of the workers'
+    signs through ``kv.vote``, then ``apply_vote`` with the optimizer's own decay terms."""
+    opt, states, synced = updater.optimizer, updater.states, updater.states_synced
+    for i, p in zip(indices, params):
+        if p.grad is None:  # fresh on another worker only: this one votes with a zero gradient
+            p.grad = torch.zeros_like(p)
+        if i not in states:
+            states[i] = opt.create_state_multi_precision(i, p.detach())
+        elif not synced.get(i, True):
+            states[i] = _tree.to_device(states[i], p.device)
+        synced[i] = True
+    todo = []
+    with torch.no_grad():
+        for i, p, (lr, wd, t) in zip(indices, params, opt._count_and_read(indices)):
+            w = p.detach()
+            target, inner = opt._split_mp(states[i]) if opt._mp(w) else (w, states[i])
+            s = opt.prepare(lr=lr, wd=wd, t=t, index=i, dtype=target.dtype)
+            x, new_inner = opt.direction(target, p.grad.to(target.dtype), inner, s)
+            _tree.assign(inner, new_inner)
+            todo.append((w, target, inner, s, x))
+        votes = kv.vote([x for *_, x in todo]) if todo else []
+        for (w, target, inner, s, _), v in zip(todo, votes):
+            target.copy_(opt.apply_vote(target, v.to(target.dtype), s, inner))
+            if target is not w:
+                w.copy_(target)
