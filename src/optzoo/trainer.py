@@ -309,10 +309,7 @@ class Trainer:
         server's states (if the store can)."""
         kv = self._kvstore
         if kv is not None and kv.update_on_kvstore:
-            if not hasattr(kv, "save_optimizer_states"):
-                raise NotImplementedError(f"save_states with kvstore {kv.type!r}: this store cannot save its "
-                                          "optimizer states")
-            kv.save_optimizer_states(fname)
+            _store_method(kv, "save_optimizer_states", "save_states")(fname)
             return
         if kv is None or kv.rank == 0:
             self._save_local(fname)
@@ -338,10 +335,7 @@ class Trainer:
         Under ``dist_sync`` every worker reads the file (it must be readable on every machine)."""
         kv = self._kvstore
         if kv is not None and kv.update_on_kvstore:
-            if not hasattr(kv, "load_optimizer_states"):
-                raise NotImplementedError(f"load_states with kvstore {kv.type!r}: this store cannot load "
-                                          "optimizer states")
-            kv.load_optimizer_states(fname)
+            _store_method(kv, "load_optimizer_states", "load_states")(fname)
             return
         blob = _io.safe_load(fname, _FORMAT, "trainer states")
         mine = type(self._optimizer).__name__
@@ -397,6 +391,14 @@ def _make_kvstore(kvstore, compression_params):
         raise NotImplementedError("compression_params with kvstore='dist_async': optzoo compresses gradients "
                                   "only under 'dist_sync' and 'dist_device_sync'")
     return _kvstore.create(kind, compression_params=compression_params)
+
+
+def _store_method(kv, method, caller):
+    """The store's ``method`` for ``Trainer.<caller>`` when the optimizer states live on the store."""
+    if not hasattr(kv, method):
+        raise NotImplementedError(f"{caller} with kvstore {kv.type!r}: this store keeps the optimizer states "
+                                  f"and has no {method}()")
+    return getattr(kv, method)
 
 
 def _registered_name(opt):
