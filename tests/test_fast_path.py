@@ -14,7 +14,8 @@ from specs import SPECS
 
 #: fused=True: inductor may use FMA and reassociate; measured max relative difference is ~1e-7
 COMPILED_RTOL = 1e-5
-#: compiled LARS/LAMB per-tensor norms over a bucket are fp64 segment sums, not MXNet's sequential fp32 sums
+#: compiled LARS/LAMB per-tensor norms are fp64 row sums, not MXNet's sequential fp32 sums (flag bucket_norms);
+#: compiled GroupAdaGrad row sums are fp64 sums, not Kahan's (flag compiled_row_sums)
 BUCKET_NORM_RTOL = 1e-5
 
 
@@ -70,7 +71,8 @@ def test_eager_buckets_multi_precision(spec):
 
 @pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS])
 def test_compiled_kernels_match_the_reference_path(spec):
-    rtol = max(COMPILED_RTOL, BUCKET_NORM_RTOL) if "bucket_norms" in spec.flags else COMPILED_RTOL
+    reductions = {"bucket_norms", "compiled_row_sums"} & spec.flags
+    rtol = max(COMPILED_RTOL, BUCKET_NORM_RTOL) if reductions else COMPILED_RTOL
     assert_match(run_face(spec, spec.variants[-1], False), run_face(spec, spec.variants[-1], True), rtol)
 
 
@@ -172,3 +174,138 @@ def test_eager_buckets_in_chunks_equal_the_reference_path(spec, variant, monkeyp
     assert_match(run_face(spec, variant, False), run_face(spec, variant, None), 0)
     kw = dict(dtype=torch.float16, multi_precision=True)
     assert_match(run_face(spec, variant, False, **kw), run_face(spec, variant, None, **kw), 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_compiled_sqrt_rn_is_numpys_correctly_rounded_root(dtype):
+    """Inside compiled kernels sqrt_rn is inductor's own root (the processor's IEEE instruction): the same
+    bits as numpy's, every binade, subnormals and the tails of the vector loop included."""
+    import numpy as np
+    from optzoo.optimizer._numerics import sqrt_rn
+    bits = torch.randint(1, 0x7F7FFFFF, (4099,), generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+    x = bits.view(torch.float32).to(dtype)
+    x = x[torch.isfinite(x) & (x > 0)]
+    got = torch.compile(sqrt_rn, dynamic=False)(x)
+    want = torch.from_numpy(np.sqrt(x.float().numpy())).to(dtype)  # fp32 root rounded once more: exact
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("spec,variant", variant_params())
+def test_eager_buckets_under_a_changing_schedule(spec, variant):
+    """A scheduler changes lr between steps: per-index side effects of reading it (LARS's momentum
+    correction sees the change on the first index only, one by one) and Nadam's shared schedule survive
+    reading a bucket's indices together."""
+    from optzoo.lr_scheduler import FactorScheduler
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(0)
+        params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes(spec))}
+        kw = dict(hyper(spec, variant), lr_scheduler=FactorScheduler(step=1, factor=0.7, base_lr=0.05))
+        trainer = optzoo.Trainer(params, spec.name, kw, fused=fused)
+        if "stochastic" in spec.flags:
+            trainer.optimizer._noise = lambda w, lr: torch.zeros_like(w)
+        for _ in range(5):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=gen)
+            trainer.step(2)
+        return [p.detach().clone() for p in params.values()]
+
+    assert_match(run(False), run(None), 0)
+
+
+def test_row_state_buckets_stack_the_rows_of_equal_width_parameters():
+    """GroupAdaGrad keeps one value per row: its buckets hold 2-D parameters, the per-row history flat,
+    and runs of equal column count stacked; the states seen per parameter are views of it."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 4), (6, 2), (3, 4), (5, 4)]]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt = ot.create("groupadagrad", params)
+    opt.step()
+    (bucket,) = opt._runners[0].buckets
+    assert [run[3:5] for run in bucket.segments.runs] == [(3, 4), (6, 2), (8, 4)]
+    assert bucket.state.shape == (17,)
+    assert opt.state[params[1]]["mx_state"].data_ptr() == bucket.state[3:].data_ptr()
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_row_state_fast_path_rejects_weight_decay_before_any_change(fused):
+    params = {f"p{k}_weight": torch.nn.Parameter(torch.randn(3, 4)) for k in range(3)}
+    trainer = optzoo.Trainer(params, "groupadagrad", {"learning_rate": 0.1}, fused=fused)
+    for p in params.values():
+        p.grad = torch.randn(p.shape)
+    trainer.step(1)
+    before = [p.detach().clone() for p in params.values()]
+    counts = dict(trainer.optimizer._index_update_count)
+    trainer.optimizer.wd = 0.1
+    for p in params.values():
+        p.grad = torch.randn(p.shape)
+    with pytest.raises(ValueError, match="weight decay"):
+        trainer.step(1)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, params.values()))
+    assert trainer.optimizer._index_update_count == counts
+
+
+def test_kahan_sum_in_numpy_equals_the_torch_loop():
+    """The numpy loop of kahan_sum (no test for an infinite partial sum, rows that end non-finite summed
+    again with it) gives the bits of the plain loop, overflow and nan included."""
+    from optzoo.optimizer._numerics import _kahan_sum_torch, kahan_sum
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for shape in [(7, 33), (1, 1000), (50, 3), (3, 1), (2, 5, 9)]:
+            x = ((torch.randn(shape, generator=gen) * 10) ** 2).to(dtype)
+            assert torch.equal(kahan_sum(x), _kahan_sum_torch(x))
+    x = torch.tensor([[1e38, 3e38, 1.0, -3e38], [1.0, float("nan"), 2.0, 3.0], [1.0, 2.0, 3.0, 4.0],
+                      [float("inf"), 1.0, 2.0, 3.0]])
+    got, want = kahan_sum(x), _kahan_sum_torch(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(kahan_sum(torch.zeros(2, 0)), torch.zeros(2, 1))  # empty rows sum to 0
+
+
+@pytest.mark.parametrize("fused", [None, True])
+@pytest.mark.parametrize("generator", [False, True], ids=["default_rng", "generator"])
+def test_stochastic_fast_path_draws_the_reference_noise(fused, generator):
+    """SGLD's fast path draws its noise per parameter in index order before the kernel: with the same
+    seed (or generator) it gives the reference path's numbers, noise included (compiled: the drift
+    within the compiled bound, the same draws)."""
+    spec = next(s for s in SPECS if "stochastic" in s.flags)
+
+    def run(mode, seed=11):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(12)
+        params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes(spec))}
+        noise = torch.Generator().manual_seed(seed + 2) if generator else None
+        kw = dict(learning_rate=0.1, wd=0.01, generator=noise)
+        trainer = optzoo.Trainer(params, spec.name, kw, fused=mode)
+        trainer.set_lr_mult({"p1": 0.5})
+        for _ in range(3):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=gen)
+            trainer.step(1)
+        return [p.detach().clone() for p in params.values()]
+
+    ref = run(False)
+    assert not torch.equal(ref[0], run(False, seed=21)[0])  # the noise matters
+    assert_match(ref, run(fused), 0 if fused is None else COMPILED_RTOL)
+
+
+@pytest.mark.parametrize("fused", [None, True])
+def test_accumulating_fast_path_follows_the_reference_through_missing_gradients(fused):
+    """LBSGD with batch_scale > 1: a parameter without a gradient in a step falls behind in its count; the
+    bucket then runs on the reference path until the counts agree again, and the fast path takes over the
+    accumulators the reference path left (same numbers, accumulator dump included)."""
+    pattern = [(1, 1, 1), (1, 0, 1), (0, 1, 0), (1, 1, 1), (1, 1, 1), (1, 1, 1)]
+
+    def run(mode):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(3, 4), (5,), (2, 2)]]
+        opt = ot.create("lbsgd", params, fused=mode, momentum=0.9, batch_scale=3, warmup_epochs=1,
+                        updates_per_epoch=4)
+        for has in pattern:
+            for p, h in zip(params, has):
+                p.grad = torch.randn(p.shape, generator=gen) if h else None
+            opt.step()
+        cum = [opt._inner[0].cumgrads[i]["cum_grad"] for i in range(3)]
+        return [p.detach().clone() for p in params] + [c if isinstance(c, torch.Tensor) else torch.tensor(c)
+                                                       for c in cum]
+
+    assert_match(run(False), run(fused), 0 if fused is None else COMPILED_RTOL)

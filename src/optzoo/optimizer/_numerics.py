@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "sum_sq", "np_sum", "kahan_sum"]
+           "mx_scalar", "sum_sq", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
 # ------------------------------------------------------------------------------------------ sqrt
@@ -61,9 +61,10 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu":
         return x.sqrt()
     if torch.compiler.is_compiling():
-        # inside a compiled fast-path kernel numpy is out of reach: the fp64 root rounds back
-        # correctly for fp32/fp16/bf16 (same argument as above); fp64 keeps torch's (<= 1 ulp)
-        return x.sqrt() if x.dtype == torch.float64 else x.double().sqrt().to(x.dtype)
+        # inside a compiled fast-path kernel numpy is out of reach, and not needed: inductor's C++ computes
+        # an fp32 root with the processor's IEEE instruction (sqrtps; checked against numpy in the tests),
+        # which rounds back correctly for fp16/bf16 (same argument as above); fp64 keeps torch's (<= 1 ulp)
+        return x.sqrt() if x.dtype in (torch.float32, torch.float64) else x.float().sqrt().to(x.dtype)
     wide = x.detach().float() if x.dtype in (torch.float16, torch.bfloat16) else x.detach()
     with np.errstate(invalid="ignore"):  # sqrt of a negative number is nan, as in torch
         return torch.from_numpy(np.asarray(np.sqrt(wide.numpy()))).to(x.dtype)
@@ -141,19 +142,24 @@ def in_dtype(x: float, dtype: torch.dtype) -> float:
     """``x`` as a kernel's ``DType(x)`` holds it (torch keeps float16/bfloat16 scalars in fp32)."""
     if dtype == torch.float64:
         return float(x)
+    if dtype == torch.float32:  # the C cast (round to nearest even), as torch's; ~20x faster than a tensor
+        return _round_f32(float(x))
     return torch.tensor(x, dtype=torch.float64).to(dtype).item()
 
 
+@torch.compiler.assume_constant_result  # Python constants inside compiled kernels (clip bounds)
 def mx_param(x: float, dtype: torch.dtype) -> float:
     """A fused kernel's ``float`` parameter as the kernel uses it on a ``dtype`` tensor."""
     return in_dtype(mx_float(x), dtype)
 
 
+@torch.compiler.assume_constant_result
 def mx_list_param(x: float, dtype: torch.dtype) -> float:
     """An element of a fused kernel's float-list parameter as the kernel uses it on a ``dtype`` tensor."""
     return in_dtype(mx_list_float(x), dtype)
 
 
+@torch.compiler.assume_constant_result
 def mx_scalar(x: float, dtype: torch.dtype) -> float:
     """The scalar of an NDArray op (``w * s``, ``w / s``, ``w + s``) on a ``dtype`` tensor, or a
     ``double`` kernel parameter cast to the kernel's dtype."""
@@ -180,6 +186,17 @@ def sum_sq(x: torch.Tensor) -> float:
     return _round_f32(float(sq.sum(dtype=torch.float64)))
 
 
+def sum_sq_rows(x: torch.Tensor) -> torch.Tensor:
+    """:func:`sum_sq` of every row of a 2-D tensor, as an fp32 ``[rows, 1]`` column: the same values, row by
+    row (fp32/fp16/bf16 on the CPU: one ``add.accumulate`` along the rows, each row summed in order)."""
+    if x.device.type == "cpu" and x.dtype != torch.float64 and x.shape[1] > 0:
+        sq = (x * x).detach().to(torch.float32).numpy()
+        return torch.from_numpy(np.ascontiguousarray(np.add.accumulate(sq, axis=1)[:, -1:]))
+    if x.device.type != "cpu":  # no host sync per row: fp64 row sums rounded to fp32 (within sum_sq's own error)
+        return (x.double() * x.double()).sum(1, keepdim=True).to(torch.float32)
+    return torch.tensor([[sum_sq(row)] for row in x], dtype=torch.float32).reshape(-1, 1)
+
+
 def np_sum(x: torch.Tensor) -> float:
     """``x.asnumpy().sum()`` as numpy 1.23 (MXNet 1.9.1's) computes it, in ``x``'s dtype (LBSGD's
     ``'lars'`` norms): numpy's pairwise sum of each 8192-element buffer, the buffers added in order.
@@ -197,7 +214,34 @@ def kahan_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the last dimension (kept), as MXNet's CPU ``sum``/``mean`` reduce: element after
     element in ``x``'s dtype, with Kahan compensation (mshadow's ``red::sum``). A loop over the last
     dimension, vectorised over the others (GroupAdaGrad's row mean: one step per column).
+
+    fp32/fp64/fp16 CPU tensors loop in numpy, in place (its per-step overhead is a fraction of torch's),
+    without mshadow's test for an infinite partial sum; the rows whose sum is not finite (the only ones
+    where that test can have fired) are summed again with it.
     """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64, torch.float16) or x.numel() == 0:
+        return _kahan_sum_torch(x)
+    flat = x.detach().reshape(-1, x.shape[-1])
+    cols = flat.t().contiguous().numpy()  # torch's transposing copy is the faster one
+    total, residual = np.zeros_like(cols[0]), np.zeros_like(cols[0])
+    y, t = np.empty_like(total), np.empty_like(total)
+    with np.errstate(all="ignore"):  # overflow and nan propagate, as in torch
+        for col in cols:
+            np.subtract(col, residual, out=y)
+            np.add(total, y, out=t)
+            np.subtract(t, total, out=residual)
+            np.subtract(residual, y, out=residual)
+            total, t = t, total
+    out = torch.from_numpy(total)
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        out[bad] = _kahan_sum_torch(flat[bad]).squeeze(-1)
+    return out.reshape(x.shape[:-1] + (1,))
+
+
+def _kahan_sum_torch(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[-1] == 0:  # an empty sum
+        return torch.zeros(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
     cols = x.movedim(-1, 0).contiguous()
     total, residual = torch.zeros_like(cols[0]), torch.zeros_like(cols[0])
     for col in cols:

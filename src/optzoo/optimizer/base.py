@@ -70,6 +70,15 @@ class Optimizer:
     _prepare_per_index = False
     #: Fast path: the kernel reduces or draws per parameter (uses ``seg``), so buckets are not chunked.
     _segment_kernel = False
+    #: Fast path: whether indices with equal counts must still be read one by one (None: as
+    #: ``_prepare_per_index``; LARS and Nadam prepare per index but can be read as a list).
+    _reads_per_index = None
+    #: Fast path: the kernel takes per-parameter noise, drawn before it in index order (SGLD's ``_noise``).
+    _kernel_noise = False
+    # Optional fast-path hooks an optimizer may define (see optzoo.optimizer.engine):
+    #   _check_indices(indices)             the reference path's per-update checks, run before counting
+    #   _bucket_ready(indices) -> bool      whether a bucket updates this step (LBSGD accumulates first)
+    #   _accumulate_bucket(bucket, dtype)   add the bucket's gradients into the optimizer's flat accumulator
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
@@ -188,11 +197,12 @@ class Optimizer:
 
     def _update_count(self, index):
         """Count one update of each index: ``t = count[index]``, ``num_update = max over indices``."""
-        for idx in (index if isinstance(index, (list, tuple)) else [index]):
-            if idx not in self._index_update_count:
-                self._index_update_count[idx] = self.begin_num_update
-            self._index_update_count[idx] += 1
-            self.num_update = max(self._index_update_count[idx], self.num_update)
+        indices = index if isinstance(index, (list, tuple)) else [index]
+        counts, begin = self._index_update_count, self.begin_num_update
+        for idx in indices:
+            counts[idx] = counts.get(idx, begin) + 1
+        if indices:  # counts only grow: the max over the list is MXNet's running max
+            self.num_update = max(self.num_update, max(counts[idx] for idx in indices))
 
     def _multiplied(self, base, indices, attr, mults):
         values = [base] * len(indices)
@@ -280,8 +290,10 @@ class Optimizer:
 
         It runs per tensor (``seg`` None, ``s`` Python numbers) or over a whole contiguous bucket of
         parameters (``seg`` a :class:`~optzoo.optimizer.engine.Segments`; each ``s[k]`` a number or a
-        per-element tensor), eagerly or compiled: elementwise ops, ``engine.sum_sq`` for per-tensor norms,
-        no Python branches on tensor values or on ``s``.
+        per-element tensor), or over a run of equal-sized parameters viewed as ``[k, n]`` rows (``seg``
+        :data:`~optzoo.optimizer.engine.ROWS`; each ``s[k]`` a number or a ``[k, 1]`` column), eagerly or
+        compiled: elementwise ops, ``engine.sum_sq`` for per-tensor norms, no Python branches on tensor
+        values or on ``s``.
         """
         raise NotImplementedError
 

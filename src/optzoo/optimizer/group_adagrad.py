@@ -28,9 +28,11 @@ class GroupAdaGrad(Optimizer):
     The row sum is MXNet's: Kahan-compensated, column after column (:func:`kahan_sum`; a loop of
     :math:`C` vectorised steps, the price of bit-exact parity), then divided by :math:`C`.
 
-    Runs on the reference path only: its state holds one value per row, shape ``(rows, 1)``, not one
-    per element, so it cannot lie in a flat bucket beside the weight, and the row mean is a loop over
-    the columns.
+    Fast path: the buckets hold the history flat, one value per row, and stack the rows of consecutive
+    parameters with the same column count, so one Kahan loop of :math:`C` steps serves all of their rows
+    (``fused=None``: MXNet's bits). Compiled (``fused=True``) the row sums are fp64 sums rounded to the
+    weight dtype instead (Kahan's order is a loop; both are within two ulps of the exact sum of the
+    nonnegative squares).
 
     State: ``history`` :math:`h` of shape ``(rows, 1)``, always **fp32** (MXNet creates it with no
     dtype); multi-precision ``(w32, h)`` through the generic wrapper, as in MXNet. Other weight dtypes
@@ -65,13 +67,25 @@ class GroupAdaGrad(Optimizer):
 
     def _check_state(self, index, weight, state):
         super()._check_state(index, weight, state)
-        wd = self._get_wd(index)
-        if wd != 0:
-            raise ValueError(f"wd for index {index!r} is {wd!r} (wd={self.wd!r} times its wd_mult): "
-                             "GroupAdaGrad does not support weight decay, expected 0")
+        self._check_indices([index])
 
-    def rule(self, w, g, h, *, lr, wd, t, index):
-        D = functools.partial(mx_scalar, dtype=w.dtype)  # scalars as MXNet's NDArray ops see them
-        G = self._clip(g * D(self.rescale_grad))
-        h = (h + kahan_sum(G * G) / G.shape[1]).to(h.dtype)  # MXNet's mean: a Kahan sum, then / C
-        return w - D(lr) * G / sqrt_rn(h + D(self.float_stable_eps)), h
+    def _check_indices(self, indices):
+        """Reject a nonzero effective ``wd`` before anything changes (the fast path calls it per bucket)."""
+        for index, wd in zip(indices, self._get_wds(indices)):
+            if wd != 0:
+                raise ValueError(f"wd for index {index!r} is {wd!r} (wd={self.wd!r} times its wd_mult): "
+                                 "GroupAdaGrad does not support weight decay, expected 0")
+
+    def prepare(self, *, lr, wd, t, index, dtype):
+        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
+        return D(self.rescale_grad), D(lr), D(self.float_stable_eps)
+
+    def kernel(self, w, g, h, s, seg=None):
+        rg, lr, eps = s
+        G = self._clip(g * rg)
+        if torch.compiler.is_compiling():  # compiled: the fp64 row sum rounded (Kahan's order is a loop)
+            row_sum = (G * G).to(torch.float64).sum(1, keepdim=True).to(G.dtype)
+        else:
+            row_sum = kahan_sum(G * G)
+        h = (h + row_sum / G.shape[1]).to(h.dtype)  # MXNet's mean: a Kahan sum, then / C
+        return w - lr * G / sqrt_rn(h + eps), h

@@ -1,10 +1,12 @@
 """LAMB, layer-wise adaptive moments (MXNet ``lamb``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import in_dtype, mx_float, mx_list_param, mx_param, sqrt_rn
+from ._numerics import in_dtype, mx_list_param, mx_param, sqrt_rn
 from .base import Optimizer
 from .engine import sum_sq
 from .registry import register
@@ -89,24 +91,25 @@ class LAMB(Optimizer):
         b1, b2, eps, rg = (mx_param(x, dtype) for x in (self.beta1, self.beta2, self.epsilon, self.rescale_grad))
         # beta^t is std::pow in double, rounded to the weight dtype
         c1, c2 = (1 - in_dtype(b1 ** t, dtype), 1 - in_dtype(b2 ** t, dtype)) if self.bias_correction else (1, 1)
-        return b1, b2, eps, rg, mx_list_param(lr, dtype), mx_list_param(wd, dtype), c1, c2
+        # the bounds of r1, fp32 fields that MXNet passes only when truthy (else no bound: 0 and inf)
+        lb = mx_param(self.lower_bound, torch.float32) if self.lower_bound else 0.0
+        ub = mx_param(self.upper_bound, torch.float32) if self.upper_bound else math.inf
+        return b1, b2, eps, rg, mx_list_param(lr, dtype), mx_list_param(wd, dtype), c1, c2, lb, ub
 
     def kernel(self, w, g, state, s, seg=None):
-        b1, b2, eps, rg, lr, wd, c1, c2 = s
+        b1, b2, eps, rg, lr, wd, c1, c2, lb, ub = s
         m, v = state
         G = self._clip(g * rg)
         m = b1 * m + (1 - b1) * G
         v = b2 * v + (1 - b2) * G * G
         m_hat, v_hat = (m / c1, v / c2) if self.bias_correction else (m, v)
         # the kernel's sqrt is the double one, which widens the rest of u's expression to fp64; u is
-        # then stored in an fp32 temporary
-        wide = torch.float64
+        # then stored in an fp32 temporary. Compiled (held to 1e-5, not to bits), u is fp32 math: the fp64
+        # divisions and roots would make the fused loop compute-bound
+        wide = torch.float32 if torch.compiler.is_compiling() and w.dtype != torch.float64 else torch.float64
         u = (m_hat.to(wide) / (sqrt_rn(v_hat.to(wide)) + eps) + (wd * w).to(wide)).to(torch.float32)
         r1, r2 = sqrt_rn(sum_sq(w, seg)), sqrt_rn(sum_sq(u, seg))  # fp32 values
-        if self.lower_bound:  # MXNet passes a bound only when it is truthy
-            r1 = r1.clamp(min=mx_float(self.lower_bound))  # fp32 constants, as _clip's bound
-        if self.upper_bound:
-            r1 = r1.clamp(max=mx_float(self.upper_bound))
+        r1 = r1.clamp(min=lb, max=ub)  # no-ops when unset: r1 >= 0 (or nan, which clamp keeps)
         # lr * (r1 / r2): the fp32 ratio times lr in double, rounded once to the weight dtype
         lr = torch.where((r1 != 0) & (r2 != 0), ((r1 / r2).to(wide) * lr).to(w.dtype), lr)
         return w - lr * u.to(w.dtype), (m, v)

@@ -66,6 +66,7 @@ class LARS(Optimizer):
     _mp_master_first = False
     aggregate_num = 4
     _prepare_per_index = True  # the exclusion by name and the momentum correction are per index
+    _reads_per_index = False   # ... but a list read leaves each index the lr pair one-by-one reads would
 
     _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
 
@@ -79,6 +80,7 @@ class LARS(Optimizer):
         self.last_lr = None
         self.cur_lr = None
         self._lr_pairs = {}  # index -> (last_lr, cur_lr) of its latest read, for prepare
+        self._prepared = {}  # prepare's scalars by their inputs
 
     def set_wd_mult(self, args_wd_mult):
         """As :meth:`Optimizer.set_wd_mult`, but only names ending in ``_weight`` keep weight decay."""
@@ -91,11 +93,18 @@ class LARS(Optimizer):
 
     def _get_lrs(self, indices):
         # MXNet tracks the global lr here, at every read; each index keeps the pair its read left, for
-        # prepare (the fast path reads every index of a bucket before preparing any of them)
+        # prepare (the fast path reads every index of a bucket before preparing any of them). A list is
+        # read as one read per index (the fast path reads a list only when its indices' counts agree, so
+        # that one by one they would read this same lr): the first index may see a changed lr, the others
+        # (lr, lr)
         lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
-        self.last_lr = lr if self.cur_lr is None else self.cur_lr
-        self.cur_lr = lr
-        self._lr_pairs.update(dict.fromkeys(indices, (self.last_lr, self.cur_lr)))
+        if indices:
+            self.last_lr = lr if self.cur_lr is None else self.cur_lr
+            self.cur_lr = lr
+            self._lr_pairs[indices[0]] = (self.last_lr, lr)
+            if len(indices) > 1:
+                self.last_lr = lr
+                self._lr_pairs.update(dict.fromkeys(indices[1:], (lr, lr)))
         return self._multiplied(lr, indices, "lr_mult", self.lr_mult)
 
     def create_state(self, index, weight):
@@ -103,13 +112,23 @@ class LARS(Optimizer):
 
     def prepare(self, *, lr, wd, t, index, dtype):
         last_lr, cur_lr = self._lr_pairs.pop(index, (self.last_lr, self.cur_lr))
+        scaled = 0.0 if self.idx2name.get(index, str(index)).endswith(_NO_LARS) else 1.0
+        key = (lr, wd, last_lr, cur_lr, scaled, dtype, self.momentum, self.momentum_correction, self.eta, self.eps,
+               self.rescale_grad)
+        s = self._prepared.get(key)
+        if s is None:  # the same for most indices of a step: computed once
+            if len(self._prepared) > 4096:
+                self._prepared.clear()
+            s = self._prepared[key] = self._prepare(lr, wd, last_lr, cur_lr, scaled, dtype)
+        return s
+
+    def _prepare(self, lr, wd, last_lr, cur_lr, scaled, dtype):
         mu = self.momentum
         if self.momentum_correction and last_lr != 0:
             mu = mu * (cur_lr / last_lr)
         # MXNet hands lr and wd to multi_lars and the SGD kernel as fp32 arrays; multi_lars is fp32 math
         lr, wd = in_dtype(lr, torch.float32), in_dtype(wd, torch.float32)
         eta, eps, rg32 = mx_float(self.eta), mx_float(self.eps), mx_float(self.rescale_grad)
-        scaled = 0.0 if self.idx2name.get(index, str(index)).endswith(_NO_LARS) else 1.0
         return (mx_param(mu, dtype), lr, wd, in_dtype(lr * eta, torch.float32), eps, rg32,
                 mx_param(self.rescale_grad, dtype), scaled)
 

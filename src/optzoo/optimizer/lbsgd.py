@@ -42,10 +42,11 @@ class LBSGD(Optimizer):
     ``{'cum_grad', 'num_cums'}``). MXNet keeps a reference to the first gradient of a large batch;
     optzoo copies it. MXNet uses :math:`\rho = 1` for an unknown ``warmup_strategy``; optzoo rejects it.
 
-    Runs on the reference path only: whether a call moves the weight at all is decided per parameter
-    in Python (``num_cums % batch_scale``), the accumulators are optimizer attributes rather than
-    bucketable states, and the ``'lars'`` multiplier is a numpy sum, so there is no single elementwise
-    kernel to run over a bucket.
+    Fast path: a bucket whose parameters all have the same accumulation count (they all step or all
+    accumulate in a call) adds its gradients into one flat accumulator (each ``cum_grad`` a view of it)
+    and, when the weights step, runs the SGD step over the bucket; the numbers are the reference path's.
+    A bucket whose counts differ (a parameter missed a gradient) and the ``'lars'`` warmup (a numpy sum
+    per tensor) run on the reference path.
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
@@ -114,18 +115,80 @@ class LBSGD(Optimizer):
         self.cumgrads[index] = entry
         return entry
 
+    def _scalars(self, lr, wd, dtype):
+        """The SGD step's scalars: ``sgd(_mom)_update``'s float parameters and their products."""
+        lr, wd, mu, rg = (mx_param(x, dtype) for x in (lr, wd, self.momentum, self.rescale_grad))
+        return mu, lr, lr * wd, 1 - in_dtype(lr * wd, dtype), rg, in_dtype(lr * rg, dtype), self.batch_scale
+
     def rule(self, w, g, mom, *, lr, wd, t, index):
         entry = self._cumulate(index, g)
         if entry["num_cums"] % self.batch_scale != 0:
             return None, None
-        grad = entry["cum_grad"] / self.batch_scale
         if self.warmup_strategy == "lars":
-            lr = lr * self._get_lars(w, grad, wd)
+            lr = lr * self._get_lars(w, entry["cum_grad"] / self.batch_scale, wd)
         else:
             lr = lr * self._get_lbmult(entry["num_cums"])
-        entry["cum_grad"] = 0  # num_cums is not reset (MXNet)
-        lr, wd, mu = (mx_param(x, w.dtype) for x in (lr, wd, self.momentum))  # sgd(_mom)_update's parameters
+        cum, entry["cum_grad"] = entry["cum_grad"], 0  # num_cums is not reset (MXNet)
+        return self.kernel(w, cum, mom, self._scalars(lr, wd, w.dtype))
+
+    def kernel(self, w, g, mom, s, seg=None):
+        """The SGD step from the accumulated gradient ``g`` (the sum of ``batch_scale`` gradients)."""
+        mu, lr, lr_wd, decay, rg, lr_rg, scale = s
+        grad = g / scale
+        step = lr * self._clip(rg * grad) if self.clip_gradient else lr_rg * grad  # = _rescaled_clipped(grad, lr)
         if mom is None:
-            return (1 - in_dtype(lr * wd, w.dtype)) * w - self._rescaled_clipped(grad, lr), None
-        mom = mu * mom - (lr * wd) * w - self._rescaled_clipped(grad, lr)
+            return decay * w - step, None
+        mom = mu * mom - lr_wd * w - step
         return w + mom, mom
+
+    # ------------------------------------------------------------------ the fast path
+    # The engine runs LBSGD over a bucket when all its indices have the same accumulation count (so they
+    # all step or all accumulate) and the warmup is not 'lars' (whose multiplier needs per-tensor numpy
+    # sums): prepare counts each index's call, _accumulate_bucket adds the bucket's gradients into a flat
+    # accumulator (cum_grad becomes a view of it) and hands it to the kernel when the weights step.
+    _prepare_per_index = True  # prepare advances each index's accumulation count
+
+    def _bucket_ready(self, indices):
+        if self.warmup_strategy == "lars":
+            return False
+        counts = {self.cumgrads[i]["num_cums"] if i in self.cumgrads else None for i in indices}
+        return len(counts) == 1
+
+    def prepare(self, *, lr, wd, t, index, dtype):
+        entry = self.cumgrads.get(index)
+        num = entry["num_cums"] + 1 if entry and entry["num_cums"] > 0 else self.init_updates + 1
+        self.cumgrads[index] = {"cum_grad": entry["cum_grad"] if entry else None, "num_cums": num}
+        return self._scalars(lr * self._get_lbmult(num), wd, dtype)
+
+    def _accumulate_bucket(self, bucket, dtype):
+        """Add the bucket's gradients into its accumulator as ``_cumulate`` does per index; returns the
+        accumulated gradients when this call steps the weights (their ``cum_grad`` is then reset to 0),
+        else None."""
+        acc = bucket.__dict__.get("_accumulator")
+        if acc is None or acc.dtype != dtype:
+            acc = bucket._accumulator = torch.zeros(bucket.segments.total, dtype=dtype, device=bucket.g.device)
+            bucket._accumulator_views = [bucket.view(k, acc) for k in range(len(bucket.indices))]
+        entries = [self.cumgrads[i] for i in bucket.indices]
+        kinds = []
+        for entry, view in zip(entries, bucket._accumulator_views):
+            prev = entry["cum_grad"]
+            if isinstance(prev, torch.Tensor):
+                if prev is not view:  # accumulated by the reference path meanwhile
+                    view.copy_(prev)
+                kinds.append("add")
+            else:  # None: the first gradient (cloned); 0: the first after a step (0 + g, as MXNet)
+                kinds.append("clone" if prev is None else "zero")
+            entry["cum_grad"] = view
+        g = bucket.g
+        if kinds.count(kinds[0]) == len(kinds):
+            {"add": acc.add_, "clone": acc.copy_, "zero": lambda x: torch.add(x, 0, out=acc)}[kinds[0]](g)
+        else:
+            for kind, view, o, n in zip(kinds, bucket._accumulator_views, bucket.offsets, bucket.segments.sizes):
+                part = g[o:o + n].view(view.shape)
+                view.add_(part) if kind == "add" else view.copy_(part) if kind == "clone" else \
+                    torch.add(part, 0, out=view)
+        if entries[0]["num_cums"] % self.batch_scale != 0:
+            return None
+        for entry in entries:
+            entry["cum_grad"] = 0
+        return acc

@@ -55,6 +55,8 @@ class Nadam(Optimizer):
 
     #: prepare() advances the shared m_schedule: once per index, in index order, also over a bucket
     _prepare_per_index = True
+    #: ... but its reads have no side effect: indices with equal counts are read together
+    _reads_per_index = False
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, schedule_decay=0.004,
                  **kwargs):
@@ -64,20 +66,32 @@ class Nadam(Optimizer):
         self.epsilon = check_nonnegative("epsilon", epsilon)
         self.schedule_decay = check_nonnegative("schedule_decay", schedule_decay)
         self.m_schedule = 1.0
+        self._prepared = {}  # prepare's scalars but the schedule's, by their inputs
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v
 
     def prepare(self, *, lr, wd, t, index, dtype):
+        key = (lr, wd, t, dtype, self.rescale_grad, self.beta1, self.beta2, self.epsilon, self.schedule_decay)
+        fixed = self._prepared.get(key)
+        if fixed is None:  # everything but the shared schedule: the same for most indices of a step
+            if len(self._prepared) > 1024:
+                self._prepared.clear()
+            fixed = self._prepared[key] = self._prepare_fixed(lr, wd, t, dtype)
+        mu_t, mu_t1, (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, mu_t1_, one_minus_b2_t, lr,
+                      eps) = fixed
+        self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
+        m_schedule_next = self.m_schedule * mu_t1
+        return (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, mx_scalar(1.0 - self.m_schedule, dtype),
+                mu_t1_, mx_scalar(1.0 - m_schedule_next, dtype), one_minus_b2_t, lr, eps)
+
+    def _prepare_fixed(self, lr, wd, t, dtype):
         D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
         b1, b2, psi = self.beta1, self.beta2, self.schedule_decay
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_t1 = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
-        self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
-        m_schedule_next = self.m_schedule * mu_t1
-        return (D(self.rescale_grad), D(wd), D(b1), D(1.0 - b1), D(b2), D(1.0 - b2), D(1.0 - mu_t),
-                D(1.0 - self.m_schedule), D(mu_t1), D(1.0 - m_schedule_next), D(1.0 - b2 ** t), D(lr),
-                D(self.epsilon))
+        return mu_t, mu_t1, (D(self.rescale_grad), D(wd), D(b1), D(1.0 - b1), D(b2), D(1.0 - b2), D(1.0 - mu_t),
+                             D(mu_t1), D(1.0 - b2 ** t), D(lr), D(self.epsilon))
 
     def kernel(self, w, g, state, s, seg=None):
         (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, one_minus_M, mu_t1, one_minus_M_next,

@@ -26,11 +26,10 @@ class SGLD(Optimizer):
     the weight's device (reproducible with ``torch.manual_seed``). MXNet draws from its own global
     RNG, so its noise values cannot be reproduced; only their distribution is the same.
 
-    The fast path draws the same values eagerly (``fused=None``: one draw per parameter, in order;
-    only where learning rates differ within a bucket is the scale the root of ``lr`` rounded to the
-    weight dtype, an ulp off at most). Compiled (``fused=True``) it draws once per bucket, from
-    torch.compile's own generator (seeded by torch's default one) or, given ``generator``, eagerly at
-    a graph break: the same distribution, other values.
+    The fast path makes the same draws: before a bucket's kernel runs it calls :meth:`_noise` once per
+    parameter, in index order, into a flat noise buffer that the (eager or compiled) kernel adds. The
+    same seed or ``generator`` therefore gives the reference path's noise bit for bit, with
+    ``fused=None`` and ``fused=True`` alike.
 
     State: None; multi-precision ``(w32, None)`` (the noise is then drawn in float32).
 
@@ -47,7 +46,8 @@ class SGLD(Optimizer):
 
     capabilities = frozenset({"multi_precision", "stochastic"})
 
-    _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
+    #: the fast path draws the noise before the kernel, with ``_noise`` per parameter, and appends it to ``s``
+    _kernel_noise = True
 
     def __init__(self, generator=None, **kwargs):
         super().__init__(**kwargs)
@@ -76,14 +76,8 @@ class SGLD(Optimizer):
         return D(self.rescale_grad), D(-lr / 2), D(wd), lr
 
     def kernel(self, w, g, state, s, seg=None):
-        rg, neg_half_lr, wd, lr = s
+        rg, neg_half_lr, wd, lr, *drawn = s
         G = self._clip(g * rg)
         w = w + neg_half_lr * (G + wd * w)
-        if seg is None or torch.compiler.is_compiling():
-            return w + self._noise(w, lr), None
-        # eagerly over a bucket: one draw per parameter, in index order, as the reference path draws
-        noise, o = [], 0
-        for n in seg.sizes:
-            noise.append(self._noise(w[o:o + n], lr[o:o + n] if isinstance(lr, torch.Tensor) and lr.dim() else lr))
-            o += n
-        return w + torch.cat(noise), None
+        # the fast path draws beforehand (the same _noise calls, in index order) and hands the noise over
+        return w + (drawn[0] if drawn else self._noise(w, lr)), None
