@@ -156,8 +156,11 @@ def markdown_report(results) -> str:
            f"- peers: torch.optim {m['torch']}; pytorch-optimizer: {results['pytorch_optimizer']}; "
            f"MXNet: {results['mxnet'].get('version') or results['mxnet'].get('status')}",
            "- ms = median step time; first = the first call (state creation; compilation for fused=True); "
-           "GB/s = bytes moved (B/elt x elements) / ms; x Adam GB/s = GB/s / torch fused Adam's GB/s on the "
-           "same workload (> 1 is faster); x peer / x MXNet time = ms / the peer's ms (< 1 is faster)", ""]
+           "GB/s = bytes moved (B/elt x elements) / ms; x Adam GB/s = (B/elt / Adam's 28) / r, where r is the "
+           "median ratio of this step's time to torch fused Adam's step timed right before it, on the same "
+           "workload (> 1 is faster); x peer time = r / the peer's own r (< 1 is faster): ratios from "
+           "back-to-back steps, robust to the machine's drifting speed, so they need not equal ms / peer ms; "
+           "x MXNet time = ms / MXNet's ms (separate process, < 1 is faster)", ""]
     for key, w in results["workloads"].items():
         out += [f"## {w['describe']}", "", _baseline_line(results, key), ""]
         head, body = _table(results, key)
