@@ -14,11 +14,12 @@ NAMES = ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")
 CONFIGS = [
     ("sgd", "sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 1e-3}, None, 64),
     ("adam", "adam", {"learning_rate": 0.01, "wd": 1e-3}, False, None),
-    ("lamb", "lamb", {"learning_rate": 0.01, "wd": 1e-2}, False, 64),
+    ("lamb", "lamb", {"learning_rate": 0.01, "wd": 1e-2}, None, 64),
     ("lbsgd", "lbsgd", {"learning_rate": 0.1, "momentum": 0.9, "batch_scale": 2, "warmup_epochs": 2,
                         "updates_per_epoch": 2}, None, None),
     ("lars", "lars", {"learning_rate": 0.1, "momentum": 0.9, "eta": 0.01, "wd": 1e-3}, False, 100),
     ("nag", "nag", {"learning_rate": 0.05, "momentum": 0.9}, None, None),
+    ("adamc", "adam", {"learning_rate": 0.01, "wd": 1e-3}, True, None),
 ]
 
 
