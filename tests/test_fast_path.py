@@ -83,22 +83,29 @@ def test_trainer_fast_path_with_per_parameter_multipliers(spec, chunk, monkeypat
     from optzoo.optimizer import engine
     if chunk:
         monkeypatch.setattr(engine, "EAGER_CHUNK", chunk)
-    def run(fused):
-        gen = torch.Generator().manual_seed(0)
-        params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes(spec))}
-        trainer = optzoo.Trainer(params, spec.name, hyper(spec, spec.variants[-1]), fused=fused)
+    def multipliers(trainer):
         trainer.set_lr_mult({"p1": 0.5})
         if "no_wd" not in spec.flags:
             trainer.set_wd_mult({"p2": 0.0})
-        if "stochastic" in spec.flags:
-            trainer.optimizer._noise = lambda w, lr: torch.zeros_like(w)
-        for _ in range(4):
-            for p in params.values():
-                p.grad = torch.randn(p.shape, generator=gen)
-            trainer.step(2)
-        return [p.detach().clone() for p in params.values()]
 
-    assert_match(run(False), run(None), 0)
+    kw = hyper(spec, spec.variants[-1])
+    assert_match(train(spec, kw, False, 4, multipliers), train(spec, kw, None, 4, multipliers), 0)
+
+
+def train(spec, kw, fused, steps, setup=None):
+    """Weights after ``steps`` Trainer steps on seeded gradients (SGLD's noise off), ``setup(trainer)`` first."""
+    gen = torch.Generator().manual_seed(0)
+    params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes(spec))}
+    trainer = optzoo.Trainer(params, spec.name, kw, fused=fused)
+    if setup is not None:
+        setup(trainer)
+    if "stochastic" in spec.flags:
+        trainer.optimizer._noise = lambda w, lr: torch.zeros_like(w)
+    for _ in range(steps):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen)
+        trainer.step(2)
+    return [p.detach().clone() for p in params.values()]
 
 
 def test_buckets_make_parameters_and_grads_views():
@@ -197,20 +204,10 @@ def test_eager_buckets_under_a_changing_schedule(spec, variant):
     reading a bucket's indices together."""
     from optzoo.lr_scheduler import FactorScheduler
 
-    def run(fused):
-        gen = torch.Generator().manual_seed(0)
-        params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes(spec))}
-        kw = dict(hyper(spec, variant), lr_scheduler=FactorScheduler(step=1, factor=0.7, base_lr=0.05))
-        trainer = optzoo.Trainer(params, spec.name, kw, fused=fused)
-        if "stochastic" in spec.flags:
-            trainer.optimizer._noise = lambda w, lr: torch.zeros_like(w)
-        for _ in range(5):
-            for p in params.values():
-                p.grad = torch.randn(p.shape, generator=gen)
-            trainer.step(2)
-        return [p.detach().clone() for p in params.values()]
+    def kw():  # a scheduler object per run: it is stateful
+        return dict(hyper(spec, variant), lr_scheduler=FactorScheduler(step=1, factor=0.7, base_lr=0.05))
 
-    assert_match(run(False), run(None), 0)
+    assert_match(train(spec, kw(), False, 5), train(spec, kw(), None, 5), 0)
 
 
 def test_row_state_buckets_stack_the_rows_of_equal_width_parameters():
