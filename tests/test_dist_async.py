@@ -250,14 +250,17 @@ def test_trainer_steps_through_the_store(tmp_path):
                 p.grad = torch.randn(p.shape, generator=gen)
             trainer.step(4)
 
+    def same_steps(a, pa, b, pb, n):  # both get the same gradients
+        state = gen.get_state()
+        steps(a, pa, n)
+        gen.set_state(state)
+        steps(b, pb, n)
+        for x, y in zip(pa, pb):
+            assert torch.equal(x, y)
+
     remote, rparams = make(_loopback(ParameterServer(1)))
     local, lparams = make(None)
-    state = gen.get_state()
-    steps(remote, rparams, 3)
-    gen.set_state(state)
-    steps(local, lparams, 3)
-    for a, b in zip(rparams, lparams):
-        assert torch.equal(a, b)
+    same_steps(remote, rparams, local, lparams, 3)
     assert remote.kvstore.pushes_sent == 3
     with pytest.raises(RuntimeError, match="updates on the kvstore"):
         remote.update(4)
@@ -265,12 +268,7 @@ def test_trainer_steps_through_the_store(tmp_path):
     # resume: the model's weights first (the first worker registers them), then the server's states
     again, aparams = make(_loopback(ParameterServer(1)), dict(zip(init, rparams)))
     again.load_states(tmp_path / "t.states")
-    state = gen.get_state()
-    steps(remote, rparams, 2)
-    gen.set_state(state)
-    steps(again, aparams, 2)
-    for a, b in zip(rparams, aparams):
-        assert torch.equal(a, b)
+    same_steps(remote, rparams, again, aparams, 2)
 
 
 # ============================================================================ real processes
