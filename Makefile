@@ -23,7 +23,7 @@ test: setup
 demo: setup
 	$(PY) -m optzoo demo --out demo-out
 
-# The benchmark (about 10 minutes on 2 cores): tables on stdout, bench/results/, and bench/README.md's table.
+# The benchmark (6-9 minutes on 2 cores): tables on stdout, bench/results/, and bench/README.md's table.
 bench: setup
 	$(PY) -m optzoo.bench --readme bench/README.md
 

@@ -120,3 +120,11 @@ def test_mxnet_subprocess(tmp_path):
     for row in data["rows"]:
         _check_positive(row["mxnet"], ["ms", "first_ms"])
         _check_positive(row, ["vs_mxnet"])
+
+
+def test_a_partial_run_never_overwrites_the_full_results():
+    parse_args = bench.parse_args
+    assert parse_args([]).out == "bench/results"
+    for argv in (["--workloads", "single"], ["--optimizers", "adam"], ["--fused", "true"], ["--scale", "0.5"]):
+        assert parse_args(argv).out == "bench/results/partial", argv
+    assert parse_args(["--scale", "0.5", "--out", "/elsewhere"]).out == "/elsewhere"

@@ -3,6 +3,7 @@
 The end-to-end demo run is in test_demo.py.
 """
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,12 @@ def test_missing_demo_extra_is_a_clear_message(monkeypatch, capsys, tmp_path):
     assert cli.main(["demo", "--optimizers", "sgd", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "pip install 'optzoo[demo]'" in err and "matplotlib" in err
+
+
+def test_list_into_a_closed_pipe_ends_quietly():
+    """`optzoo list | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = f"{shlex.quote(sys.executable)} -m optzoo list | head -1"
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.stdout.startswith("Every optimizer")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr

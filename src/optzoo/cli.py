@@ -9,6 +9,7 @@ Bad arguments end with a message naming the argument and exit status 2 (no trace
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +19,8 @@ from . import optimizer
 __all__ = ["main", "build_parser"]
 
 _FUSED = {"none": None, "true": True, "false": False}
-_DEMO_EXTRA = "optzoo demo needs matplotlib, pillow and rich (the 'demo' extra): pip install 'optzoo[demo]'"
+_DEMO_EXTRA = ("optzoo demo needs matplotlib, pillow and rich (the 'demo' extra): pip install 'optzoo[demo]' "
+               "(from a source checkout: pip install '.[demo]')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,9 +151,13 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "list":
-        return _list()
-    return _demo(args.parser, args)
+    try:
+        if args.command == "list":
+            return _list()
+        return _demo(args.parser, args)
+    except BrokenPipeError:  # `optzoo list | head`: the reader is gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

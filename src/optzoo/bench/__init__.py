@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", type=float, default=1.0, help="seconds of timed steps per measurement, about")
     p.add_argument("--tries", type=int, default=1, help="measurements per row, each on freshly allocated "
                                                         "weights and states; the fastest is reported")
-    p.add_argument("--out", default="bench/results", help="directory for latest.json and latest.md")
+    p.add_argument("--out", default=None, help="directory for latest.json and latest.md (default: bench/results for "
+                                                "the full run, bench/results/partial for any other)")
     p.add_argument("--readme", default=None, help="also put the latest table into this markdown file, between "
                                                    "its <!-- bench:latest:start/end --> markers")
     p.add_argument("--render", default=None, metavar="JSON",
@@ -87,6 +88,9 @@ def parse_args(argv=None):
         make_workload("single", args.scale)  # validates --scale
     except ValueError as exc:
         p.error(str(exc))
+    if args.out is None:  # a partial run never overwrites the committed full results
+        full = all(getattr(args, k) == p.get_default(k) for k in ("workloads", "optimizers", "fused", "scale"))
+        args.out = "bench/results" if full or args.render else "bench/results/partial"
     return args
 
 
