@@ -261,6 +261,7 @@ class Bucket:
         self.segments = Segments(sizes, self.device, rows)
         self.offsets = self.segments.offsets[:-1]
         self._grad_views = None
+        self._buffers = {}
         with torch.no_grad():
             self.w = torch.empty(self.segments.total, dtype=self.dtype, device=self.device)
             self.g = torch.zeros_like(self.w)
@@ -293,6 +294,15 @@ class Bucket:
                 return flat[o:o + seg.row_counts[k]].view(seg.row_counts[k], 1)
             return flat
         return tuple(self.view(k, f) for f in flat)
+
+    def buffer(self, name, dtype):
+        """``(flat, views)``: a scratch tensor the size of the bucket (zeros when made, then kept across
+        steps; made anew when asked in another dtype) and its per-parameter views."""
+        got = self._buffers.get(name)
+        if got is None or got[0].dtype != dtype:
+            flat = torch.zeros(self.segments.total, dtype=dtype, device=self.device)
+            got = self._buffers[name] = (flat, [self.view(k, flat) for k in range(len(self.indices))])
+        return got
 
     def state_of(self, k):
         return self.view(k, self.state)
@@ -441,11 +451,8 @@ class Runner:
         """A stochastic kernel's noise, drawn before it runs: the optimizer's own ``_noise(weight, lr)`` per
         parameter, in index order, into a flat buffer that the kernel gets as its last scalar (the
         reference path's draws, the same generator calls in the same order)."""
-        buf = bucket.__dict__.get("_noise_buffer")
-        if buf is None or buf.dtype != w.dtype:
-            buf = bucket._noise_buffer = torch.empty(bucket.segments.total, dtype=w.dtype, device=w.device)
-        for p, o, n, (lr, _, _) in zip(bucket.params, bucket.offsets, bucket.segments.sizes, read):
-            part = buf[o:o + n].view(p.shape)
+        buf, parts = bucket.buffer("noise", w.dtype)
+        for part, (lr, _, _) in zip(parts, read):
             part.copy_(self.optimizer._noise(part, lr))
         return buf
 
@@ -507,11 +514,12 @@ def update_lists(opt, indices, weights, grads, states) -> bool:
     return True
 
 
-class _ListBucket:
+class _ListBucket(Bucket):
     """A Bucket over copies: the flat concatenation of separate tensors, written back after the step."""
 
-    def __init__(self, indices, weights, grads, states):
+    def __init__(self, indices, weights, grads, states):  # not Bucket's: the tensors stay where they are
         self.indices, self.params = list(indices), list(weights)
+        self.dtype, self.device, self._buffers = weights[0].dtype, weights[0].device, {}
         self.segments = Segments([w.numel() for w in weights], weights[0].device)
         self.offsets = self.segments.offsets[:-1]
         self.w = torch.cat([w.reshape(-1) for w in weights])

@@ -164,13 +164,10 @@ class LBSGD(Optimizer):
         """Add the bucket's gradients into its accumulator as ``_cumulate`` does per index; returns the
         accumulated gradients when this call steps the weights (their ``cum_grad`` is then reset to 0),
         else None."""
-        acc = bucket.__dict__.get("_accumulator")
-        if acc is None or acc.dtype != dtype:
-            acc = bucket._accumulator = torch.zeros(bucket.segments.total, dtype=dtype, device=bucket.g.device)
-            bucket._accumulator_views = [bucket.view(k, acc) for k in range(len(bucket.indices))]
+        acc, views = bucket.buffer("lbsgd_cum_grad", dtype)
         entries = [self.cumgrads[i] for i in bucket.indices]
         kinds = []
-        for entry, view in zip(entries, bucket._accumulator_views):
+        for entry, view in zip(entries, views):
             prev = entry["cum_grad"]
             if isinstance(prev, torch.Tensor):
                 if prev is not view:  # accumulated by the reference path meanwhile
@@ -183,7 +180,7 @@ class LBSGD(Optimizer):
         if kinds.count(kinds[0]) == len(kinds):
             {"add": acc.add_, "clone": acc.copy_, "zero": lambda x: torch.add(x, 0, out=acc)}[kinds[0]](g)
         else:
-            for kind, view, o, n in zip(kinds, bucket._accumulator_views, bucket.offsets, bucket.segments.sizes):
+            for kind, view, o, n in zip(kinds, views, bucket.offsets, bucket.segments.sizes):
                 part = g[o:o + n].view(view.shape)
                 view.add_(part) if kind == "add" else view.copy_(part) if kind == "clone" else \
                     torch.add(part, 0, out=view)
