@@ -285,6 +285,17 @@ class Optimizer:
         update count ``t``, for tensors of ``dtype``: the Python half of an MXNet update."""
         raise NotImplementedError
 
+    def _memo(self, key, make):
+        """``make()``, remembered by ``key``: prepare's scalars, the same for most indices of a step, are
+        computed once (the key must hold every input, hyperparameters included)."""
+        memo = self.__dict__.setdefault("_prepared", {})
+        s = memo.get(key)
+        if s is None:
+            if len(memo) >= 4096:  # keys hold lr, wd or t: schedules and counts make new ones every step
+                memo.clear()
+            s = memo[key] = make()
+        return s
+
     def kernel(self, w, g, state, s, seg=None):
         """The tensor half of the rule: ``(new_w, new_state)`` from ``s = prepare(...)``; never mutates.
 

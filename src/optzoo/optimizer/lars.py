@@ -80,7 +80,6 @@ class LARS(Optimizer):
         self.last_lr = None
         self.cur_lr = None
         self._lr_pairs = {}  # index -> (last_lr, cur_lr) of its latest read, for prepare
-        self._prepared = {}  # prepare's scalars by their inputs
 
     def set_wd_mult(self, args_wd_mult):
         """As :meth:`Optimizer.set_wd_mult`, but only names ending in ``_weight`` keep weight decay."""
@@ -115,12 +114,7 @@ class LARS(Optimizer):
         scaled = 0.0 if self.idx2name.get(index, str(index)).endswith(_NO_LARS) else 1.0
         key = (lr, wd, last_lr, cur_lr, scaled, dtype, self.momentum, self.momentum_correction, self.eta, self.eps,
                self.rescale_grad)
-        s = self._prepared.get(key)
-        if s is None:  # the same for most indices of a step: computed once
-            if len(self._prepared) > 4096:
-                self._prepared.clear()
-            s = self._prepared[key] = self._prepare(lr, wd, last_lr, cur_lr, scaled, dtype)
-        return s
+        return self._memo(key, lambda: self._prepare(lr, wd, last_lr, cur_lr, scaled, dtype))
 
     def _prepare(self, lr, wd, last_lr, cur_lr, scaled, dtype):
         mu = self.momentum

@@ -66,18 +66,13 @@ class Nadam(Optimizer):
         self.epsilon = check_nonnegative("epsilon", epsilon)
         self.schedule_decay = check_nonnegative("schedule_decay", schedule_decay)
         self.m_schedule = 1.0
-        self._prepared = {}  # prepare's scalars but the schedule's, by their inputs
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v
 
     def prepare(self, *, lr, wd, t, index, dtype):
         key = (lr, wd, t, dtype, self.rescale_grad, self.beta1, self.beta2, self.epsilon, self.schedule_decay)
-        fixed = self._prepared.get(key)
-        if fixed is None:  # everything but the shared schedule: the same for most indices of a step
-            if len(self._prepared) > 1024:
-                self._prepared.clear()
-            fixed = self._prepared[key] = self._prepare_fixed(lr, wd, t, dtype)
+        fixed = self._memo(key, lambda: self._prepare_fixed(lr, wd, t, dtype))  # all but the shared schedule
         mu_t, mu_t1, (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, mu_t1_, one_minus_b2_t, lr,
                       eps) = fixed
         self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
