@@ -142,11 +142,11 @@ class DistSync(KVStore):
             if r is None or r.shape != g.shape or r.device != g.device:
                 self._residuals[i] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
         with torch.no_grad():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            res = torch.cat([self._residuals[i].reshape(-1) for i in indices])
-            q, res = _comp.quantize(flat, res, th)
-            for i, part in zip(indices, torch.split(res, [g.numel() for g in grads])):
-                self._residuals[i].copy_(part.view_as(self._residuals[i]))
+            flat, grads_back = _flat(grads)
+            res, residuals_back = _flat([self._residuals[i] for i in indices])
+            q, new_res = _comp.quantize(flat, res, th)
+            res.copy_(new_res)
+            residuals_back()
             packed = _comp.pack_2bit(q)
             every = packed.new_empty(net.size * packed.numel())
             net.call("gathering 2-bit gradients", _all_gather, every, packed)
@@ -156,8 +156,8 @@ class DistSync(KVStore):
             total = codes[0].to(flat.dtype) * th
             for r in range(1, net.size):
                 total = total + codes[r].to(flat.dtype) * th
-            for g, part in zip(grads, torch.split(total, [g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+            flat.copy_(total)
+            grads_back()
 
     def vote(self, directions):
         """The majority vote :math:`\\mathrm{sign}(\\sum_r \\mathrm{sign}(x_r))` of every worker's tensors
