@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "sum_sq", "sum_sq_rows", "np_sum", "kahan_sum"]
+           "mx_scalar", "ROWS", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
 # ------------------------------------------------------------------------------------------ sqrt
@@ -250,3 +250,33 @@ def _kahan_sum_torch(x: torch.Tensor) -> torch.Tensor:
         residual = torch.where(torch.isinf(t), 0.0, (t - total) - y)
         total = t
     return total.unsqueeze(-1)
+
+
+# ------------------------------------------------------------------------------------------ kernel reductions
+class Rows:
+    """The ``seg`` of a kernel call over one run of a bucket: ``[k, n]`` views whose k rows are parameters of
+    n elements each (or, for per-row states, the rows of 2-D parameters of n columns), per-parameter scalars
+    as ``[k, 1]`` columns; per-tensor (per-row) sums are row sums."""
+
+    def __repr__(self):
+        return "ROWS"
+
+
+ROWS = Rows()
+
+
+def sum_sq_of(x, seg=None):
+    """:math:`\\sum x^2` per tensor as an fp32 value, for the norms of LARS and LAMB.
+
+    Per tensor (``seg`` None): a 0-d tensor holding MXNet's own sequential fp32 sum
+    (:func:`sum_sq`). Over the rows of a run (``seg`` :data:`ROWS`): a
+    ``[k, 1]`` column of the rows' sums: MXNet's sequential fp32 sums again when eager on the CPU
+    (numpy's ``add.accumulate`` along the rows); compiled (or on other devices), accumulated in fp64 and
+    rounded to fp32 (MXNet's order cannot be vectorised; this is within the sequential sum's rounding
+    error of it).
+    """
+    if seg is None:
+        return torch.tensor(sum_sq(x), dtype=torch.float32, device=x.device)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():  # eager: MXNet's sums, row by row
+        return sum_sq_rows(x)
+    return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)

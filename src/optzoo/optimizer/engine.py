@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from . import _numerics, _tree
+from ._numerics import ROWS, sum_sq_of as sum_sq
 
 __all__ = ["Bucket", "ROWS", "Runner", "Segments", "sum_sq", "supports_buckets"]
 
@@ -85,35 +86,6 @@ class Segments:
             return part
         counts = torch.tensor(self.row_counts[first:stop], device=part.device)
         return torch.repeat_interleave(part, counts, dim=0, output_size=sum(self.row_counts[first:stop]))
-
-
-class Rows:
-    """The ``seg`` of a kernel call over one run of a bucket: ``[k, n]`` views whose k rows are parameters of
-    n elements each (or, for per-row states, the rows of 2-D parameters of n columns), per-parameter scalars
-    as ``[k, 1]`` columns; per-tensor (per-row) sums are row sums."""
-
-    def __repr__(self):
-        return "ROWS"
-
-
-ROWS = Rows()
-
-
-def sum_sq(x, seg=None):
-    """:math:`\\sum x^2` per tensor as an fp32 value, for the norms of LARS and LAMB.
-
-    Per tensor (``seg`` None): a 0-d tensor holding MXNet's own sequential fp32 sum
-    (:func:`~optzoo.optimizer._numerics.sum_sq`). Over the rows of a run (``seg`` :data:`ROWS`): a
-    ``[k, 1]`` column of the rows' sums: MXNet's sequential fp32 sums again when eager on the CPU
-    (numpy's ``add.accumulate`` along the rows); compiled (or on other devices), accumulated in fp64 and
-    rounded to fp32 (MXNet's order cannot be vectorised; this is within the sequential sum's rounding
-    error of it).
-    """
-    if seg is None:
-        return torch.tensor(_numerics.sum_sq(x), dtype=torch.float32, device=x.device)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():  # eager: MXNet's sums, row by row
-        return _numerics.sum_sq_rows(x)
-    return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)
 
 
 _COMPILED = {}

@@ -6,9 +6,8 @@ import math
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import in_dtype, mx_list_param, mx_param, sqrt_rn
+from ._numerics import in_dtype, mx_list_param, mx_param, sqrt_rn, sum_sq_of as sum_sq
 from .base import Optimizer
-from .engine import sum_sq
 from .registry import register
 
 

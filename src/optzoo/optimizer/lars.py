@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_number, check_unit_interval
-from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn
+from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn, sum_sq_of as sum_sq
 from .base import LOW_PRECISION, Optimizer
-from .engine import sum_sq
 from .registry import register
 
 #: Parameters whose name ends like this keep the plain learning rate (biases, BatchNorm gamma/beta).
