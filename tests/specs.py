@@ -12,6 +12,10 @@ A fixture *case* is one optimizer configuration run for ``len(SEQUENCE)`` update
 
 Keys of ``lr_mult`` / ``wd_mult`` are ints (indices) or strings (names from ``param_idx2name``, whose
 keys are written as strings in JSON and turned back into ints by ``load_case``).
+
+An *aggregated* case (``aggregated_cases()``, for specs flagged "aggregated") is the same dict with six
+parameters (``AGG_SHAPES``) and, instead of ``sequence``, ``calls``: per step, the index list that one
+Updater call hands over (MXNet's Updater cuts it into update calls of ``aggregate_num`` indices).
 """
 from __future__ import annotations
 
@@ -55,6 +59,24 @@ COMMON = {
 #: The commons run with every variant after the first (the first variant runs with all of COMMON).
 VARIANT_COMMON = ("plain", "clip", "fp16_mp", "cosine")
 
+#: Aggregated cases: six fp32 parameters of mixed shapes, all stepped by one Updater call per step (so
+#: SGD and LARS, aggregate_num 4, get calls of 4 + 2 indices; LAMB, 45, one of 6), in index order on even
+#: steps and reversed on odd ones, under schedulers that change the lr at every step.
+AGG_SHAPES = [[3, 4], [5], [2, 3, 2], [7], [4, 4], [1]]
+AGG_STEPS = 10
+AGG_CALLS = [list(range(6)) if s % 2 == 0 else list(range(5, -1, -1)) for s in range(AGG_STEPS)]
+AGG_COMMON = {
+    # biases, gamma and beta inside both calls (LARS: no trust ratio, no weight decay for them)
+    "names": {"kwargs": {"wd": 0.01, "rescale_grad": 0.5, "param_idx2name": {
+        0: "fc0_weight", 1: "fc0_bias", 2: "conv_weight", 3: "bn_gamma", 4: "fc1_weight", 5: "bn_beta"}},
+        "scheduler": {"class": "FactorScheduler", "kwargs": {"step": 1, "factor": 0.8, "base_lr": SCHED_LR}}},
+    "clip_mult": {"kwargs": {"wd": 0.02, "clip_gradient": 0.3, "rescale_grad": 2.0},
+                  "lr_mult": [[0, 0.5], [4, 2.0]], "wd_mult": [[5, 3.0]],
+                  "scheduler": {"class": "PolyScheduler", "kwargs": {
+                      "max_update": 12, "base_lr": SCHED_LR, "pwr": 2, "final_lr": 0.001, "warmup_steps": 3,
+                      "warmup_begin_lr": 0.01, "warmup_mode": "linear"}}},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
@@ -85,8 +107,14 @@ class Spec:
         "compiled_row_sums" compiled (fused=True) row sums are fp64 sums rounded to the weight dtype, not
                       MXNet's Kahan sums (within two ulps of the exact sum of nonnegative squares; eager
                       buckets keep MXNet's): compiled within 1e-5
+        "moves_on_zero_grad" a zero gradient moves the weights (torch's "no-op on zero grad" does not hold):
+                      Adamax divides 0 by 0 (MXNet's u = max(b2*u, |g|) has no epsilon), FTRL sets w from its
+                      thresholded z (0 where |z| <= lamda1)
         "fp32_trust_ratio" in fp64 the trust ratio's norms differ from MXNet's by fp64_norms' rounding,
                       which 30 Trainer steps amplify: Trainer fp64 parity within 1e-7 (measured 7.7e-9)
+        "aggregated"  MXNet's Updater hands it lists of indices (its aggregate_num > 0: one update call per
+                      aggregate_num indices, multi-tensor kernels): aggregated fixture cases, replayed
+                      through optzoo's Updater (tests/test_aggregated_parity.py)
     shapes: the two parameters' shapes.
     skip_common: COMMON names that do not apply.
     """
@@ -104,7 +132,7 @@ def _unit(*names):
 
 
 SPECS = [
-    Spec("sgd", ({}, {"momentum": 0.9}), bad=_unit("momentum")),
+    Spec("sgd", ({}, {"momentum": 0.9}), bad=_unit("momentum"), flags=frozenset({"aggregated"})),
     Spec("nag", ({}, {"momentum": 0.9}), bad=_unit("momentum")),
     Spec("signum", ({}, {"momentum": 0.8, "wd_lh": 0.01}, {"momentum": 0.0}),
          bad=_unit("momentum") + (({"wd_lh": -1.0}, "ValueError", "wd_lh"),)),
@@ -120,7 +148,7 @@ SPECS = [
     Spec("lars", ({"momentum": 0.9, "eta": 0.01}, {"momentum": 0.8, "eta": 0.001, "eps": 1e-8,
                                                    "momentum_correction": False}),
          bad=_unit("momentum") + (({"eta": -1.0}, "ValueError", "eta"), ({"eps": -1.0}, "ValueError", "eps")),
-         flags=frozenset({"fp16_norms", "fp64_norms", "bucket_norms"})),
+         flags=frozenset({"aggregated", "fp16_norms", "fp64_norms", "bucket_norms"})),
     Spec("dcasgd", ({}, {"lamda": 0.5}), bad=_unit("momentum") + (({"lamda": -1.0}, "ValueError", "lamda"),)),
     Spec("sgld", ({},), flags=frozenset({"stochastic"})),
     Spec("adagrad", ({}, {"eps": 1e-5}), bad=(({"eps": -1.0}, "ValueError", "eps"),),
@@ -134,18 +162,19 @@ SPECS = [
          bad=_unit("rho") + (({"epsilon": -1.0}, "ValueError", "epsilon"),), flags=frozenset({"no_lr", "fp32_state"})),
     Spec("adam", ({}, {"beta1": 0.8, "beta2": 0.99, "epsilon": 1e-6}),
          bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),)),
-    Spec("adamax", ({}, {"beta1": 0.8, "beta2": 0.99}), bad=_unit("beta1", "beta2")),
+    Spec("adamax", ({}, {"beta1": 0.8, "beta2": 0.99}), bad=_unit("beta1", "beta2"),
+         flags=frozenset({"moves_on_zero_grad"})),
     Spec("nadam", ({}, {"beta1": 0.8, "schedule_decay": 0.01}),
          bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),)),
     Spec("ftrl", ({}, {"lamda1": 0.5, "beta": 0.5}),
          bad=(({"lamda1": -1.0}, "ValueError", "lamda1"), ({"beta": -1.0}, "ValueError", "beta")),
-         flags=frozenset({"fp32_state"})),
+         flags=frozenset({"fp32_state", "moves_on_zero_grad"})),
     Spec("ftml", ({}, {"beta1": 0.7, "beta2": 0.9}),
          bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),)),
     Spec("lamb", ({}, {"bias_correction": False}, {"lower_bound": 0.1, "upper_bound": 2.0}),
          bad=_unit("beta1", "beta2") + (({"epsilon": -1.0}, "ValueError", "epsilon"),
                                         ({"lower_bound": -1.0}, "ValueError", "lower_bound")),
-         flags=frozenset({"fp32_trust_ratio", "fp16_weight_norm", "fp64_norms", "bucket_norms"})),
+         flags=frozenset({"aggregated", "fp32_trust_ratio", "fp16_weight_norm", "fp64_norms", "bucket_norms"})),
     Spec("groupadagrad", ({}, {"eps": 1e-3}), bad=(({"eps": -1.0}, "ValueError", "eps"),
                                                    ({"wd": 0.1}, "ValueError", "wd")),
          flags=frozenset({"no_wd", "fp32_state", "compiled_row_sums"}), shapes=((3, 4), (6, 2))),
@@ -177,6 +206,22 @@ def cases(spec=None):
             for common_name in (COMMON if vi == 0 else VARIANT_COMMON):
                 if common_name not in s.skip_common:
                     out.append(_case(s, vi, variant, common_name))
+    return out
+
+
+def aggregated_cases():
+    """Every aggregated fixture case: each variant of each "aggregated" spec with each AGG_COMMON option."""
+    out = []
+    for s in SPECS:
+        if "aggregated" not in s.flags:
+            continue
+        for vi, variant in enumerate(s.variants):
+            for ci, (common_name, common) in enumerate(AGG_COMMON.items()):
+                out.append({"id": f"{s.name}-v{vi}-agg_{common_name}", "optimizer": s.name,
+                            "kwargs": {**common.get("kwargs", {}), **variant}, "scheduler": common.get("scheduler"),
+                            "lr_mult": common.get("lr_mult", []), "wd_mult": common.get("wd_mult", []),
+                            "param_dict": [], "dtype": "float32", "shapes": AGG_SHAPES, "calls": AGG_CALLS,
+                            "seed": 2000 + 17 * vi + ci})
     return out
 
 

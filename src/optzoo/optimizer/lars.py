@@ -29,9 +29,14 @@ class LARS(Optimizer):
         \mu > 0:\quad & mom \leftarrow \mu'\,mom - lr'\,wd\cdot w - lr'\,G,\qquad w \leftarrow w + mom
 
     :math:`lr_{cur}` and :math:`lr_{last}` are the *global* learning rates (scheduler or ``lr``, before
-    multipliers) of this call and of the previous one (``cur_lr`` / ``last_lr``; on the first call
-    both are the current one). The correction (Goyal et al., 2017) keeps the lr-scaled buffer
-    consistent when a scheduler changes the learning rate.
+    multipliers) of this ``update`` call and of the previous one (``cur_lr`` / ``last_lr``; on the first
+    call both are the current one). The correction (Goyal et al., 2017) keeps the lr-scaled buffer
+    consistent when a scheduler changes the learning rate. As in MXNet, the pair moves once per
+    ``update`` call, and every index of a list call gets the same :math:`\mu'` (a list whose indices'
+    update counts differ is read index by index, see :meth:`Optimizer.update`). MXNet's Updater (and so
+    its Trainer) hands LARS lists of up to ``aggregate_num = 4`` indices per call: of 6 parameters
+    stepped together, indices 0-3 get the corrected :math:`\mu'` and indices 4-5, in the step's second
+    call, :math:`lr_{last} = lr_{cur}`, i.e. :math:`\mu`. ``get_updater`` cuts lists the same way.
 
     Parameters whose name (``param_idx2name[index]``, else ``str(index)``) ends in ``gamma``, ``beta``
     or ``bias`` get :math:`\lambda = 1`. With ``param_idx2name``, only names ending in ``_weight``
@@ -61,13 +66,17 @@ class LARS(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("mom",)  # the state's tensors, as the docstring names them
+
     capabilities = frozenset({"multi_precision", "aggregated"})
     _mp_master_first = False
     aggregate_num = 4
-    _prepare_per_index = True  # the exclusion by name and the momentum correction are per index
-    _reads_per_index = False   # ... but a list read leaves each index the lr pair one-by-one reads would
+    _counts_call_at_once = True  # MXNet's LARS._update_impl: one count of the call, one lr read
+    _prepare_advances = True   # prepare takes each index's lr pair (and its exclusion by name)
+    _step_vars = Optimizer._step_vars + ("last_lr", "cur_lr")
+    _reads_per_index = False   # a list with equal counts is read whole, as MXNet's one read (see _get_lrs)
 
-    _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
+    _segment_kernel = True  # per-tensor norms: packed parameters run as rows of equal-sized parameters
 
     def __init__(self, momentum=0.0, lazy_update=True, eta=0.001, eps=0, momentum_correction=True, **kwargs):
         super().__init__(**kwargs)
@@ -78,7 +87,7 @@ class LARS(Optimizer):
         self.momentum_correction = bool(momentum_correction)
         self.last_lr = None
         self.cur_lr = None
-        self._lr_pairs = {}  # index -> (last_lr, cur_lr) of its latest read, for prepare
+        self._lr_pairs = {}  # index -> the (last_lr, cur_lr) of its latest read, until prepare takes it
 
     def set_wd_mult(self, args_wd_mult):
         """As :meth:`Optimizer.set_wd_mult`, but only names ending in ``_weight`` keep weight decay."""
@@ -90,19 +99,16 @@ class LARS(Optimizer):
         self.wd_mult.update(args_wd_mult)
 
     def _get_lrs(self, indices):
-        # MXNet tracks the global lr here, at every read; each index keeps the pair its read left, for
-        # prepare (the fast path reads every index of a bucket before preparing any of them). A list is
-        # read as one read per index (the fast path reads a list only when its indices' counts agree, so
-        # that one by one they would read this same lr): the first index may see a changed lr, the others
-        # (lr, lr)
+        # MXNet's LARS reads the global lr once per update call, after counting the whole list:
+        # last_lr <- cur_lr (the lr itself the first time), cur_lr <- lr, and the call's kernel corrects
+        # the momentum of every index by cur_lr / last_lr. A list read is that one read: every index
+        # gets the pair, and keeps it until prepare takes it (the fast path reads a list whole before
+        # preparing any index).
         lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
         if indices:
             self.last_lr = lr if self.cur_lr is None else self.cur_lr
             self.cur_lr = lr
-            self._lr_pairs[indices[0]] = (self.last_lr, lr)
-            if len(indices) > 1:
-                self.last_lr = lr
-                self._lr_pairs.update(dict.fromkeys(indices[1:], (lr, lr)))
+            self._lr_pairs.update(dict.fromkeys(indices, (self.last_lr, lr)))
         return self._multiplied(lr, indices, "lr_mult", self.lr_mult)
 
     def create_state(self, index, weight):

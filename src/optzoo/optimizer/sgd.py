@@ -32,9 +32,12 @@ class SGD(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("mom",)  # the state's tensors, as the docstring names them
+
     capabilities = frozenset({"multi_precision", "aggregated"})
     _mp_master_first = False
     aggregate_num = 4
+    _counts_call_at_once = True  # MXNet's multi_sgd path: one count of the call, one lr read
 
     def __init__(self, momentum=0.0, lazy_update=True, **kwargs):
         super().__init__(**kwargs)
