@@ -29,6 +29,15 @@ non-elementwise steps are the same. Four things differ, and this module undoes t
 4. **Reductions** follow MXNet's summation order: :func:`sum_sq` (``multi_sum_sq``, the LARS and
    LAMB norms), :func:`np_sum` (numpy 1.23's sum, LBSGD) and :func:`kahan_sum` (``mean``, GroupAdaGrad).
 
+5. **Low precision without a master copy** is where optzoo departs from MXNet. Its fp16 kernels round
+   every scalar to fp16 (bf16 it does not run at all), which breaks the rules with bias corrections
+   or schedules: bf16(0.999) is 1, so ``1 - beta2^t`` is 0 and LAMB and FTML divide by it, Adam's
+   ``1 - beta2`` is 0 and its ``v`` never moves; an epsilon of 1e-8 is 0 in fp16. Those rules (Adam,
+   Adamax, Nadam, FTML, LAMB) compute in :func:`compute_dtype`, fp32 for fp16/bf16 weights: the
+   weight, gradient and states are read as fp32, the scalars are fp32 values (``1 - beta^t`` from
+   :func:`one_minus_pow`: in double, rounded once), and only what is stored is rounded back. Signum
+   (``1 - mu``) and GroupAdaGrad (its epsilon) hold their scalars in fp32 and keep their arithmetic.
+
 Every parser maps a Python float to a Python float (the exact value the kernel holds), so a rule still
 reads as its equations. One operation on two kernel scalars (``1 - beta``, ``lr * wd``) needs no
 helper: it is exact in a Python double, and torch's one rounding when it meets the tensor is the
@@ -45,7 +54,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "ROWS", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
+           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
 # ------------------------------------------------------------------------------------------ sqrt
@@ -166,6 +175,24 @@ def mx_scalar(x: float, dtype: torch.dtype) -> float:
     return in_dtype(mx_double(x), dtype)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a rule with bias corrections or schedules computes in on ``dtype`` weights, and holds its
+    scalars in: the weight dtype, fp32 for float16/bfloat16 (item 5 above)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def one_minus_pow(beta: float, t: int, dtype: torch.dtype) -> float:
+    """A bias correction ``1 - beta^t`` (``beta`` a parsed parameter) as the rule on ``dtype`` weights uses it.
+
+    fp32/fp64: MXNet's, ``beta^t`` (``std::pow`` in double) rounded to the weight dtype, then ``1 -`` in that
+    dtype. fp16/bf16: in double, rounded once to fp32; rounding ``beta^t`` first would leave it 1 (item 5).
+    """
+    if compute_dtype(dtype) != dtype:
+        return _round_f32(1.0 - beta ** t)
+    return in_dtype(1.0 - in_dtype(beta ** t, dtype), dtype)
+
+
 # ------------------------------------------------------------------------------------------ reductions
 def sum_sq(x: torch.Tensor) -> float:
     """``sum(x*x)`` as MXNet's CPU ``multi_sum_sq`` computes it (the norms of LARS and LAMB): squares in
@@ -254,7 +281,7 @@ def _kahan_sum_torch(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ kernel reductions
 class Rows:
-    """The ``seg`` of a kernel call over one run of a bucket: ``[k, n]`` views whose k rows are parameters of
+    """The ``seg`` of a kernel call over one run of a pack: ``[k, n]`` views whose k rows are parameters of
     n elements each (or, for per-row states, the rows of 2-D parameters of n columns), per-parameter scalars
     as ``[k, 1]`` columns; per-tensor (per-row) sums are row sums."""
 
@@ -265,18 +292,50 @@ class Rows:
 ROWS = Rows()
 
 
+class Whole:
+    """The ``seg`` of a compiled kernel call over one whole parameter viewed 1-D: per-tensor sums are full
+    reductions (which the compiler splits across threads)."""
+
+    def __repr__(self):
+        return "WHOLE"
+
+
+WHOLE = Whole()
+
+
+class Shards:
+    """The ``seg`` of a kernel call on the local shard of a sharded parameter (FSDP2's DTensor): per-tensor
+    sums are the whole parameter's, the local sums added over ``groups`` (the process groups of the mesh
+    dimensions the parameter is sharded over)."""
+
+    def __init__(self, groups):
+        self.groups = list(groups)
+
+    def __repr__(self):
+        return f"Shards({len(self.groups)} groups)"
+
+
 def sum_sq_of(x, seg=None):
     """:math:`\\sum x^2` per tensor as an fp32 value, for the norms of LARS and LAMB.
 
     Per tensor (``seg`` None): a 0-d tensor holding MXNet's own sequential fp32 sum
-    (:func:`sum_sq`). Over the rows of a run (``seg`` :data:`ROWS`): a
+    (:func:`sum_sq`). On a shard (``seg`` a :class:`Shards`): the whole parameter's sum, accumulated in
+    fp64 across the shards. Over the rows of a run (``seg`` :data:`ROWS`): a
     ``[k, 1]`` column of the rows' sums: MXNet's sequential fp32 sums again when eager on the CPU
     (numpy's ``add.accumulate`` along the rows); compiled (or on other devices), accumulated in fp64 and
     rounded to fp32 (MXNet's order cannot be vectorised; this is within the sequential sum's rounding
     error of it).
     """
-    if seg is None:
+    if seg is None and x.device.type == "cpu":
         return torch.tensor(sum_sq(x), dtype=torch.float32, device=x.device)
+    if seg is None or seg is WHOLE:  # (on an accelerator: on the device, no host round trip)  # one parameter, compiled: the fp64 sum rounded to fp32, as over ROWS
+        return (x.to(torch.float64) * x.to(torch.float64)).sum().to(torch.float32)
+    if isinstance(seg, Shards):  # a shard: the fp64 sum of every shard's fp64 sum, rounded once (no host copy)
+        import torch.distributed as dist
+        total = (x.to(torch.float64) * x.to(torch.float64)).sum()
+        for group in seg.groups:
+            dist.all_reduce(total, group=group)
+        return total.to(torch.float32)
     if x.device.type == "cpu" and not torch.compiler.is_compiling():  # eager: MXNet's sums, row by row
         return sum_sq_rows(x)
     return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import mx_param, sqrt_rn
+from ._numerics import compute_dtype, mx_param, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -29,6 +29,11 @@ class Adam(Optimizer):
 
     State: ``(mean, var)`` in the weight dtype; multi-precision ``(w32, (mean32, var32))``.
 
+    fp16/bf16 weights without ``multi_precision`` are updated in fp32, scalars included, and rounded
+    back when stored (see ``_numerics``, item 5). This departs from MXNet 1.9.1, whose fp16 kernel
+    computes in fp16, where :math:`\epsilon = 10^{-8}` is 0; in bf16, :math:`\beta_2 = 0.999` would be 1
+    and :math:`v` would never move.
+
     Differs from ``torch.optim.Adam``: epsilon is added to :math:`\sqrt{v}` *before* bias correction
     (torch adds it to :math:`\sqrt{\hat v}`), and ``wd`` is added to the gradient before clipping.
 
@@ -42,6 +47,8 @@ class Adam(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    state_names = ("mean", "var")  # the state's tensors, as the docstring names them
+
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, lazy_update=True, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.beta1 = check_unit_interval("beta1", beta1)
@@ -54,13 +61,17 @@ class Adam(Optimizer):
 
     def prepare(self, *, lr, wd, t, index, dtype):
         lr_t = lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)  # in double, as MXNet's Python side
-        P = functools.partial(mx_param, dtype=dtype)  # adam_update's float parameters
-        return P(self.beta1), P(self.beta2), P(self.epsilon), P(self.rescale_grad), P(lr_t), P(wd)
+        P = functools.partial(mx_param, dtype=compute_dtype(dtype))  # adam_update's float parameters
+        b1, b2 = P(self.beta1), P(self.beta2)
+        # 1 - beta (the kernel's 1.f - beta) as a scalar of its own: where an executor holds the scalars in
+        # the weight dtype, bf16(0.999) is 1 but bf16(0.001) is not 0
+        return b1, 1 - b1, b2, 1 - b2, P(self.epsilon), P(self.rescale_grad), P(lr_t), P(wd)
 
     def kernel(self, w, g, state, s, seg=None):
-        b1, b2, eps, rg, lr_t, wd = s
-        m, v = state
+        b1, one_minus_b1, b2, one_minus_b2, eps, rg, lr_t, wd = s
+        ct = compute_dtype(w.dtype)  # fp32 for fp16/bf16 weights: see the docstring
+        w, g, m, v = (x.to(ct) for x in (w, g, *state))
         G = self._clip(g * rg + w * wd)
-        m = b1 * m + (1 - b1) * G
-        v = b2 * v + (1 - b2) * G * G
+        m = b1 * m + one_minus_b1 * G
+        v = b2 * v + one_minus_b2 * G * G
         return w - lr_t * m / (sqrt_rn(v) + eps), (m, v)

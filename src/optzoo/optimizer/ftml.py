@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import in_dtype, mx_param, mx_scalar, sqrt_rn
+from ._numerics import compute_dtype, in_dtype, mx_param, mx_scalar, one_minus_pow, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -30,6 +30,9 @@ class FTML(Optimizer):
     As in MXNet's kernel every scalar, :math:`t` and the powers :math:`\beta^t` included, is a value of
     the weight dtype (``lr``, ``wd``, :math:`\beta_1`, :math:`\beta_2`, ``rescale_grad`` and the clip
     bound are fp32 parameters first, :math:`\epsilon` a double one), and the arithmetic is in that dtype.
+    Except for fp16/bf16 weights without ``multi_precision``, which are updated in fp32, scalars and
+    :math:`1-\beta^t` included, and rounded back when stored (see ``_numerics``, item 5): in bf16,
+    MXNet's :math:`\beta_2^t` is 1 and :math:`1-\beta_2^t` is 0, and in fp16 :math:`\epsilon` is 0.
 
     torch.optim has no FTML. Note that :math:`w` is not moved by a step but re-solved from the
     accumulators: :math:`z` and :math:`d` carry the whole history (with a time-varying ``lr``, each
@@ -44,6 +47,8 @@ class FTML(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("d", "v", "z")  # the state's tensors, as the docstring names them
+
     def __init__(self, beta1=0.6, beta2=0.999, epsilon=1e-8, **kwargs):
         super().__init__(**kwargs)
         self.beta1 = check_unit_interval("beta1", beta1)
@@ -54,19 +59,22 @@ class FTML(Optimizer):
         return (torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(weight))  # d, v, z
 
     def prepare(self, *, lr, wd, t, index, dtype):
-        P = functools.partial(mx_param, dtype=dtype)  # ftml_update's float parameters
+        ct = compute_dtype(dtype)  # fp32 for fp16/bf16 weights: see the docstring
+        P = functools.partial(mx_param, dtype=ct)  # ftml_update's float parameters
         b1, b2, lr, wd, rg = P(self.beta1), P(self.beta2), P(lr), P(wd), P(self.rescale_grad)
-        eps = mx_scalar(self.epsilon, dtype)  # a double parameter
-        # power::Map(beta, t) in the weight dtype: libm's pow, correctly rounded
-        b1_t, b2_t = in_dtype(b1 ** t, dtype), in_dtype(b2 ** t, dtype)
-        c = in_dtype(in_dtype(1 - b1_t, dtype) / lr, dtype)  # (1 - beta1^t)/lr, two kernel roundings
-        return b1, b2, wd, rg, eps, c, 1 - b2_t
+        eps = mx_scalar(self.epsilon, ct)  # a double parameter
+        # 1 - power::Map(beta, t) (libm's pow, correctly rounded), in the kernel's roundings (one_minus_pow)
+        c1, c2 = one_minus_pow(b1, t, dtype), one_minus_pow(b2, t, dtype)
+        # 1 - beta (the kernel's 1.f - beta) as a scalar of its own: where an executor holds the scalars in
+        # the weight dtype, bf16(0.999) is 1 but bf16(0.001) is not 0
+        return b1, 1 - b1, b2, 1 - b2, wd, rg, eps, in_dtype(c1 / lr, ct), c2  # c = (1 - beta1^t)/lr
 
     def kernel(self, w, g, state, s, seg=None):
-        b1, b2, wd, rg, eps, c, c2 = s
-        d, v, z = state
+        b1, one_minus_b1, b2, one_minus_b2, wd, rg, eps, c, c2 = s
+        ct = compute_dtype(w.dtype)  # fp32 for fp16/bf16 weights: see the docstring
+        w, g, d, v, z = (x.to(ct) for x in (w, g, *state))
         G = self._clip(rg * g + wd * w)
-        v = b2 * v + (1 - b2) * (G * G)
+        v = b2 * v + one_minus_b2 * (G * G)
         d_t = c * (sqrt_rn(v / c2) + eps)
-        z = b1 * z + (1 - b1) * G - (d_t - b1 * d) * w
+        z = b1 * z + one_minus_b1 * G - (d_t - b1 * d) * w
         return -z / d_t, (d_t, v, z)

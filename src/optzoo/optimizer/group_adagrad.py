@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._checks import check_nonnegative
-from ._numerics import kahan_sum, mx_scalar, sqrt_rn
+from ._numerics import compute_dtype, kahan_sum, mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -28,16 +28,17 @@ class GroupAdaGrad(Optimizer):
     The row sum is MXNet's: Kahan-compensated, column after column (:func:`kahan_sum`; a loop of
     :math:`C` vectorised steps, the price of bit-exact parity), then divided by :math:`C`.
 
-    Fast path: the buckets hold the history flat, one value per row, and stack the rows of consecutive
+    Fast path: packs hold the history flat, one value per row, and stack the rows of consecutive
     parameters with the same column count, so one Kahan loop of :math:`C` steps serves all of their rows
-    (``fused=None``: MXNet's bits). Compiled (``fused=True``) the row sums are fp64 sums rounded to the
-    weight dtype instead (Kahan's order is a loop; both are within two ulps of the exact sum of the
-    nonnegative squares).
+    (eager: MXNet's bits). Compiled (large parameters and packs by default, everything with ``fused=True``)
+    the row sums are fp64 sums rounded to the weight dtype instead (Kahan's order is a loop; both are
+    within two ulps of the exact sum of the nonnegative squares).
 
     State: ``history`` :math:`h` of shape ``(rows, 1)``, always **fp32** (MXNet creates it with no
     dtype); multi-precision ``(w32, h)`` through the generic wrapper, as in MXNet. Other weight dtypes
     compute in torch's promoted dtype, :math:`h` rounded to fp32 when stored (MXNet 1.9.1 raises on
-    such mixed dtypes).
+    such mixed dtypes); for fp16/bf16 weights ``lr`` and :math:`\epsilon` are held in fp32, not in the
+    weight dtype (an :math:`\epsilon` below 6e-8 is 0 in fp16: a row of zero gradients would give 0/0).
 
     torch.optim has no row-wise AdaGrad. Compared with ``torch.optim.Adagrad``: one accumulator per
     row (the mean of the row's squared gradients) instead of one per element; ``eps`` inside the
@@ -50,6 +51,8 @@ class GroupAdaGrad(Optimizer):
         :math:`\epsilon`, added to the history inside the square root.
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01; ``wd`` must be 0).
     """
+
+    state_names = ("history",)  # the state's tensors, as the docstring names them
 
     def __init__(self, eps=1e-5, **kwargs):
         check_nonnegative("eps", eps)
@@ -70,14 +73,14 @@ class GroupAdaGrad(Optimizer):
         self._check_indices([index])
 
     def _check_indices(self, indices):
-        """Reject a nonzero effective ``wd`` before anything changes (the fast path calls it per bucket)."""
+        """Reject a nonzero effective ``wd`` before anything changes (the fast path calls it per list)."""
         for index, wd in zip(indices, self._get_wds(indices)):
             if wd != 0:
                 raise ValueError(f"wd for index {index!r} is {wd!r} (wd={self.wd!r} times its wd_mult): "
                                  "GroupAdaGrad does not support weight decay, expected 0")
 
     def prepare(self, *, lr, wd, t, index, dtype):
-        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
+        D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))  # see "State" in the docstring
         return D(self.rescale_grad), D(lr), D(self.float_stable_eps)
 
     def kernel(self, w, g, h, s, seg=None):

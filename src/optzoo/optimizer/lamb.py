@@ -6,7 +6,7 @@ import math
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import in_dtype, mx_list_param, mx_param, sqrt_rn, sum_sq_of as sum_sq
+from ._numerics import compute_dtype, mx_list_param, mx_param, one_minus_pow, sqrt_rn, sum_sq_of as sum_sq
 from .base import Optimizer
 from .registry import register
 
@@ -33,9 +33,15 @@ class LAMB(Optimizer):
 
     where the bounds ``lower_bound`` (:math:`lb`) and ``upper_bound`` (:math:`ub`) apply only when
     set to a nonzero value, as in MXNet. The numbers are those of MXNet's aggregated
-    ``multi_lamb_update`` (the path its Updater takes), for every weight dtype: :math:`u` is held in
-    fp32, the norms are fp32 values summed in order (``multi_sum_sq``), and the ratio
-    :math:`r_1/r_2` is taken in fp32 (bit-exact for fp32; for fp64 the norms are an fp32 ulp or so off).
+    ``multi_lamb_update`` (the path its Updater takes), for every weight dtype but fp16/bf16 without
+    multi-precision (below): :math:`u` is held in fp32, the norms are fp32 values summed in order
+    (``multi_sum_sq``), and the ratio :math:`r_1/r_2` is taken in fp32 (bit-exact for fp32; for fp64
+    the norms are an fp32 ulp or so off).
+
+    fp16/bf16 weights without ``multi_precision`` are updated in fp32, scalars included, and rounded
+    back when stored (see ``_numerics``, item 5). MXNet 1.9.1 computes :math:`m`, :math:`v` and
+    :math:`\beta^t` in fp16; in bf16, :math:`\beta_2 = 0.999` and :math:`\beta_2^t` would be 1:
+    :math:`v` would never move and :math:`1-\beta_2^t` would be 0.
 
     State: ``(m, v)`` in the weight dtype; multi-precision ``(w32, (m32, v32))``.
 
@@ -67,10 +73,12 @@ class LAMB(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    state_names = ("m", "v")  # the state's tensors, as the docstring names them
+
     capabilities = frozenset({"multi_precision", "aggregated"})
     aggregate_num = 45
 
-    _segment_kernel = True  # the kernel reduces or draws per parameter: buckets run whole
+    _segment_kernel = True  # per-tensor norms: packed parameters run as rows of equal-sized parameters
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=None,
                  upper_bound=None, bias_correction=True, **kwargs):
@@ -87,20 +95,23 @@ class LAMB(Optimizer):
 
     def prepare(self, *, lr, wd, t, index, dtype):
         # multi_lamb_update's parameters: float fields, and lr and wd from float lists
-        b1, b2, eps, rg = (mx_param(x, dtype) for x in (self.beta1, self.beta2, self.epsilon, self.rescale_grad))
-        # beta^t is std::pow in double, rounded to the weight dtype
-        c1, c2 = (1 - in_dtype(b1 ** t, dtype), 1 - in_dtype(b2 ** t, dtype)) if self.bias_correction else (1, 1)
+        ct = compute_dtype(dtype)  # fp32 for fp16/bf16 weights: see the docstring
+        b1, b2, eps, rg = (mx_param(x, ct) for x in (self.beta1, self.beta2, self.epsilon, self.rescale_grad))
+        c1, c2 = (one_minus_pow(b1, t, dtype), one_minus_pow(b2, t, dtype)) if self.bias_correction else (1, 1)
         # the bounds of r1, fp32 fields that MXNet passes only when truthy (else no bound: 0 and inf)
         lb = mx_param(self.lower_bound, torch.float32) if self.lower_bound else 0.0
         ub = mx_param(self.upper_bound, torch.float32) if self.upper_bound else math.inf
-        return b1, b2, eps, rg, mx_list_param(lr, dtype), mx_list_param(wd, dtype), c1, c2, lb, ub
+        # 1 - beta (the kernel's 1.f - beta) as a scalar of its own: where an executor holds the scalars in
+        # the weight dtype, bf16(0.999) is 1 but bf16(0.001) is not 0
+        return b1, 1 - b1, b2, 1 - b2, eps, rg, mx_list_param(lr, ct), mx_list_param(wd, ct), c1, c2, lb, ub
 
     def kernel(self, w, g, state, s, seg=None):
-        b1, b2, eps, rg, lr, wd, c1, c2, lb, ub = s
-        m, v = state
+        b1, one_minus_b1, b2, one_minus_b2, eps, rg, lr, wd, c1, c2, lb, ub = s
+        ct = compute_dtype(w.dtype)  # fp32 for fp16/bf16 weights: see the docstring
+        w, g, m, v = (x.to(ct) for x in (w, g, *state))
         G = self._clip(g * rg)
-        m = b1 * m + (1 - b1) * G
-        v = b2 * v + (1 - b2) * G * G
+        m = b1 * m + one_minus_b1 * G
+        v = b2 * v + one_minus_b2 * G * G
         m_hat, v_hat = (m / c1, v / c2) if self.bias_correction else (m, v)
         # the kernel's sqrt is the double one, which widens the rest of u's expression to fp64; u is
         # then stored in an fp32 temporary. Compiled (held to 1e-5, not to bits), u is fp32 math: the fp64

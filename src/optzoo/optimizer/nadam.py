@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import mx_scalar, sqrt_rn
+from ._numerics import compute_dtype, mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -29,6 +29,9 @@ class Nadam(Optimizer):
 
     The scalars (:math:`\mu_t`, :math:`M`, the bias corrections) are computed in double and enter as
     MXNet's NDArray ops see them (``mx_scalar``); square roots are correctly rounded (``sqrt_rn``).
+    fp16/bf16 weights without ``multi_precision`` are updated in fp32, the scalars held in fp32, and
+    rounded back when stored (see ``_numerics``, item 5); MXNet 1.9.1 computes in fp16, where
+    :math:`\epsilon = 10^{-8}` is 0.
 
     :math:`M` is ``self.m_schedule``, **one number on the optimizer shared by every parameter**
     (starting at 1): it advances once per update of *any* index, in call order, so with :math:`N`
@@ -53,10 +56,11 @@ class Nadam(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
-    #: prepare() advances the shared m_schedule: once per index, in index order, also over a bucket
-    _prepare_per_index = True
-    #: ... but its reads have no side effect: indices with equal counts are read together
-    _reads_per_index = False
+    state_names = ("m", "v")  # the state's tensors, as the docstring names them
+
+    _step_vars = Optimizer._step_vars + ("m_schedule",)
+    _prepare_advances = True  # each prepare advances the shared m_schedule
+
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, schedule_decay=0.004,
                  **kwargs):
@@ -77,11 +81,12 @@ class Nadam(Optimizer):
                       eps) = fixed
         self.m_schedule = self.m_schedule * mu_t   # shared by every index: see the docstring
         m_schedule_next = self.m_schedule * mu_t1
-        return (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, mx_scalar(1.0 - self.m_schedule, dtype),
-                mu_t1_, mx_scalar(1.0 - m_schedule_next, dtype), one_minus_b2_t, lr, eps)
+        D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))
+        return (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, D(1.0 - self.m_schedule),
+                mu_t1_, D(1.0 - m_schedule_next), one_minus_b2_t, lr, eps)
 
     def _prepare_fixed(self, lr, wd, t, dtype):
-        D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
+        D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))  # scalars as MXNet's NDArray ops see them
         b1, b2, psi = self.beta1, self.beta2, self.schedule_decay
         mu_t = b1 * (1.0 - 0.5 * 0.96 ** (t * psi))
         mu_t1 = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
@@ -91,7 +96,8 @@ class Nadam(Optimizer):
     def kernel(self, w, g, state, s, seg=None):
         (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, one_minus_M, mu_t1, one_minus_M_next,
          one_minus_b2_t, lr, eps) = s
-        m, v = state
+        ct = compute_dtype(w.dtype)  # fp32 for fp16/bf16 weights: see the docstring
+        w, g, m, v = (x.to(ct) for x in (w, g, *state))
         G = self._clip(g * rg + wd * w)
         m = m * b1 + one_minus_b1 * G
         v = v * b2 + one_minus_b2 * G * G

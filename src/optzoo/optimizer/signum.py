@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import in_dtype, mx_param
+from ._numerics import compute_dtype, in_dtype, mx_param
 from .base import Optimizer
 from .registry import register
 
@@ -37,6 +37,10 @@ class Signum(Optimizer):
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
+    fp16/bf16 weights without ``multi_precision``: the scalars, :math:`1-\mu` among them, are held in fp32
+    (the arithmetic stays in the weight dtype). MXNet 1.9.1 rounds :math:`\mu` to fp16 first; in bf16,
+    :math:`\mu = 0.999` would be 1 and :math:`1-\mu` 0: the momentum would never see a gradient.
+
     torch.optim has no sign-based optimizer.
 
     Parameters
@@ -48,6 +52,8 @@ class Signum(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    state_names = ("mom",)  # the state's tensors, as the docstring names them
+
     def __init__(self, learning_rate=0.01, momentum=0.9, wd_lh=0.0, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.momentum = check_unit_interval("momentum", momentum)
@@ -57,10 +63,11 @@ class Signum(Optimizer):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
     def prepare(self, *, lr, wd, t, index, dtype):
-        lr, wd, mu, wd_lh, rg = (mx_param(x, dtype) for x in (lr, wd, self.momentum, self.wd_lh, self.rescale_grad))
+        ct = compute_dtype(dtype)  # fp32 scalars for fp16/bf16 weights: see "State" in the docstring
+        lr, wd, mu, wd_lh, rg = (mx_param(x, ct) for x in (lr, wd, self.momentum, self.wd_lh, self.rescale_grad))
         # scalar expressions the kernels round before they meet the tensors
-        lr_wd, lr_wd_lh, one_minus_mu = (in_dtype(x, dtype) for x in (lr * wd, lr * wd_lh, 1 - mu))
-        return (lr, mu, rg, one_minus_mu, one_minus_mu * wd, in_dtype(one_minus_mu * rg, dtype),
+        lr_wd, lr_wd_lh, one_minus_mu = (in_dtype(x, ct) for x in (lr * wd, lr * wd_lh, 1 - mu))
+        return (lr, mu, rg, one_minus_mu, one_minus_mu * wd, in_dtype(one_minus_mu * rg, ct),
                 1 - lr_wd_lh, 1 - lr_wd - lr_wd_lh)
 
     def kernel(self, w, g, mom, s, seg=None):
