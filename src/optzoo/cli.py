@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "(default demo-out)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     demo.add_argument("--fused", nargs="?", const="true", default="none", metavar="{none,true,false}",
-                      help="the Trainer's fused argument: none (default, eager buckets), true (torch.compile; "
+                      help="the Trainer's fused argument: none (default: the fast path), true (every update compiled; "
                            "the same as a bare --fused), false (one update per parameter)")
     demo.add_argument("--trajectory-steps", default=None, metavar="N",
                       help="updates per 2-D trajectory (default: per function, 60 to 1000)")

@@ -20,20 +20,32 @@ from __future__ import annotations
 
 import torch as _torch
 
-from .optimizer import _tree
+from ._checks import check_tensor_pair
 from .optimizer import registry as _registry
-from .optimizer.engine import Runner
-from .optimizer.updater import dump_optimizer, load_optimizer
+from .optimizer._numerics import Shards
+from .optimizer.engine import adjacent
+from ._torch_state import check_state_dict as _check_state_dict
+from ._torch_state import layout as _layout, named as _named, restore_wide_states, tree_of as _tree_of
+from .optimizer.updater import calls as _calls
 
 __all__ = ["OptzooOptimizer", "create"]
 
 _TORCH_NAMES = {"learning_rate": "lr", "wd": "weight_decay"}
 _REJECTED = ("lr_scheduler", "param_idx2name", "param_dict", "sym")
-_FORMAT = "optzoo.torch/1"
 
 
 class OptzooOptimizer(_torch.optim.Optimizer):
-    """Base of the generated ``optzoo.torch.<Name>`` classes; ``optimizer_class`` is the MXNet-style class."""
+    """Base of the generated ``optzoo.torch.<Name>`` classes; ``optimizer_class`` is the MXNet-style class.
+
+    A torch.optim citizen: hyperparameters live in ``param_groups`` and are read (and validated) at every
+    step; each parameter's state lives in ``self.state[p]`` as named tensors plus ``step`` (its update
+    count); the optimizer's own bookkeeping (``num_update``; Nadam's shared schedule, LARS's last
+    learning rate, LBSGD's accumulators) lives in each group under ``"optzoo"``. So torch's
+    ``state_dict`` / ``load_state_dict`` (with their hooks and dtype/device casting), deepcopy, pickle and
+    ``torch.distributed.checkpoint`` work as for torch's own optimizers. Parameters and their ``.grad``
+    are never re-bound: weights are updated in place, gradients only read. Parameters without a gradient
+    get no state.
+    """
 
     optimizer_class = None
 
@@ -41,18 +53,16 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         if self.optimizer_class is None:
             raise TypeError("use optzoo.torch.<Name> or optzoo.torch.create(name, params, ...)")
         if fused not in (None, False, True):
-            raise ValueError(f"fused={fused!r} is invalid: expected None (fastest path without compilation), "
-                             "True (compiled fused kernels) or False (the reference path)")
+            raise ValueError(f"fused={fused!r} is invalid: expected None (the fast path, compiled where it pays), "
+                             "True (every update compiled) or False (the reference path)")
         self.fused = fused
         defaults = self._defaults()
         for key, value in _to_group_keys(type(self).__name__, kwargs, defaults).items():
             if key not in defaults:
                 raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}")
             defaults[key] = value
-        self._inner = []          # one MXNet-style optimizer per param group
-        self._inner_kwargs = []
-        self._runners = []        # per group: the fast path's buckets (built at the first step)
         super().__init__(params, defaults)
+        self.register_load_state_dict_post_hook(_OptzooOptimizer_restore_wide_states, prepend=True)
 
     @classmethod
     def _defaults(cls) -> dict:
@@ -66,142 +76,171 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             mx["learning_rate"] = 0.01  # MXNet's default when no scheduler is given
         return _to_group_keys(cls.__name__, mx)
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["fused"] = self.fused
+        return state
+
+    def __setstate__(self, state):
+        state.setdefault("fused", None)
+        super().__setstate__(state)
+
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            kwargs = self._mx_kwargs(group)
-            self._inner.append(self.optimizer_class(**kwargs))
-            self._inner_kwargs.append(kwargs)
-            self._runners.append(None)
+            self._inner_for(group, len(self.param_groups) - 1)
         except Exception:
             self.param_groups.pop()
             raise
+        group.setdefault("optzoo", {})
 
     def _mx_kwargs(self, group) -> dict:
         kwargs = {}
-        for key in self.defaults:
+        keys = type(self).__dict__.get("_keys")
+        if keys is None:
+            keys = type(self)._keys = tuple(self._defaults())
+        for key in keys:
             value = group[key]
+            if isinstance(value, _torch.Tensor) and value.numel() == 1:  # a tensor lr (compiled-step recipe)
+                value = value.item()
             if key == "betas":
-                kwargs["beta1"], kwargs["beta2"] = value
+                kwargs["beta1"], kwargs["beta2"] = (v.item() if isinstance(v, _torch.Tensor) else v for v in value)
             else:
                 kwargs[{"lr": "learning_rate", "weight_decay": "wd"}.get(key, key)] = value
         return kwargs
 
-    def _sync(self, g, group):
-        """Carry hyperparameter changes made to a group (by a scheduler or by hand) into its optimizer."""
+    def _inner_for(self, group, g):
+        """The MXNet-style optimizer for a group's current hyperparameters (validated as constructor
+        arguments; a ValueError/TypeError names the group), cached while they do not change."""
         kwargs = self._mx_kwargs(group)
-        old = self._inner_kwargs[g]
-        if kwargs == old:
-            return
-        inner = self._inner[g]
-        changed = {k for k in kwargs if kwargs[k] != old[k]}
-        if changed == {"learning_rate"}:
-            inner.set_learning_rate(kwargs["learning_rate"])   # the common case: validated, cheap
-        else:
-            # which attributes depend on the changed hyperparameters: compare two fresh, validated instances
-            before, after = self.optimizer_class(**old), self.optimizer_class(**kwargs)
-            for attr, value in vars(after).items():
-                if attr != "_init_args" and _differs(value, vars(before).get(attr)):
-                    setattr(inner, attr, value)
-            inner._init_args = after._init_args
-        self._inner_kwargs[g] = kwargs
+        cache = self.__dict__.setdefault("_inner_cache", {})
+        hit = cache.get(id(group))
+        if hit is not None and hit[0] is group and hit[1] == kwargs:
+            return hit[2]
+        try:
+            inner = self.optimizer_class(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"param group {g}: {exc}") from None
+        inner._fused = self.fused
+        cache[id(group)] = (group, kwargs, inner)
+        return inner
+
+    def mxnet_optimizer(self, group=0):
+        """The MXNet-style optimizer that runs param group ``group`` (rebuilt when its hyperparameters change)."""
+        return self._inner_for(self.param_groups[group], group)
+
+    def mx_state(self, param):
+        """``param``'s state in MXNet's layout (``create_state_multi_precision``'s tree of tensors), or None
+        before its first update. The tensors are those of ``self.state[param]``."""
+        st = self.state.get(param)
+        if not st or "step" not in st:
+            return None
+        g = next(k for k, group in enumerate(self.param_groups) if any(p is param for p in group["params"]))
+        return _tree_of(_layout(self.mxnet_optimizer(g), param.detach()), st)
 
     # ------------------------------------------------------------------ stepping
+    @_torch._dynamo.disable  # Python bookkeeping: a compiled step calls it as it is (no recompiles)
     @_torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter that has a gradient; returns ``closure()``'s loss if given."""
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss if given.
+
+        Everything is checked first (every group's hyperparameters, every gradient): on an error nothing
+        has changed."""
         loss = None
         if closure is not None:
             with _torch.enable_grad():
                 loss = closure()
-        base = 0
+        plans, base = [], 0
         for g, group in enumerate(self.param_groups):
-            self._sync(g, group)
-            inner, params = self._inner[g], group["params"]
-            if self.fused is not False and self._runners[g] is None:
-                self._runners[g] = Runner(inner, self.fused)
-                views = self._runners[g].build(range(base, base + len(params)), params,
-                                               [self.state[p].get("mx_state") for p in params])
-                for i, st in views.items():
-                    self.state[params[i - base]]["mx_state"] = st
-            fresh = {base + k for k, p in enumerate(params) if p.grad is not None}
-            done = self._runners[g].step(fresh) if self._runners[g] is not None else set()
-            indices, weights, grads, states = [], [], [], []
-            for i in sorted(fresh - done):
-                p = params[i - base]
-                state = self.state[p]
-                if "mx_state" not in state:
-                    state["mx_state"] = inner.create_state_multi_precision(i, p.detach())
-                indices.append(i)
-                weights.append(p.detach())
-                grads.append(p.grad)
-                states.append(state["mx_state"])
-            if indices:
-                inner.update_multi_precision(indices, weights, grads, states)
-            for i in fresh:
-                self.state[params[i - base]]["step"] = inner._index_update_count.get(i, 0)
-            base += len(params)
+            inner = self._inner_for(group, g)
+            fresh = []
+            for k, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    check_tensor_pair(base + k, p, p.grad)
+                    fresh.append((base + k, p))
+            plans.append((group, inner, fresh))
+            base += len(group["params"])
+        for group, inner, fresh in plans:
+            if fresh:
+                self._step_group(group, inner, fresh)
         return loss
 
+    def _step_group(self, group, inner, fresh):
+        book = group.setdefault("optzoo", {})
+        for attr in inner._step_vars:
+            if attr in book:
+                setattr(inner, attr, book[attr])
+        counts = inner._index_update_count
+        counts.clear()
+        weights, grads, trees, shards, created = [], [], [], {}, []
+        for i, p in fresh:
+            st = self.state[p]
+            w, g = p.detach(), p.grad
+            sharded = _is_dtensor(w)
+            if sharded:  # FSDP2: the math runs on the local shards; norms are summed over the shards
+                w, g = w.to_local(), g.to_local()
+                groups = _shard_groups(p)
+                if groups:
+                    shards[i] = Shards(groups)
+            layout = _layout(inner, w)
+            if "step" not in st:  # a new state
+                if sharded:
+                    new = _named(layout, inner.create_state_multi_precision(i, w))
+                    st.update({k: _like(v, p) for k, v in new.items()})
+                else:
+                    created.append((len(trees), layout, st, inner.create_state_multi_precision(i, w)))
+                st["step"] = inner.begin_num_update
+            counts[i] = int(st["step"])
+            weights.append(w)
+            grads.append(g)
+            trees.append(None if not sharded and len(created) and created[-1][0] == len(trees) else
+                         _tree_of(layout, {n: st[n].to_local() for n in layout.names} if sharded else st))
+        if created:  # new states of small parameters end to end in one buffer: packed steps use them in place
+            for (k, layout, st, _), tree in zip(created, adjacent([c[3] for c in created])):
+                st.update(_named(layout, tree))
+                trees[k] = tree
+        inner._shards = shards
+        indices = [i for i, _ in fresh]
+        inner._run_checked(indices, weights, grads, trees, _calls(inner, list(range(len(fresh))), weights))
+        inner._shards = None
+        for i, p in fresh:
+            self.state[p]["step"] = counts[i]
+        book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
+
     # ------------------------------------------------------------------ state dicts
-    def state_dict(self):
-        """torch's format (``state``, ``param_groups``) plus ``optzoo``: each group's optimizer bookkeeping."""
-        sd = super().state_dict()
-        sd["state"] = {k: {"step": v.get("step", 0), "mx_state": _tree.detached(v["mx_state"])}
-                       for k, v in sd["state"].items()}
-        sd["optzoo"] = {"format": _FORMAT, "optimizer": type(self).__name__,
-                        "groups": [dump_optimizer(inner) for inner in self._inner]}
-        return sd
-
     def load_state_dict(self, state_dict):
-        """Load ``state_dict()`` output; everything is checked first, nothing changes on an error.
-
-        States keep their dtypes (fp32 master copies stay fp32: torch's loader would cast them to the
-        parameter dtype).
-        """
-        meta = state_dict.get("optzoo") if isinstance(state_dict, dict) else None
-        name = type(self).__name__
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise ValueError(f"state_dict is not an optzoo.torch state dict: expected one from {name}.state_dict()")
-        if meta["optimizer"] != name:
-            raise ValueError(f"state_dict is from optimizer {meta['optimizer']}: expected one from {name}")
-        groups = state_dict["param_groups"]
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups: this optimizer has {len(self.param_groups)}")
-        params = []
-        for g, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict param group {g} has {len(saved['params'])} parameters: expected "
-                                 f"{len(group['params'])}")
-            params += list(zip(saved["params"], group["params"], [g] * len(group["params"])))
-        inner = [load_optimizer(d) for d in meta["groups"]]
-        new_state = {}
-        for base, (saved_id, p, g) in enumerate(params):
-            if saved_id not in state_dict["state"]:
-                continue
-            entry = state_dict["state"][saved_id]
-            s = inner[g]._adopt_state(base, p, _tree.to_plain(entry["mx_state"]),
-                                      f"state_dict state of parameter {base} (group {g})")
-            new_state[p] = {"step": entry["step"], "mx_state": s}
-        # all checked: commit
-        for saved, group in zip(groups, self.param_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.state.clear()
-        self.state.update(new_state)
-        self._inner = inner
-        self._runners = [None] * len(inner)   # rebuilt at the next step, from the loaded states
-        self._inner_kwargs = [self._mx_kwargs(group) for group in self.param_groups]
+        """torch's ``load_state_dict`` (hooks, casting to each parameter's device and dtype), after checking
+        everything first: the groups' hyperparameters as constructor arguments, and every parameter's
+        state against this optimizer's layout. On an error nothing changes."""
+        _check_state_dict(self, state_dict)
+        self._loading = state_dict
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self.__dict__.pop("_loading", None)
+            self.__dict__.pop("_inner_cache", None)
 
 
-def _differs(a, b) -> bool:
-    if isinstance(a, _torch.Tensor) or isinstance(b, _torch.Tensor):
-        return a is not b
-    try:
-        return bool(a != b)
-    except Exception:  # pragma: no cover - exotic attribute types
-        return True
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _shard_groups(p):
+    """The process groups of the mesh dimensions a DTensor parameter is sharded over."""
+    mesh = p.device_mesh
+    return [mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard()]
+
+
+def _like(local, p):
+    """A state tensor made on ``p``'s local shard, as a DTensor laid out like ``p`` (a per-row state of a
+    row-sharded parameter follows its rows)."""
+    from torch.distributed.tensor import DTensor
+    shape = tuple(p.shape) if local.dim() == p.dim() and local.shape[1:] == p.to_local().shape[1:] and \
+        local.numel() == p.to_local().numel() else (p.shape[0],) + tuple(local.shape[1:])
+    stride = tuple(p.stride()) if shape == tuple(p.shape) else _torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
 
 
 def _to_group_keys(cls_name, kwargs, defaults=None) -> dict:
@@ -258,3 +297,7 @@ def __getattr__(attr):
 
 def __dir__():
     return sorted(set(globals()) | {r.cls.__name__ for r in _registry.records()})
+
+
+def _OptzooOptimizer_restore_wide_states(optimizer):
+    restore_wide_states(optimizer, getattr(optimizer, "_loading", None))

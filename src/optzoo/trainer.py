@@ -18,7 +18,6 @@ from . import kvstore as _kvstore
 from .kvstore.signs import vote_update
 from .optimizer import Optimizer, create, get_updater
 from .optimizer import _tree
-from .optimizer.engine import Runner
 from .optimizer.updater import dump_optimizer, load_optimizer
 
 __all__ = ["Trainer"]
@@ -89,10 +88,10 @@ class Trainer:
         None: decided by the kvstore (True only for ``'dist_async'``). False with ``'dist_async'`` and True
         with ``'dist_sync'`` raise ValueError; ignored without a distributed kvstore.
     fused : None, True or False
-        ``None`` (default): the fastest path without compilation: parameters (and their ``.grad``) become
-        views into one contiguous buffer per device and dtype, and the optimizer runs once per buffer.
-        ``True``: the same, with the optimizer's kernel compiled by ``torch.compile``. ``False``: one update
-        per parameter (the reference path). All give the reference path's numbers (see the README).
+        ``None`` (default): the fast path: large parameters are updated in place by a compiled kernel, small
+        ones packed into scratch buffers and updated together (bit-exact with the reference path; see
+        :mod:`optzoo.optimizer.engine`). ``True``: every update compiled. ``False``: the reference path,
+        one eager update per parameter. Parameters and their ``.grad`` stay the caller's tensors.
 
     ``step(batch_size)`` sets ``rescale_grad = optimizer_rescale_grad / batch_size``: gradients are expected
     *summed* over the batch (``loss.sum().backward()`` or ``reduction='sum'``), as MXNet's losses give them.
@@ -134,7 +133,7 @@ class Trainer:
         self._kvstore = kv
         self._updater = get_updater(optimizer)
         self._fused = fused
-        self._runner = None
+        optimizer._fused = fused
         # Gluon's _fresh_grad: set when backward accumulates into .grad, reset by a step
         self._fresh = [False] * len(self._params)
         self._seen_grad = [None] * len(self._params)
@@ -235,10 +234,6 @@ class Trainer:
                 self._fresh[i] = True
 
     def _allreduce(self, indices):
-        if self._fused is not False:
-            # gradients into the fast path's flat buffers first: the store then reduces them in place
-            for bucket in self._fast_path().buckets or ():
-                bucket.gather_grads()
         self._kvstore.allreduce_grads(indices, [self._params[i] for i in indices])
 
     def update(self, batch_size, ignore_stale_grad=False):
@@ -282,22 +277,10 @@ class Trainer:
             vote_update(self._kvstore, self._updater, [self._params[i] for i in indices], indices)
             self._mark_seen(indices)
             return
-        # whole buckets on the fast path; the reference path (on the same views) for the rest
-        done = self._fast_path().step(set(indices)) if indices and self._fused is not False else set()
-        rest = [i for i in indices if i not in done]
-        if rest:
-            self._updater(rest, [self._params[i].grad for i in rest], [self._params[i].detach() for i in rest])
+        if indices:
+            self._updater(indices, [self._params[i].grad for i in indices],
+                          [self._params[i].detach() for i in indices])
         self._mark_seen(indices)
-
-    def _fast_path(self):
-        if self._runner is None:
-            live = [i for i, p in enumerate(self._params) if p.requires_grad]
-            self._runner = Runner(self._optimizer, self._fused)
-            views = self._runner.build(live, [self._params[i] for i in live],
-                                       [self._updater.states.get(i) for i in live])
-            self._updater.states.update(views)
-            self._updater.states_synced.update(dict.fromkeys(views, True))
-        return self._runner
 
     # ------------------------------------------------------------------ checkpoints
     def save_states(self, fname) -> None:
@@ -365,9 +348,9 @@ class Trainer:
         for n, info in saved.items():
             self._param_dict[self._index[n]].lr_mult = info["lr_mult"]
             self._param_dict[self._index[n]].wd_mult = info["wd_mult"]
+        optimizer._fused = self._fused
         self._optimizer = optimizer
         self._updater = get_updater(optimizer)
-        self._runner = None  # rebuilt at the next step, from the loaded states
         self._updater.states = states
         self._updater.states_synced = dict.fromkeys(states, True)
 

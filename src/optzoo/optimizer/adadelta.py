@@ -48,6 +48,8 @@ class AdaDelta(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (the learning-rate ones are ignored).
     """
 
+    state_names = ("acc_g", "acc_delta")  # the state's tensors, as the docstring names them
+
     def __init__(self, rho=0.90, epsilon=1e-5, **kwargs):
         super().__init__(**kwargs)
         self.rho = check_unit_interval("rho", rho)

@@ -42,6 +42,8 @@ class AdaGrad(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("history",)  # the state's tensors, as the docstring names them
+
     def __init__(self, eps=1e-7, **kwargs):
         super().__init__(**kwargs)
         self.float_stable_eps = check_nonnegative("eps", eps)  # MXNet's attribute name

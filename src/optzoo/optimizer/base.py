@@ -66,19 +66,27 @@ class Optimizer:
     aggregate_num = 0
     #: The class whose ``create_state`` made a state (set for every subclass defining one).
     _state_owner = None
-    #: Fast path: ``prepare`` must run once per index, in index order (it advances per-index state).
-    _prepare_per_index = False
-    #: Fast path: the kernel reduces or draws per parameter (uses ``seg``), so buckets are not chunked.
+    #: The executor's record of this class (see :mod:`optzoo.optimizer.engine`): the kernel takes per-tensor
+    #: sums (``sum_sq_of``), so packed parameters run as rows of equal-sized parameters (LARS, LAMB).
     _segment_kernel = False
-    #: Fast path: whether indices with equal counts must still be read one by one (None: as
-    #: ``_prepare_per_index``; LARS and Nadam prepare per index but can be read as a list).
-    _reads_per_index = None
-    #: Fast path: the kernel takes per-parameter noise, drawn before it in index order (SGLD's ``_noise``).
+    #: The kernel takes noise drawn beforehand with ``_noise(weight, lr)``, per index in index order, as its
+    #: last scalar (SGLD), so that every path makes the same draws.
     _kernel_noise = False
-    # Optional fast-path hooks an optimizer may define (see optzoo.optimizer.engine):
-    #   _check_indices(indices)             the reference path's per-update checks, run before counting
-    #   _bucket_ready(indices) -> bool      whether a bucket updates this step (LBSGD accumulates first)
-    #   _accumulate_bucket(bucket, dtype)   add the bucket's gradients into the optimizer's flat accumulator
+    #: A list is read index by index even when the counts agree (LBSGD reads its lr before counting).
+    _reads_per_index = False
+    #: MXNet's aggregated ``_update_impl`` counts a whole call, then reads the lr once, even when the indices'
+    #: counts differ (SGD, LARS; LAMB reads per index).
+    _counts_call_at_once = False
+    #: ``prepare`` advances per-index Python state (Nadam's shared schedule, LARS's lr pairs): it is called
+    #: once per index, in index order, never shared between indices with the same ``(lr, wd, t)``.
+    _prepare_advances = False
+    #: The Python state that steps advance (besides the per-index counts), saved by the torch face in its
+    #: param groups: each optimizer adds its own (Nadam's shared schedule, LARS's last lr, LBSGD's sums).
+    _step_vars = ("num_update",)
+    #: How ``update`` runs the rule (set by the Trainer and the torch face from their ``fused``): None, the
+    #: fast path (compiled where it pays, bit-exact); True, every call compiled; False, the reference path
+    #: (``rule`` per tensor).
+    _fused = None
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
@@ -206,6 +214,8 @@ class Optimizer:
 
     def _multiplied(self, base, indices, attr, mults):
         values = [base] * len(indices)
+        if not (self.param_dict or mults or self.idx2name):  # no multipliers at all (the torch face)
+            return values
         for k, index in enumerate(indices):
             if index in self.param_dict:
                 values[k] *= getattr(self.param_dict[index], attr)
@@ -299,11 +309,11 @@ class Optimizer:
     def kernel(self, w, g, state, s, seg=None):
         """The tensor half of the rule: ``(new_w, new_state)`` from ``s = prepare(...)``; never mutates.
 
-        It runs per tensor (``seg`` None, ``s`` Python numbers) or over a whole contiguous bucket of
-        parameters (``seg`` a :class:`~optzoo.optimizer.engine.Segments`; each ``s[k]`` a number or a
+        It runs per tensor (``seg`` None, ``s`` Python numbers) or over a whole contiguous pack of
+        parameters (``seg`` None; each ``s[k]`` a number or a
         per-element tensor), or over a run of equal-sized parameters viewed as ``[k, n]`` rows (``seg``
-        :data:`~optzoo.optimizer.engine.ROWS`; each ``s[k]`` a number or a ``[k, 1]`` column), eagerly or
-        compiled: elementwise ops, ``engine.sum_sq`` for per-tensor norms, no Python branches on tensor
+        :data:`~optzoo.optimizer._numerics.ROWS`; each ``s[k]`` a number or a ``[k, 1]`` column), eagerly or
+        compiled: elementwise ops, ``_numerics.sum_sq_of`` for per-tensor norms, no Python branches on tensor
         values or on ``s``.
         """
         raise NotImplementedError
@@ -327,19 +337,90 @@ class Optimizer:
     def update(self, index, weight, grad, state):
         """Update ``weight`` in place from ``grad`` and ``state`` (lists allowed, MXNet's aggregated form).
 
-        Every input is checked before anything is modified. A list is the same as one call per index in
-        list order: each index is counted, then its learning rate read (so lists equal one-by-one calls
-        even when counts differ; MXNet's aggregated SGD counts the whole list first, which differs only
-        when a list holds indices with unequal counts under a changing schedule).
+        Every input is checked before anything is modified, and an error while the scalars are prepared
+        leaves the counts and the optimizer's bookkeeping as they were. A list is one MXNet call: when its
+        indices' counts agree it is counted, then read, as a whole (equal to one call per index except for
+        LARS's momentum correction, which MXNet applies to every index of a call); SGD and LARS always
+        count the whole call first, as MXNet's aggregated kernels do; other optimizers with unequal counts
+        read index by index, in list order.
         """
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
             self._check_state(i, w, s)
-        if len(set(indices)) == len(indices) and engine.update_lists(self, indices, weights, grads, states):
-            return  # many small tensors: one multi-tensor pass (same numbers)
-        for i, w, g, s in zip(indices, weights, grads, states):
-            self._apply(i, w, g, s)
+        self._step_lists(indices, weights, grads, states)
+
+    def _step_lists(self, indices, weights, grads, states, chunks=None):
+        """Count, read and prepare every index (all-or-nothing), then run the rule over the tensors.
+
+        ``chunks``: the positions of each MXNet call the list stands for (the Updater's lists of
+        ``aggregate_num``), read call by call; the tensors then run together. Default: one call."""
+        shards = self.__dict__.get("_shards")  # local shards of sharded parameters: sums over every shard
+        fast = ((self._fused is not False or bool(shards)) and type(self).has_kernel()
+                and len(set(indices)) == len(indices))
+        saved = self._bookkeeping()
+        try:
+            check = getattr(self, "_check_indices", None)  # per-update checks (GroupAdaGrad's effective wd)
+            if check is not None:
+                check(indices)
+            reads = [None] * len(indices)
+            for chunk in (chunks if chunks is not None else [range(len(indices))]):
+                for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
+                    reads[k] = read
+            if fast:
+                scalars = self._prepare_all(indices, weights, reads)
+                noise = ([self._noise(w, lr) for w, (lr, _, _) in zip(weights, reads)]
+                         if self._kernel_noise else None)
+        except BaseException:
+            self._restore(saved)
+            raise
+        if fast:
+            engine.execute(self, self._fused, weights, grads, states, scalars, noise,
+                           [shards.get(i) for i in indices] if shards else None)
+            return
+        with torch.no_grad():
+            for i, w, g, s, (lr, wd, t) in zip(indices, weights, grads, states, reads):
+                new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=i)
+                _tree.assign(s, new_s)
+                if new_w is not None and new_w is not w:
+                    w.copy_(new_w)
+
+    def _prepare_all(self, indices, weights, reads):
+        """``prepare`` for every index, in index order; computed once per distinct ``(lr, wd, t, dtype)``
+        unless ``prepare`` advances per-index state (``_prepare_advances``)."""
+        if self._prepare_advances:
+            return [self.prepare(lr=lr, wd=wd, t=t, index=i, dtype=w.dtype)
+                    for i, w, (lr, wd, t) in zip(indices, weights, reads)]
+        seen, out = {}, []
+        for i, w, read in zip(indices, weights, reads):
+            key = read + (w.dtype,)
+            s = seen.get(key)
+            if s is None:
+                lr, wd, t = read
+                s = seen[key] = self.prepare(lr=lr, wd=wd, t=t, index=i, dtype=w.dtype)
+            out.append(s)
+        return out
+
+    def _read_list(self, indices):
+        """One MXNet call's reads: the whole list counted, then read once, where MXNet's ``_update_impl`` does
+        (``_counts_call_at_once``: SGD, LARS), or where the counts agree (the same values as index by
+        index); otherwise index by index."""
+        counts = self._index_update_count
+        first = counts.get(indices[0]) if indices else None
+        together = not self._reads_per_index and len(set(indices)) == len(indices) and (
+            self._counts_call_at_once or all(counts.get(i) == first for i in indices))
+        return self._count_and_read(indices, together=together)
+
+    def _bookkeeping(self):
+        """A copy of the Python state that counting, reading and ``prepare`` advance (for :meth:`_restore`)."""
+        saved = {k: (dict(v) if isinstance(v, dict) and k not in _CACHES else v) for k, v in self.__dict__.items()}
+        saved["_all_index_update_counts"] = {c: dict(v) for c, v in self._all_index_update_counts.items()}
+        return saved
+
+    def _restore(self, saved):
+        self.__dict__.clear()
+        self.__dict__.update(saved)
+        self._index_update_count = self._all_index_update_counts.setdefault(self._current_context, {})
 
     def _count_and_read(self, indices, together=False):
         """Count each index and read its ``(lr, wd, t)``, in MXNet's order (the count comes first, except
@@ -361,40 +442,71 @@ class Optimizer:
                     for i, lr, wd in zip(group, lrs, wds)]
         return out
 
-    def _apply(self, index, w, g, s):
-        ((lr, wd, t),) = self._count_and_read([index])
-        with torch.no_grad():
-            new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=index)
-            _tree.assign(s, new_s)
-            if new_w is not None and new_w is not w:
-                w.copy_(new_w)
-
     def update_multi_precision(self, index, weight, grad, state):
         """``update`` on the fp32 master copy of fp16/bf16 weights, then cast back into the weight."""
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
         if not any(self._mp(w) for w in weights if isinstance(w, torch.Tensor)):
-            return self.update(index, weight, grad, state)
+            return self._dispatch(indices, weights, grads, states)
         targets = []
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
             if self._mp(w):
-                if not (isinstance(s, (tuple, list)) and len(s) == 2):
-                    raise TypeError(f"state for index {i!r} is {_tree.describe(s)}: expected a multi-precision "
-                                    "state from create_state_multi_precision")
+                self._check_master(i, w, s)
                 w32, inner = self._split_mp(s)
-                if not (isinstance(w32, torch.Tensor) and w32.dtype == torch.float32 and w32.shape == w.shape
-                        and w32.device == w.device):
-                    raise TypeError(f"state for index {i!r} is {_tree.describe(s)}: expected an fp32 master "
-                                    f"copy of shape {tuple(w.shape)} on {w.device}")
                 targets.append((i, w32, g.to(torch.float32), inner, w))
             else:
                 targets.append((i, w, g, s, None))
-        self._dispatch([t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets],
-                       [t[3] for t in targets])
-        with torch.no_grad():
-            for _, w32, _, _, w in targets:
-                if w is not None:
-                    w.copy_(w32)
+        self._run_targets(targets)
+
+    def _run_checked(self, indices, weights, grads, states, chunks=None):
+        """``update_multi_precision`` on checked inputs, as the MXNet calls ``chunks`` (see ``_step_lists``)."""
+        if type(self).update is not Optimizer.update:  # a custom update: MXNet's path, checks included
+            for chunk in (chunks if chunks is not None else [range(len(indices))]):
+                self.update_multi_precision(*([x[k] for k in chunk] for x in (indices, weights, grads, states)))
+            return
+        if not self.multi_precision or not any(self._mp(w) for w in weights):
+            return self._step_lists(indices, weights, grads, states, chunks=chunks)
+        targets = []
+        for i, w, g, s in zip(indices, weights, grads, states):
+            if self._mp(w):
+                w32, inner = self._split_mp(s)
+                targets.append((i, w32, g.to(torch.float32), inner, w))
+            else:
+                targets.append((i, w, g, s, None))
+        self._run_targets(targets, checked=True, chunks=chunks)
+
+    def _update_calls(self, chunks, indices, weights, grads, states):
+        """The Updater's MXNet calls (lists of positions ``chunks``), checked, then run as one step."""
+        ours = type(self).update is Optimizer.update
+        for i, w, g, s in zip(indices, weights, grads, states):
+            check_tensor_pair(i, w, g)
+            if self._mp(w):  # the master copy, then the state of the rule that runs on it
+                self._check_master(i, w, s)
+                w, s = self._split_mp(s)
+            if ours:
+                self._check_state(i, w, s)
+        self._run_checked(indices, weights, grads, states, chunks)
+
+    def _run_targets(self, targets, checked=False, chunks=None):
+        lists = [t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets], [t[3] for t in targets]
+        if checked:
+            self._step_lists(*lists, chunks=chunks)
+        else:
+            self._dispatch(*lists)
+        low = [(t[4], t[1]) for t in targets if t[4] is not None]
+        if low:
+            with torch.no_grad():
+                torch._foreach_copy_([w for w, _ in low], [w32 for _, w32 in low])
+
+    def _check_master(self, i, w, s):
+        if not (isinstance(s, (tuple, list)) and len(s) == 2):
+            raise TypeError(f"state for index {i!r} is {_tree.describe(s)}: expected a multi-precision "
+                            "state from create_state_multi_precision")
+        w32, _ = self._split_mp(s)
+        if not (isinstance(w32, torch.Tensor) and w32.dtype == torch.float32 and w32.shape == w.shape
+                and w32.device == w.device):
+            raise TypeError(f"state for index {i!r} is {_tree.describe(s)}: expected an fp32 master "
+                            f"copy of shape {tuple(w.shape)} on {w.device}")
 
     def _dispatch(self, indices, weights, grads, states):
         """Call ``update`` with lists when it is ours; one by one for a custom scalar ``update``."""
@@ -448,6 +560,10 @@ class Optimizer:
         args, kwargs = self._init_args
         shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
         return f"{type(self).__name__}({', '.join(shown)})"
+
+
+#: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
+_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards"})
 
 
 def _as_lists(index, weight, grad, state):

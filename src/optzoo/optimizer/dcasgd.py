@@ -42,6 +42,8 @@ class DCASGD(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("mom", "w_prev")  # the state's tensors, as the docstring names them
+
     def __init__(self, momentum=0.0, lamda=0.04, **kwargs):
         super().__init__(**kwargs)
         self.momentum = check_unit_interval("momentum", momentum)

@@ -1,47 +1,57 @@
-"""The fast path: one optimizer rule executed over contiguous buckets, eagerly or compiled.
+"""The executor: one optimizer rule (``prepare`` + ``kernel``) run over many tensors, fast, in place.
 
-A :class:`Bucket` lays out the parameters of one device and dtype contiguously: the parameters and their
-``.grad`` become views into one flat weight and one flat gradient buffer (as DDP's
-``gradient_as_bucket_view``), and the optimizer states are created flat. A step then runs the
-optimizer's ``kernel`` once over the whole bucket instead of once per tensor:
+The caller (``Optimizer.update``, on behalf of the Updater, the Trainer and the torch face) has checked
+every input, counted and read every index and called ``prepare`` in index order; :func:`execute` then only
+moves tensors. It never re-binds, re-strides or aliases a parameter or its gradient: weights are
+updated in place, gradients are read, states are the caller's tensors.
 
-- ``fused=None`` (default): the kernel runs eagerly over the flat tensors: a handful of large
-  memory-bound passes, no compilation.
-- ``fused=True``: the kernel is compiled with ``torch.compile`` (one fused loop per bucket; compiled
-  code is cached across processes by inductor's on-disk cache). Without a working compiler it falls
-  back to the eager kernel with one warning.
+- A **large** tensor (at least :data:`LARGE` elements) is updated by itself, in place: the kernel
+  compiled by ``torch.compile`` (one fused loop that reads each input once and writes each output once;
+  one dynamic-shape graph per optimizer class and state layout serves every size), over 1-D views of the
+  weight, gradient and states (or ``[1, n]`` rows for kernels with per-tensor norms).
+- **Small** tensors of one dtype and device are packed: concatenated into scratch buffers, updated by
+  one kernel call (per-parameter scalars spread per element, per-tensor norms as row sums over runs of
+  equal-sized parameters, see :class:`Segments`), and copied back.
 
-Per-parameter scalars (learning rate and weight decay after multipliers, update counts, Nadam's
-schedule) are prepared in Python once per bucket when they agree across its parameters, else per
-parameter and spread over the bucket as per-element tensors. Kernels with per-tensor reductions (the
-norms of LARS and LAMB) run run by run (:class:`Segments`): consecutive parameters of one size viewed
-as a ``[k, n]`` matrix whose rows are the parameters, so a norm is a row sum and a per-parameter scalar
-a ``[k, 1]`` column (:data:`ROWS`); compiled, one dynamic-shape graph serves all runs. Optimizers with a
-state per row (GroupAdaGrad) stack the rows of consecutive parameters of one width the same way. Three
-optional optimizer hooks extend the protocol: ``_kernel_noise`` (SGLD: the noise is drawn per parameter
-with ``_noise`` before the kernel and handed to it as its last scalar), ``_bucket_ready`` +
-``_accumulate_bucket`` (LBSGD's gradient accumulation) and ``_check_indices`` (checks the reference path
-makes per update). The math is the optimizer's own ``prepare`` + ``kernel``: the reference path calls
-the same two per tensor.
+Modes: ``fused=None`` (default) compiles where it pays (large tensors and large packs) and runs small
+work eagerly; ``fused=True`` compiles every call; ``fused=False`` never reaches this module (the
+reference path: ``rule`` per tensor). Compiled kernels keep the reference path's numbers bit for bit
+for elementwise rules (no FP contraction, the same operation order, correctly rounded roots; fp16/bf16
+intermediates rounded as eager torch rounds them); per-tensor sums inside compiled kernels are fp64 sums
+rounded to fp32 (the spec flags ``bucket_norms`` / ``compiled_row_sums``). Without a working compiler the
+eager kernels run, with one warning.
+
+Compiled steps get a code object of their own per optimizer class and state layout, so that dynamo's
+per-function recompile limit applies to each separately: torch's and dynamo's global configuration are
+never changed.
 """
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 
 import torch
 
-from . import _numerics, _tree
-from ._numerics import ROWS, sum_sq_of as sum_sq
+from . import _tree
+from ._numerics import ROWS, WHOLE
 
-__all__ = ["Bucket", "ROWS", "Runner", "Segments", "sum_sq", "supports_buckets"]
+__all__ = ["LARGE", "Segments", "adjacent", "execute", "layout_of"]
+
+#: A tensor this large (elements) is updated by itself, in place; smaller ones are packed.
+LARGE = 1 << 16
+#: Fewer small tensors than this are updated one by one, eagerly (a pack's copies cost more).
+PACK_MIN = 4
+#: A pack this large (elements) runs compiled: one parallel loop instead of one parallel region per eager op,
+#: each a barrier that waits for a descheduled thread when the machine is shared.
+PACK_COMPILED = 1 << 12
 
 
 class Segments:
-    """Where each parameter lies in a flat bucket, for per-parameter scalars and per-tensor reductions.
+    """Where each parameter lies in a flat pack, for per-parameter scalars and per-tensor reductions.
 
     ``runs`` are the maximal stretches of consecutive parameters of one size, ``(first, stop, offset, rows,
-    cols, row_offset)``: a ``[rows, cols]`` matrix of the bucket whose rows are the parameters (per-tensor
+    cols, row_offset)``: a ``[rows, cols]`` matrix of the pack whose rows are the parameters (per-tensor
     sums are row sums). With ``row_counts`` (2-D parameters whose optimizer keeps a state per row, as
     GroupAdaGrad) a run is instead the consecutive parameters of one column count, their rows stacked, and
     ``row_offset`` locates it in the per-row states.
@@ -58,9 +68,6 @@ class Segments:
         rows = self.row_counts or [1] * len(self.sizes)
         cols = [n // r if r else 0 for n, r in zip(self.sizes, rows)] if row_counts is not None else self.sizes
         self.total_rows = sum(rows)
-        self.row_offsets = [0]
-        for r in rows:
-            self.row_offsets.append(self.row_offsets[-1] + r)
         self.runs = []
         k, row = 0, 0
         while k < len(self.sizes):
@@ -88,45 +95,13 @@ class Segments:
         return torch.repeat_interleave(part, counts, dim=0, output_size=sum(self.row_counts[first:stop]))
 
 
-_COMPILED = {}
-_WARNED = []
-
-
-def _fused_step(opt, w, g, inner, s, seg, low):
-    """One bucket update, in place: cast, kernel, write back (compiled as one loop under fused=True)."""
+# ------------------------------------------------------------------------------------------ the step
+def _fused_step(opt, w, g, inner, s, seg):
+    """One update in place: cast, kernel, write back (compiled as one loop)."""
     g = g.to(w.dtype)
     new_w, new_s = type(opt).kernel(opt, w, g, inner, s, seg)
     _write(inner, new_s)
     w.copy_(new_w)
-    if low is not None:
-        low.copy_(w)
-
-
-#: elements per chunk of the eager fast path (1 MiB of fp32)
-EAGER_CHUNK = 1 << 18
-_HEAP_SETTLED = [False]
-
-
-def _settle_heap(device):
-    """Free one 30 MiB CPU tensor, once per process, before the first chunked eager step.
-
-    glibc serves allocations above its mmap threshold (128 KiB at start) with fresh mappings and returns
-    heap tops above twice that to the system; freeing a mapped block of up to 32 MiB raises both
-    thresholds to its size, as any training process does soon enough. Until then, every 1 MiB temporary
-    of every chunk is a fresh mapping that page-faults: measured on one 16M-element tensor, SGD's eager
-    step took 11-13x torch's fused Adam instead of 1.6-2.1x, depending on what the process freed before.
-    """
-    if device.type == "cpu" and not _HEAP_SETTLED[0]:
-        _HEAP_SETTLED[0] = True
-        torch.empty(30 << 18).fill_(0)
-
-
-def _slice_tree(tree, sl):
-    if tree is None:
-        return None
-    if isinstance(tree, torch.Tensor):
-        return tree[sl]
-    return tuple(_slice_tree(t, sl) for t in tree)
 
 
 def _write(dst, src):
@@ -141,7 +116,7 @@ def _write(dst, src):
 class _NoOuterLoopFusion:
     """Compile without inductor's CPU outer-loop fusion, whose local-buffer codegen fails (KeyError, torch
     2.13) on a row reduction feeding two in-place outputs (LARS's weight and momentum); the fused step then
-    runs as a row-reduction loop and an elementwise loop. Patched only while optzoo's own kernels compile."""
+    runs as a row-reduction loop and an elementwise loop. Patched only while optzoo's own kernels run."""
 
     def __enter__(self):
         try:
@@ -159,300 +134,321 @@ class _NoOuterLoopFusion:
             self.cls.can_fuse_vertical_outer_loop = self.old
 
 
-def _compiled(kind):
-    """The compiled step: ``"step"`` over whole buckets (static shapes: one graph per bucket shape), or
-    ``"rows"`` over the ``[k, n]`` runs of a bucket (dynamic shapes: one graph for every run)."""
-    fn = _COMPILED.get(kind)
+_COMPILED = {}  # key -> compiled step; None where compiling failed (eager from then on)
+
+
+def _compiled(key):
+    """The compiled step for ``key`` (optimizer class, layout, dtypes): a copy of :func:`_fused_step` with a
+    code object of its own, so each key has dynamo's own cache and recompile limit."""
+    fn = _COMPILED.get(key)
     if fn is None:
-        # one compiled graph per optimizer class, option set and bucket shape: more than dynamo's default 8
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-        try:
-            # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does
-            options = {"emulate_precision_casts": True}
-            if kind == "rows":  # recompute what both the row sums and the update read (LAMB's u) instead of
-                # storing it: a bucket-sized temporary costs its page faults on every step (LAMB, one 16M
-                # tensor: 28 -> 12 ms; torch's fused Adam 7)
-                options.update(realize_reads_threshold=16, realize_opcount_threshold=200)
-            fn = torch.compile(_fused_step, dynamic=kind == "rows", options=options)
-        except Exception as exc:  # pragma: no cover - no compiler backend
-            warnings.warn(f"torch.compile is unavailable ({exc}); optzoo runs the eager kernels", RuntimeWarning)
-            fn = _fused_step
-        _COMPILED[kind] = fn
+        code = _fused_step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
+        step = types.FunctionType(code, _fused_step.__globals__, code.co_name)
+        # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does (bit-exact)
+        options = {"emulate_precision_casts": True}
+        if key[1] in ("rows", "norms"):  # recompute what both the row sums and the update read (LAMB's u) instead of
+            # storing it: a tensor-sized temporary costs its page faults on every step
+            options.update(realize_reads_threshold=16, realize_opcount_threshold=200)
+        fn = _COMPILED[key] = torch.compile(step, dynamic=True, options=options)
     return fn
 
 
-def _run_compiled(kind, *args):
-    """The compiled step; if compilation fails (no C compiler, unsupported platform), warn once and run
-    the eager kernel from then on. Compilation happens before the kernel touches any tensor."""
-    fn = _compiled(kind)
+def _run(compiled, key, *args):
+    """The step, compiled if asked and possible; where compiling fails (no C compiler, an unsupported
+    platform, a compiler bug) it warns once and that kernel runs eagerly from then on."""
+    if not compiled or _COMPILED.get(key, True) is None:
+        _fused_step(*args)
+        return
     try:
-        if kind == "rows":
-            with _NoOuterLoopFusion():
-                fn(*args)
-        else:
-            fn(*args)
-    except Exception as exc:
-        if fn is _fused_step:
-            raise
+        with _NoOuterLoopFusion():
+            _compiled(key)(*args)
+    except Exception as exc:  # compilation happens before the kernel writes anything
+        _COMPILED[key] = None
         warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); running the eager kernels instead",
-                      RuntimeWarning, stacklevel=4)
-        _COMPILED[kind] = _fused_step
+                      RuntimeWarning, stacklevel=5)
         _fused_step(*args)
 
 
-def supports_buckets(opt, dtype, device):
-    """How ``opt`` can run over flat buckets: ``"elementwise"`` (a split rule and states shaped like the
-    weight), ``"rows"`` (2-D weights, states shaped like the weight or one value per row, as GroupAdaGrad's),
-    or False."""
-    if not (type(opt).has_kernel() or hasattr(opt, "_accumulate_bucket")):
-        return False
-    probe = torch.empty((2, 4), dtype=dtype, device="meta")
-    try:
-        leaves = _tree.leaves(opt.create_state_multi_precision(0, probe))
-    except ValueError:  # pragma: no cover - an optimizer refusing the probe runs on the reference path
-        return False
-    if all(leaf.numel() == 8 for leaf in leaves):
-        return "elementwise"
-    if all(leaf.numel() == 8 or tuple(leaf.shape) == (2, 1) for leaf in leaves):
-        return "rows"
-    return False
-
-
-class Bucket:
-    """Parameters of one device and dtype, laid out contiguously; their data and grads become views."""
-
-    def __init__(self, optimizer, indices, params, states=None, layout="elementwise"):
-        self.optimizer = optimizer
-        self.indices = list(indices)
-        self.params = list(params)
-        first = self.params[0]
-        self.dtype, self.device = first.dtype, first.device
-        sizes = [p.numel() for p in self.params]
-        rows = [p.shape[0] for p in self.params] if layout == "rows" else None
-        self.segments = Segments(sizes, self.device, rows)
-        self.offsets = self.segments.offsets[:-1]
-        self._grad_views = None
-        self._buffers = {}
-        with torch.no_grad():
-            self.w = torch.empty(self.segments.total, dtype=self.dtype, device=self.device)
-            self.g = torch.zeros_like(self.w)
-            for p, o, n in zip(self.params, self.offsets, sizes):
-                self.w[o:o + n].copy_(p.detach().reshape(-1))
-                p.data = self.w[o:o + n].view_as(p)
-                if p.grad is not None:  # a parameter without a gradient keeps none
-                    self.g[o:o + n].copy_(p.grad.reshape(-1))
-                    p.grad = self.g[o:o + n].view_as(p)
-            if layout == "rows":  # per-row states: created per parameter, then laid out flat
-                self.state = _cat_states([optimizer.create_state_multi_precision(i, p.detach())
-                                          for i, p in zip(self.indices, self.params)])
-            else:
-                self.state = optimizer.create_state_multi_precision(self.indices[0], self.w)
-            for k, existing in enumerate(states or []):
-                if existing is not None:
-                    _tree.assign(self.state_of(k), existing)
-
-    def view(self, k, flat):
-        """The k-th parameter's slice of a flat tensor (or state tree)."""
-        if flat is None:
-            return None
-        if isinstance(flat, torch.Tensor):
-            seg = self.segments
-            if flat.numel() == seg.total:
-                o, n = self.offsets[k], seg.sizes[k]
-                return flat[o:o + n].view(self.params[k].shape)
-            if seg.row_counts is not None and flat.numel() == seg.total_rows:
-                o = seg.row_offsets[k]
-                return flat[o:o + seg.row_counts[k]].view(seg.row_counts[k], 1)
-            return flat
-        return tuple(self.view(k, f) for f in flat)
-
-    def buffer(self, name, dtype):
-        """``(flat, views)``: a scratch tensor the size of the bucket (zeros when made, then kept across
-        steps; made anew when asked in another dtype) and its per-parameter views."""
-        got = self._buffers.get(name)
-        if got is None or got[0].dtype != dtype:
-            flat = torch.zeros(self.segments.total, dtype=dtype, device=self.device)
-            got = self._buffers[name] = (flat, [self.view(k, flat) for k in range(len(self.indices))])
-        return got
-
-    def state_of(self, k):
-        return self.view(k, self.state)
-
-    def gather_grads(self):
-        """Make every ``.grad`` the bucket's view again (copying a gradient that autograd or the user
-        allocated anew, e.g. after ``zero_grad(set_to_none=True)``); returns which parameters have one."""
-        if self._grad_views is None:
-            self._grad_views = [self.g[o:o + n].view_as(p) for p, o, n in
-                                zip(self.params, self.offsets, self.segments.sizes)]
-        has = []
-        for p, view in zip(self.params, self._grad_views):
-            grad = p.grad
-            if grad is view:
-                has.append(True)
-            elif grad is None:
-                view.zero_()
-                has.append(False)
-            else:
-                if grad.data_ptr() != view.data_ptr() or grad.shape != view.shape:
-                    view.copy_(grad)
-                p.grad = view
-                has.append(True)
-        return has
-
-
-class Runner:
-    """The buckets of one optimizer's parameters and the fast step over them, shared by the Trainer and the
-    torch face. ``step`` handles whole buckets whose parameters all have a gradient; the caller runs the
-    reference path (on the same views) for anything it leaves."""
-
-    def __init__(self, optimizer, fused):
-        self.optimizer = optimizer
-        self.fused = fused
-        self.buckets = None
-
-    def build(self, indices, params, states):
-        """Lay out the parameters; returns index -> state view (the states now live in the buckets)."""
-        groups = {}
-        for i, p, st in zip(indices, params, states):
-            groups.setdefault((p.device, p.dtype), []).append((i, p, st))
-        self.buckets, views = [], {}
-        if self.optimizer._prepare_per_index and len(groups) > 1:
-            return views  # bucket by bucket would change the order of a per-index sequence (Nadam)
-        for (device, dtype), members in groups.items():
-            layout = supports_buckets(self.optimizer, dtype, device)
-            if not layout or layout == "rows" and any(m[1].dim() != 2 for m in members):
-                continue
-            bucket = Bucket(self.optimizer, [m[0] for m in members], [m[1] for m in members],
-                            [m[2] for m in members], layout)
-            self.buckets.append(bucket)
-            views.update({i: bucket.state_of(k) for k, i in enumerate(bucket.indices)})
-        return views
-
-    def step(self, fresh):
-        """Update every bucket whose parameters are all in ``fresh``; returns the indices it updated."""
-        done = set()
-        ready = getattr(self.optimizer, "_bucket_ready", None)  # e.g. LBSGD: indices accumulating in step
-        for bucket in self.buckets or ():
-            if all(i in fresh for i in bucket.indices) and (ready is None or ready(bucket.indices)) \
-                    and all(bucket.gather_grads()):
-                self._step_bucket(bucket)
-                done.update(bucket.indices)
-        return done
-
-    def _prepared(self, bucket, dtype):
-        """Count and read every index of the bucket, then ``prepare``: one tuple of scalars per index, or a
-        single one when they all agree."""
-        opt, indices = self.optimizer, bucket.indices
-        counts = opt._index_update_count
-        first = counts.get(indices[0])
-        equal = all(counts.get(i) == first for i in indices)
-        uniform = not opt._prepare_per_index and equal
-        # equal counts read the same (lr, wd, t) together as one by one; an optimizer whose reads have side
-        # effects per index (LARS's lr pairs) says whether a list read reproduces them (_reads_per_index)
-        per_index = opt._prepare_per_index if opt._reads_per_index is None else opt._reads_per_index
-        together = equal and not per_index
-        read = opt._count_and_read(indices, together=together)
-        prepare = functools.partial(opt.prepare, dtype=dtype)
-        if not uniform:  # per index, in index order: prepare may advance per-index state
-            return [prepare(lr=lr, wd=wd, t=t, index=i) for i, (lr, wd, t) in zip(indices, read)], read
-        cache, per = {}, []
-        for i, key in zip(indices, read):
-            s = cache.get(key)
-            if s is None:
-                lr, wd, t = key
-                s = cache[key] = prepare(lr=lr, wd=wd, t=t, index=i)
-            per.append(s)
-        return ([per[0]] if len(cache) == 1 else per), read
-
-    @staticmethod
-    def _columns(per):
-        """Per-index tuples as columns: a column's single value where it agrees across the indices, else
-        the list of values."""
-        if len(per) == 1:
-            return list(per[0])
-        return [col[0] if col.count(col[0]) == len(col) else list(col) for col in zip(*per)]
-
-    def _step_bucket(self, bucket):
-        opt = self.optimizer
-        mp = opt._mp(bucket.w)
-        if mp:
-            w, inner = opt._split_mp(bucket.state)
-            low = bucket.w
+def layout_of(opt, weight):
+    """How ``opt``'s kernel runs over tensors like ``weight``: ``"elementwise"`` (states shaped like the
+    weight), ``"norms"`` (elementwise states, per-tensor sums: rows of parameters), ``"rows"`` (2-D weights
+    with a state per row, as GroupAdaGrad's), or None (no kernel: the reference path)."""
+    if not type(opt).has_kernel():
+        return None
+    cache = opt.__dict__.setdefault("_layouts", {})
+    key = (weight.dtype, weight.dim() == 2, opt.multi_precision)
+    if key not in cache:
+        leaves = _tree.leaves(opt.create_state_multi_precision(0, torch.empty((2, 4), dtype=weight.dtype,
+                                                                              device="meta")))
+        if all(leaf.numel() == 8 for leaf in leaves):
+            cache[key] = "norms" if opt._segment_kernel else "elementwise"
+        elif key[1] and all(leaf.numel() == 8 or tuple(leaf.shape) == (2, 1) for leaf in leaves):
+            cache[key] = "rows"
         else:
-            w, inner, low = bucket.w, bucket.state, None
-        # scalars are held in the widest dtype the kernel computes in (fp32 states with fp16 weights)
-        sdt = functools.reduce(torch.promote_types, [x.dtype for x in _tree.leaves(inner)], w.dtype)
-        check = getattr(opt, "_check_indices", None)  # the reference path's per-update checks (GroupAdaGrad's wd)
-        if check is not None:
-            check(bucket.indices)
-        per, read = self._prepared(bucket, w.dtype)
-        cols = self._columns(per)
-        if opt._kernel_noise:
-            cols.append(self._draw(bucket, w, read))
-        with torch.no_grad():
-            g = bucket.g
-            accumulate = getattr(opt, "_accumulate_bucket", None)
-            if accumulate is not None:  # LBSGD: the kernel sees the accumulated gradients, when it runs
-                g = accumulate(bucket, w.dtype)
-                if g is None:
-                    return
-            if opt._segment_kernel or bucket.segments.row_counts is not None:
-                self._step_runs(bucket, w, g, inner, low, cols, sdt)
-                return
-            s = tuple(bucket.segments.spread(c, sdt) if isinstance(c, list) else c for c in cols)
-            if self.fused:
-                s = tuple(torch.tensor(x, dtype=sdt, device=w.device) if not isinstance(x, torch.Tensor) else x
-                          for x in s)
-                _run_compiled("step", opt, w, g, inner, s, bucket.segments, low)
-            elif bucket.segments.total <= EAGER_CHUNK:
-                _fused_step(opt, w, g, inner, s, bucket.segments, low)
-            else:
-                # elementwise kernels run eagerly over cache-sized chunks: each op's temporaries then come
-                # from the allocator's free lists instead of fresh (page-faulting) mappings of the bucket's size
-                n = bucket.segments.total
-                _settle_heap(w.device)
-                for lo in range(0, n, EAGER_CHUNK):
-                    sl = slice(lo, min(lo + EAGER_CHUNK, n))
-                    part = tuple(x[sl] if isinstance(x, torch.Tensor) and x.dim() == 1 and x.numel() == n else x
+            cache[key] = None
+    return cache[key]
+
+
+def _flat(t):
+    """A 1-D view of every element of ``t`` in memory order (dense tensors, channels_last included), or None."""
+    if t.is_contiguous():
+        return t.view(-1)
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    p = t.permute(order)
+    return p.view(-1) if p.is_contiguous() else None
+
+
+def _key(opt, layout, w, inner, s):
+    structure = _tree.describe(inner).replace("Tensor", "")
+    structure = "".join(c for c in structure if not c.isdigit())
+    kinds = tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in s)
+    return (type(opt), layout, w.dtype, w.device.type, structure, kinds)
+
+
+def _as_tensors(s, dtype, device, cache):
+    """Kernel scalars as 0-d tensors (one compiled graph for every value), made once per distinct tuple: in
+    fp32 for fp16/bf16 kernels (a 0-d tensor takes the dtype of the tensors it meets, as a Python scalar
+    would not; held wider it keeps the values that fp32 arithmetic in the kernel reads)."""
+    dtype = _wide(dtype)
+    key = (s, dtype, device)
+    got = cache.get(key)
+    if got is None:
+        got = cache[key] = tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
                                  for x in s)
-                    _fused_step(opt, w[sl], g[sl], _slice_tree(inner, sl), part, None,
-                                None if low is None else low[sl])
+    return got
 
-    def _draw(self, bucket, w, read):
-        """A stochastic kernel's noise, drawn before it runs: the optimizer's own ``_noise(weight, lr)`` per
-        parameter, in index order, into a flat buffer that the kernel gets as its last scalar (the
-        reference path's draws, the same generator calls in the same order)."""
-        buf, parts = bucket.buffer("noise", w.dtype)
-        for part, (lr, _, _) in zip(parts, read):
-            part.copy_(self.optimizer._noise(part, lr))
-        return buf
 
-    def _step_runs(self, bucket, w, g, inner, low, cols, sdt):
-        """A kernel with per-tensor (or per-row) reductions, run by run: ``[rows, n]`` views whose rows are
-        the parameters (or, with per-row states, their rows), per-parameter scalars as ``[rows, 1]``
-        columns (no per-element index or scalar tensor). Compiled, one dynamic-shape graph serves every run."""
-        opt, device, segs = self.optimizer, w.device, bucket.segments
-        as_tensor = functools.partial(torch.tensor, dtype=sdt, device=device)
-        cols = [as_tensor(c).view(-1, 1) if isinstance(c, list) else as_tensor(c) if self.fused else c
-                for c in cols]
-        for first, stop, offset, rows, size, row in segs.runs:
-            if size == 0 or rows == 0:
+def _wide(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _scalar_dtype(w, inner):
+    """Scalars are held in the widest dtype the kernel computes in (fp32 states with fp16 weights)."""
+    return functools.reduce(torch.promote_types, [x.dtype for x in _tree.leaves(inner)], w.dtype)
+
+
+def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None):
+    """Update ``weights`` (and ``states``) in place from ``grads`` with ``opt``'s kernel and the per-index
+    ``scalars`` (``prepare``'s tuples, in the order of the weights). ``noise``: per-index tensors handed to
+    the kernel as its last scalar (a stochastic rule's draws, made beforehand in index order). ``shards``:
+    per-index :class:`~optzoo.optimizer._numerics.Shards` (or None) for weights that are the local shards of
+    sharded parameters: kernels with per-tensor sums then run tensor by tensor, in order (every process
+    takes part in the same sums), with the whole parameter's sums."""
+    if shards is not None and any(sh is not None for sh in shards) and opt._segment_kernel:
+        with torch.no_grad():
+            for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
+                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), shards[k])
+        return
+    if not fused and len(weights) < PACK_MIN and all(w.numel() < LARGE for w in weights):
+        with torch.no_grad():  # a few small tensors: the eager kernel on each (what packing would cost more than)
+            for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
+                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), None)
+        return
+    kinds = {}
+    layout = [kinds.get((w.dtype, w.dim() == 2)) or kinds.setdefault((w.dtype, w.dim() == 2), layout_of(opt, w))
+              for w in weights]
+    cache = {}
+    packs = {}
+    with torch.no_grad():
+        for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
+            if noise is not None:
+                s = tuple(s) + (noise[k],)
+            if w.numel() >= LARGE or fused and w.numel() > 0:
+                if _run_one(opt, fused, layout[k], w, g, st, s, cache):
+                    continue
+            packs.setdefault((w.dtype, w.device, layout[k]), []).append(k)
+        for (_, _, lay), members in packs.items():
+            if len(members) == 1:
+                k = members[0]
+                s = scalars[k] if noise is None else tuple(scalars[k]) + (noise[k],)
+                _fused_step(opt, weights[k], grads[k], states[k], s, None)
                 continue
-            s = tuple(segs.per_row(c, first, stop) if isinstance(c, torch.Tensor) and c.dim() == 2 else c
-                      for c in cols)
-            args = (opt, w[offset:offset + rows * size].view(rows, size),
-                    g[offset:offset + rows * size].view(rows, size),
-                    _run_views(inner, segs, offset, rows, size, row), s, ROWS,
-                    None if low is None else low[offset:offset + rows * size].view(rows, size))
-            if self.fused:
-                _run_compiled("rows", *args)
-            else:
-                _fused_step(*args)
+            _run_pack(opt, fused, lay, [weights[k] for k in members], [grads[k] for k in members],
+                      [states[k] for k in members], [scalars[k] for k in members],
+                      None if noise is None else [noise[k] for k in members], cache)
+
+
+def _run_one(opt, fused, layout, w, g, inner, s, cache):
+    """One large tensor in place; False when its layout has no flat form (then it is packed)."""
+    if layout == "rows":
+        views = [w, g] + _tree.leaves(inner)
+        if not all(t.is_contiguous() for t in views):
+            return False
+        fw, fg, finner, seg = w, g, inner, None
+    else:
+        fw, fg = _flat(w), _flat(g)
+        leaves = _tree.leaves(inner)
+        if fw is None or fg is None or g.stride() != w.stride() or any(x.stride() != w.stride() for x in leaves):
+            return False
+        finner = _map(inner, _flat)
+        seg = None
+        if layout == "norms":  # per-tensor sums: full reductions of the 1-D views
+            seg = WHOLE
+    sdt = _scalar_dtype(fw, finner)
+    if any(isinstance(x, torch.Tensor) for x in s):  # per-element scalars (drawn noise) laid out as the weight
+        if layout != "rows":
+            s = tuple(_flat(x).view(fw.shape) if isinstance(x, torch.Tensor) else x for x in s)
+        ts = tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=_wide(sdt), device=w.device)
+                   for x in s)
+    else:
+        ts = _as_tensors(s, sdt, w.device, cache)
+    _run(True, _key(opt, layout, fw, finner, ts), opt, fw, fg, finner, ts, seg)
+    return True
+
+
+def _map(tree, fn):
+    if tree is None:
+        return None
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    return tuple(_map(t, fn) for t in tree)
+
+
+def _columns(per):
+    """Per-index tuples as columns: a column's single value where it agrees across the indices, else the
+    list of values."""
+    if all(p is per[0] for p in per):  # prepare's one tuple for every index (the common case)
+        return list(per[0])
+    cols = []
+    for col in zip(*per):
+        first = col[0]
+        if isinstance(first, torch.Tensor):
+            cols.append(list(col))
+        else:
+            cols.append(first if all(c == first for c in col) else list(col))
+    return cols
+
+
+def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache):
+    """Small tensors packed, one kernel call over them. Tensors that already lie end to end in one buffer
+    (states made by :func:`adjacent`, multi-precision master copies among them) are used in place; the
+    others (the user's weights and gradients) are copied into scratch buffers and the weights copied back."""
+    rows = [w.shape[0] for w in weights] if layout == "rows" else None
+    segs = Segments([w.numel() for w in weights], weights[0].device, rows)
+    w = _joined(weights)
+    copied_w = w is None
+    if copied_w:
+        w = _flatten(weights)
+    g = _joined(grads)
+    if g is None:
+        g = _flatten(grads)
+    g = g.to(w.dtype)
+    inner, copied = _joined_tree(states)
+    sdt = _scalar_dtype(w, inner)
+    cols = _columns(scalars)
+    if noise is not None:
+        cols.append(torch.cat([x.reshape(-1) for x in noise]))
+    compiled = bool(fused) or segs.total >= PACK_COMPILED
+    if layout in ("norms", "rows"):
+        _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)
+    else:
+        s = tuple(segs.spread(c, sdt) if isinstance(c, list) else c for c in cols)
+        if compiled:
+            s = _as_tensors(s, sdt, w.device, cache) if not any(isinstance(x, torch.Tensor) for x in s) else \
+                tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=_wide(sdt), device=w.device)
+                      for x in s)
+        _run(compiled, _key(opt, layout, w, inner, s), opt, w, g, inner, s, None)
+    sizes = segs.sizes
+    if copied_w:
+        torch._foreach_copy_(weights, _unflatten(w, weights))
+    if copied:
+        _split_into(inner, states, sizes, segs)
+
+
+def _joined(tensors):
+    """One 1-D view of tensors that lie end to end, in order, in one buffer (views of it); else None."""
+    first = tensors[0]
+    base = first._base
+    if base is None or not base.is_contiguous() or first.dtype != base.dtype:
+        return None
+    offset = first.storage_offset()
+    start = offset
+    for t in tensors:
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return base.view(-1)[start - base.storage_offset():offset - base.storage_offset()]
+
+
+def _joined_tree(states):
+    """The states' leaves position by position, each :func:`_joined` or concatenated; whether any was copied."""
+    first = states[0]
+    if first is None:
+        return None, False
+    if isinstance(first, torch.Tensor):
+        flat = _joined(states)
+        return (_flatten(states), True) if flat is None else (flat, False)
+    parts = [_joined_tree([st[k] for st in states]) for k in range(len(first))]
+    return tuple(p for p, _ in parts), any(c for _, c in parts)
+
+
+def _flatten(tensors):
+    """The tensors' elements end to end in a new 1-D tensor (one C++ call; contiguous copies of strided ones)."""
+    return torch._C._nn.flatten_dense_tensors(tensors)
+
+
+def _unflatten(flat, like):
+    """Views of ``flat`` shaped like ``like``, for :func:`_flatten`'s inverse copy."""
+    return torch._C._nn.unflatten_dense_tensors(flat, like)
+
+
+def adjacent(trees):
+    """New state trees whose small tensors lie end to end in one buffer per leaf position and dtype (so that
+    :func:`_run_pack` uses them in place); large ones are kept as they are. Called on states just made."""
+    leaves = [_tree.leaves(t) for t in trees]
+    if not leaves or not leaves[0]:
+        return trees
+    out = [list(ls) for ls in leaves]
+    for k in range(len(leaves[0])):
+        groups = {}
+        for m, ls in enumerate(leaves):
+            if k < len(ls) and ls[k].numel() < LARGE and ls[k].is_contiguous():
+                groups.setdefault((ls[k].dtype, ls[k].device), []).append(m)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            flat = _flatten([leaves[m][k] for m in members])
+            offset = 0
+            for m in members:
+                n = leaves[m][k].numel()
+                out[m][k] = flat[offset:offset + n].view(leaves[m][k].shape)
+                offset += n
+    return [_rebuild(t, iter(ls)) for t, ls in zip(trees, out)]
+
+
+def _rebuild(tree, leaves):
+    """``tree`` with its tensors replaced, depth first, by ``leaves``."""
+    if tree is None:
+        return None
+    if isinstance(tree, torch.Tensor):
+        return next(leaves)
+    return tuple(_rebuild(t, leaves) for t in tree)
+
+
+def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
+    """A kernel with per-tensor (or per-row) reductions, run by run: ``[rows, n]`` views whose rows are the
+    parameters (or, with per-row states, their rows), per-parameter scalars as ``[rows, 1]`` columns."""
+    device = w.device
+    as_tensor = functools.partial(torch.tensor, dtype=sdt, device=device)
+    cols = [as_tensor(c).view(-1, 1) if isinstance(c, list) else c for c in cols]
+    for first, stop, offset, nrows, size, row in segs.runs:
+        if size == 0 or nrows == 0:
+            continue
+        s = tuple(segs.per_row(c, first, stop) if isinstance(c, torch.Tensor) and c.dim() == 2 else
+                  c[offset:offset + nrows * size].view(nrows, size) if isinstance(c, torch.Tensor) and c.dim() == 1
+                  else c for c in cols)
+        if compiled:
+            s = tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=_wide(sdt), device=device)
+                      for x in s)
+        run_w = w[offset:offset + nrows * size].view(nrows, size)
+        run_inner = _run_views(inner, segs, offset, nrows, size, row)
+        _run(compiled, _key(opt, "rows", run_w, run_inner, s), opt, run_w,
+             g[offset:offset + nrows * size].view(nrows, size), run_inner, s, ROWS)
 
 
 def _run_views(tree, segs, offset, rows, size, row):
-    """A run's views of the flat states: ``[rows, size]`` of per-element states, ``[rows, 1]`` of per-row ones."""
+    """A run's views of the packed states: ``[rows, size]`` of per-element states, ``[rows, 1]`` of per-row ones."""
     if tree is None:
         return None
     if isinstance(tree, torch.Tensor):
@@ -462,64 +458,11 @@ def _run_views(tree, segs, offset, rows, size, row):
     return tuple(_run_views(t, segs, offset, rows, size, row) for t in tree)
 
 
-#: The MXNet-style ``update`` with a list runs it as one bucket when the tensors are this many and this
-#: small on average: concatenating costs a copy in and out, which pays off against one launch per op
-#: per tensor only for small tensors (the per-tensor loop is faster for large ones).
-LIST_MIN_TENSORS = 8
-LIST_MAX_MEAN_NUMEL = 1 << 16
-
-
-def update_lists(opt, indices, weights, grads, states) -> bool:
-    """Run a checked list call of ``opt.update`` over one temporary flat bucket; False if not applicable."""
-    if (len(indices) < LIST_MIN_TENSORS or not type(opt).has_kernel()
-            or sum(w.numel() for w in weights) > LIST_MAX_MEAN_NUMEL * len(weights)):
-        return False
-    w0 = weights[0]
-    if any(w.dtype != w0.dtype or w.device != w0.device for w in weights):
-        return False
-    if supports_buckets(opt, w0.dtype, w0.device) != "elementwise" or any(st is None for st in states) and \
-            any(st is not None for st in states):
-        return False
-    bucket = _ListBucket(indices, weights, grads, states)
-    Runner(opt, False)._step_bucket(bucket)
-    bucket.write_back()
-    return True
-
-
-class _ListBucket(Bucket):
-    """A Bucket over copies: the flat concatenation of separate tensors, written back after the step."""
-
-    def __init__(self, indices, weights, grads, states):  # not Bucket's: the tensors stay where they are
-        self.indices, self.params = list(indices), list(weights)
-        self.dtype, self.device, self._buffers = weights[0].dtype, weights[0].device, {}
-        self.segments = Segments([w.numel() for w in weights], weights[0].device)
-        self.offsets = self.segments.offsets[:-1]
-        self.w = torch.cat([w.reshape(-1) for w in weights])
-        self.g = torch.cat([g.reshape(-1) for g in grads])
-        self.state = _cat_states(states)
-        self._states = states
-
-    def write_back(self):
-        for w, part in zip(self.params, torch.split(self.w, self.segments.sizes)):
-            w.copy_(part.view_as(w))
-        _split_into(self.state, self._states, self.segments.sizes)
-
-
-def _cat_states(states):
-    first = states[0]
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        return torch.cat([st.reshape(-1) for st in states])
-    return tuple(_cat_states([st[k] for st in states]) for k in range(len(first)))
-
-
-def _split_into(flat, states, sizes):
+def _split_into(flat, states, sizes, segs):
     if flat is None:
         return
     if isinstance(flat, torch.Tensor):
-        for st, part in zip(states, torch.split(flat, sizes)):
-            st.copy_(part.view_as(st))
+        torch._foreach_copy_(list(states), _unflatten(flat, states))
         return
     for k, f in enumerate(flat):
-        _split_into(f, [st[k] for st in states], sizes)
+        _split_into(f, [st[k] for st in states], sizes, segs)

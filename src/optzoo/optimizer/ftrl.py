@@ -51,6 +51,8 @@ class Ftrl(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    state_names = ("z", "n")  # the state's tensors, as the docstring names them
+
     def __init__(self, lamda1=0.01, learning_rate=0.1, beta=1, **kwargs):
         check_nonnegative("learning_rate", learning_rate, allow_none=kwargs.get("lr_scheduler") is not None)
         self.lamda1 = check_nonnegative("lamda1", lamda1)

@@ -42,11 +42,8 @@ class LBSGD(Optimizer):
     ``{'cum_grad', 'num_cums'}``). MXNet keeps a reference to the first gradient of a large batch;
     optzoo copies it. MXNet uses :math:`\rho = 1` for an unknown ``warmup_strategy``; optzoo rejects it.
 
-    Fast path: a bucket whose parameters all have the same accumulation count (they all step or all
-    accumulate in a call) adds its gradients into one flat accumulator (each ``cum_grad`` a view of it)
-    and, when the weights step, runs the SGD step over the bucket; the numbers are the reference path's.
-    A bucket whose counts differ (a parameter missed a gradient) and the ``'lars'`` warmup (a numpy sum
-    per tensor) run on the reference path.
+    No fast path: the accumulation is Python bookkeeping per index, so LBSGD always runs its rule
+    tensor by tensor.
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
@@ -68,7 +65,12 @@ class LBSGD(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("mom",)  # the state's tensors, as the docstring names them
+
+    _step_vars = Optimizer._step_vars + ("cumgrads",)
+
     _lr_before_count = True
+    _reads_per_index = True  # the lr is read before each index is counted: a list is read index by index
 
     def __init__(self, momentum=0.0, multi_precision=False, warmup_strategy="linear", warmup_epochs=5,
                  batch_scale=1, updates_per_epoch=32, begin_epoch=0, num_epochs=60, **kwargs):
@@ -140,52 +142,3 @@ class LBSGD(Optimizer):
             return decay * w - step, None
         mom = mu * mom - lr_wd * w - step
         return w + mom, mom
-
-    # ------------------------------------------------------------------ the fast path
-    # The engine runs LBSGD over a bucket when all its indices have the same accumulation count (so they
-    # all step or all accumulate) and the warmup is not 'lars' (whose multiplier needs per-tensor numpy
-    # sums): prepare counts each index's call, _accumulate_bucket adds the bucket's gradients into a flat
-    # accumulator (cum_grad becomes a view of it) and hands it to the kernel when the weights step.
-    _prepare_per_index = True  # prepare advances each index's accumulation count
-
-    def _bucket_ready(self, indices):
-        if self.warmup_strategy == "lars":
-            return False
-        counts = {self.cumgrads[i]["num_cums"] if i in self.cumgrads else None for i in indices}
-        return len(counts) == 1
-
-    def prepare(self, *, lr, wd, t, index, dtype):
-        entry = self.cumgrads.get(index)
-        num = entry["num_cums"] + 1 if entry and entry["num_cums"] > 0 else self.init_updates + 1
-        self.cumgrads[index] = {"cum_grad": entry["cum_grad"] if entry else None, "num_cums": num}
-        return self._scalars(lr * self._get_lbmult(num), wd, dtype)
-
-    def _accumulate_bucket(self, bucket, dtype):
-        """Add the bucket's gradients into its accumulator as ``_cumulate`` does per index; returns the
-        accumulated gradients when this call steps the weights (their ``cum_grad`` is then reset to 0),
-        else None."""
-        acc, views = bucket.buffer("lbsgd_cum_grad", dtype)
-        entries = [self.cumgrads[i] for i in bucket.indices]
-        kinds = []
-        for entry, view in zip(entries, views):
-            prev = entry["cum_grad"]
-            if isinstance(prev, torch.Tensor):
-                if prev is not view:  # accumulated by the reference path meanwhile
-                    view.copy_(prev)
-                kinds.append("add")
-            else:  # None: the first gradient (cloned); 0: the first after a step (0 + g, as MXNet)
-                kinds.append("clone" if prev is None else "zero")
-            entry["cum_grad"] = view
-        g = bucket.g
-        if kinds.count(kinds[0]) == len(kinds):
-            {"add": acc.add_, "clone": acc.copy_, "zero": lambda x: torch.add(x, 0, out=acc)}[kinds[0]](g)
-        else:
-            for kind, view, o, n in zip(kinds, views, bucket.offsets, bucket.segments.sizes):
-                part = g[o:o + n].view(view.shape)
-                view.add_(part) if kind == "add" else view.copy_(part) if kind == "clone" else \
-                    torch.add(part, 0, out=view)
-        if entries[0]["num_cums"] % self.batch_scale != 0:
-            return None
-        for entry in entries:
-            entry["cum_grad"] = 0
-        return acc

@@ -38,6 +38,8 @@ class NAG(Optimizer):
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
+    state_names = ("mom",)  # the state's tensors, as the docstring names them
+
     _mp_master_first = False
 
     def __init__(self, momentum=0.0, **kwargs):

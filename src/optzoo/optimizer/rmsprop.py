@@ -59,6 +59,8 @@ class RMSProp(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    state_names = ("n", "g", "delta")  # the state's tensors, as the docstring names them
+
     def __init__(self, learning_rate=0.001, gamma1=0.9, gamma2=0.9, epsilon=1e-8, centered=False,
                  clip_weights=None, **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)

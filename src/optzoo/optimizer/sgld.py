@@ -26,7 +26,7 @@ class SGLD(Optimizer):
     the weight's device (reproducible with ``torch.manual_seed``). MXNet draws from its own global
     RNG, so its noise values cannot be reproduced; only their distribution is the same.
 
-    The fast path makes the same draws: before a bucket's kernel runs it calls :meth:`_noise` once per
+    The fast path makes the same draws: before a pack's or tensor's kernel runs it calls :meth:`_noise` once per
     parameter, in index order, into a flat noise buffer that the (eager or compiled) kernel adds. The
     same seed or ``generator`` therefore gives the reference path's noise bit for bit, with
     ``fused=None`` and ``fused=True`` alike.

@@ -29,6 +29,8 @@ class Test(Optimizer):
     **kwargs : the :class:`Optimizer` arguments.
     """
 
+    state_names = ("state",)  # the state's tensors, as the docstring names them
+
     _counts_updates = False
 
     def create_state(self, index, weight):

@@ -20,7 +20,22 @@ __all__ = ["Updater", "get_updater", "dump_optimizer", "load_optimizer"]
 
 _FORMAT = "optzoo.updater/1"
 # Bookkeeping rebuilt on load rather than stored: a view into _all_index_update_counts, the ctor call.
-_NOT_DUMPED = {"_index_update_count", "_init_args", "param_dict", "lr_scheduler"}
+_NOT_DUMPED = {"_index_update_count", "_init_args", "param_dict", "lr_scheduler", "_fused", "_prepared", "_layouts",
+               "_face_layouts", "_shards"}
+
+
+def calls(opt, positions, weights):
+    """The ``update`` calls MXNet's Updater makes for these parameters (lists of positions): an aggregating
+    optimizer (``aggregate_num`` > 0) gets lists of at most ``aggregate_num`` of one dtype (in order of
+    first appearance); the others get one call per index, which optzoo reads as one list (the same values:
+    see ``Optimizer.update``; indices whose counts differ are read one by one)."""
+    n = opt.aggregate_num
+    if n <= 0:
+        return [positions] if positions else []
+    groups = {}
+    for k in positions:
+        groups.setdefault(weights[k].dtype, []).append(k)
+    return [group[start:start + n] for group in groups.values() for start in range(0, len(group), n)]
 
 
 def _device_id(weight):
@@ -61,20 +76,8 @@ class Updater:
             elif not self.states_synced[i]:
                 self.states[i] = _tree.to_device(self.states[i], w.device)
                 self.states_synced[i] = True
-        if self.aggregate_updates:
-            # group by dtype (insertion order), then chunks of aggregate_num, as MXNet's Updater
-            groups = {}
-            for entry in zip(indices, weights, grads):
-                groups.setdefault(entry[1].dtype, []).append(entry)
-            n = opt.aggregate_num
-            for group in groups.values():
-                for start in range(0, len(group), n):
-                    chunk = group[start:start + n]
-                    opt.update_multi_precision([c[0] for c in chunk], [c[1] for c in chunk],
-                                               [c[2] for c in chunk], [self.states[c[0]] for c in chunk])
-        else:
-            for i, w, g in zip(indices, weights, grads):
-                opt.update_multi_precision(i, w, g, self.states[i])
+        opt._update_calls(calls(opt, list(range(len(indices))), weights), indices, weights, grads,
+                          [self.states[i] for i in indices])
 
     def get_states(self, dump_optimizer=False) -> bytes:
         """The states (and, with ``dump_optimizer``, the optimizer) as bytes for ``set_states``."""
