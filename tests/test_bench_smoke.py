@@ -1,16 +1,22 @@
 """``python -m optzoo.bench`` at tiny sizes: every requested row is there with positive finite numbers,
 the outputs are written, the workloads have their stated sizes, and the bytes-per-element convention
-holds by closed form. No timing assertions."""
+holds by closed form; the loaded workload's busy processes run during it and are gone after; the first
+call runs cold and warm in fresh processes. No timing assertions."""
 import json
 import math
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from optzoo import bench
+from optzoo.bench import load as L
+from optzoo.bench import report as R
+from optzoo.bench import timing as T
 from optzoo.bench import workloads as W
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +37,10 @@ def test_workload_sizes():
     sizes = {k: (len(W.make_workload(k).shapes), W.make_workload(k).numel, W.make_workload(k).dtype)
              for k in W.WORKLOADS}
     assert sizes == {"single": (1, 16_777_216, torch.float32), "resnet50": (161, 25_557_032, torch.float32),
-                     "small": (2000, 2_048_000, torch.float32), "fp16": (1, 16_777_216, torch.float16)}
+                     "small": (2000, 2_048_000, torch.float32), "fp16": (1, 16_777_216, torch.float16),
+                     "loaded": (1, 16_777_216, torch.float32)}
     assert W.make_workload("fp16").multi_precision
+    assert W.make_workload("loaded").loaded and not W.make_workload("single").loaded
     tiny = W.make_workload("resnet50", 1e-4)
     assert len(tiny.shapes) == 161 and tiny.numel < 25_557_032 * 2e-4
 
@@ -65,15 +73,20 @@ def test_smoke_run(tmp_path, capsys):
     data = json.loads((tmp_path / "latest.json").read_text())
     assert set(data["workloads"]) == set(W.WORKLOADS)
     keys = [(r["optimizer"], r["workload"], r["fused"]) for r in data["rows"]]
-    assert sorted(keys, key=str) == sorted([(o, w, m) for o in optimizers for w in W.WORKLOADS for m in modes],
-                                           key=str)
+    # the loaded workload: the default path only (--loaded-fused none)
+    expected = [(o, w, m) for o in optimizers for w in W.WORKLOADS for m in ([None] if w == "loaded" else modes)]
+    assert sorted(keys, key=str) == sorted(expected, key=str)
     for row in data["rows"]:
         assert "error" not in row, row
         assert row["finite"] is True
         _check_positive(row, ["first_ms", "ms", "gbps", "bytes", "vs_adam_gbps"])
         assert row["bytes"] == W.bytes_moved(row["optimizer"], W.make_workload(row["workload"], 1e-4))
-        if row["workload"] != "fp16":
+        if row["workload"] not in ("fp16", "loaded"):
             _check_positive(row, ["peer_ms", "vs_peer"])
+        if row["workload"] == "loaded":  # paired with fused Adam under the same load
+            _check_positive(row, ["vs_adam_time", "ref_ms"])
+    loaded = data["workloads"]["loaded"]
+    assert loaded["load"]["processes"] == os.cpu_count() == loaded["load"]["spinning_at_end"]
     for w in data["workloads"].values():
         _check_positive(w["baseline"], ["ms", "first_ms", "gbps"])
         assert w["baseline"]["bytes_per_element"] == (14 if w["dtype"] == "float16" else 28)
@@ -82,26 +95,89 @@ def test_smoke_run(tmp_path, capsys):
     assert {(p["class"], p["variant"]) for p in peers.values()} == {("Adam", "fused"), ("SGD", "fused")}
     _check_positive(data["triad"]["start"], ["gbps", "ms"])
     _check_positive(data["triad"]["end"], ["gbps", "ms"])
-    # (i), (ii): GB/s vs Adam and time vs peer for each row; (iii): time vs Adam
-    assert data["targets"]["checks"] == len(optimizers) * len(modes) * (2 * 2 + 1)
+    # (i), (ii): GB/s vs Adam and time vs peer for each row; (iii): time vs Adam; loaded, fused=None: time vs Adam
+    assert data["targets"]["checks"] == len(optimizers) * len(modes) * (2 * 2 + 1) + len(optimizers)
     assert data["bytes_per_element"] == {"adam": {"float32": 28, "float16_mp": 30},
                                          "sgd": {"float32": 20, "float16_mp": 22}}
     md = (tmp_path / "latest.md").read_text()
     for w in data["workloads"].values():
         assert f"## {w['describe']}" in md
-    assert "## Targets" in md and "| adam | None |" in md
+    assert "## Targets" in md and "| adam | None |" in md and "x Adam time" in md
     out = capsys.readouterr().out
-    assert "torch.optim.Adam(fused=True)" in out and "latest.json" in out
+    assert "torch.optim.Adam(fused=True)" in out and "latest.json" in out and "under the same load" in out
     # --render: the same reports again from the saved JSON, nothing measured
     assert bench.main(["--render", str(tmp_path / "latest.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "latest.md").read_text() == md
+    # a GPU run's header (none here): the device and its copy bandwidth
+    data["device"] = {"device": "cuda", "type": "cuda", "name": "H100", "memory_gib": 79.2, "multiprocessors": 132,
+                      "cuda": "13.0"}
+    data["copy"] = T.copy_bandwidth("cpu", nbytes=1 << 20, repeat=2)
+    assert "device: cuda (H100, 79.2 GiB, 132 SMs, CUDA 13.0); copy dst.copy_(src), 1 MiB" in R.text_report(data)
+    assert "- device: cuda (H100" in R.markdown_report(data)
 
 
 def test_bad_arguments():
     for argv in (["--workloads", "nope"], ["--fused", "maybe"], ["--optimizers", "nosuch"], ["--scale", "2"],
-                 ["--optimizers", "adam:beta1"]):
+                 ["--optimizers", "adam:beta1"], ["--loaded-fused", "maybe"], ["--load-processes", "-1"],
+                 ["--device", "nosuch"], ["--device", "meta"], ["--first-call", "int8"],
+                 *([] if torch.cuda.is_available() else [["--device", "cuda"]])):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited: only its parent's wait is missing
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_busy_cores_spin_and_end_even_on_error():
+    with pytest.raises(RuntimeError, match="boom"):
+        with L.busy_cores(2, limit_s=60) as load:
+            pids = load.pids
+            assert load.processes == load.alive() == 2
+            cpu = [_cpu_ticks(pid) for pid in pids]
+            time.sleep(0.3)
+            assert all(_cpu_ticks(pid) > c for pid, c in zip(pids, cpu))  # spinning, not sleeping
+            raise RuntimeError("boom")
+    assert not any(_running(pid) for pid in pids)
+    with L.busy_cores(1, limit_s=0.2) as load:  # bounded: a spinner ends by itself after limit_s
+        time.sleep(1.0)
+        assert load.alive() == 0
+
+
+def _cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def test_copy_bandwidth_and_device_sync_on_cpu():
+    assert T.device_sync("cpu") is None
+    copy = T.copy_bandwidth("cpu", nbytes=1 << 20, repeat=3)
+    assert copy["bytes"] == 1 << 20 and copy["moved"] == 2 << 20 and copy["copies"] == 3
+    _check_positive(copy, ["ms", "gbps", "best_gbps"])
+
+
+def test_first_call_cold_and_warm(tmp_path, capsys):
+    argv = ["--first-call", "--optimizers", "sgd", "--fused", "none", "--scale", "1e-3", "--out", str(tmp_path),
+            "--quiet"]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "first_call.json").read_text())
+    (row,) = data["rows"]
+    assert (row["optimizer"], row["fused"], row["dtype"]) == ("sgd", None, "float32")
+    for key in ("cold", "warm"):
+        assert row[key]["finite"] is True
+        _check_positive(row, [f"{key}_s"])
+        _check_positive(row[key], ["import_s", "second_s"])
+    assert data["targets"]["checks"] == 2
+    assert not (tmp_path / "latest.json").exists()
+    out = capsys.readouterr().out
+    assert "cold s" in out and "warm s" in out and "first_call.json" in out
 
 
 def test_module_entry_point():
@@ -125,6 +201,7 @@ def test_mxnet_subprocess(tmp_path):
 def test_a_partial_run_never_overwrites_the_full_results():
     parse_args = bench.parse_args
     assert parse_args([]).out == "bench/results"
-    for argv in (["--workloads", "single"], ["--optimizers", "adam"], ["--fused", "true"], ["--scale", "0.5"]):
+    for argv in (["--workloads", "single"], ["--optimizers", "adam"], ["--fused", "true"], ["--scale", "0.5"],
+                 ["--loaded-fused", "true"]):
         assert parse_args(argv).out == "bench/results/partial", argv
     assert parse_args(["--scale", "0.5", "--out", "/elsewhere"]).out == "/elsewhere"

@@ -8,10 +8,16 @@ same workloads in a subprocess when its Python is found. Each measurement: gradi
 ``step()`` timed alone (state creation; compilation for ``fused=True``), ``--warmup`` untimed steps,
 then the median of up to ``--repeat`` timed steps (see :func:`optzoo.bench.timing.time_steps` for how
 ``--budget`` bounds slow ones). Results: a table on stdout, ``latest.json`` and ``latest.md`` under ``--out``.
+The ``loaded`` workload runs with a busy process on every core (:mod:`optzoo.bench.load`); ``--first-call``
+times each optimizer's first step in fresh processes instead, cold and warm (:mod:`optzoo.bench.first_call`).
+Everything goes through public entry points: ``optzoo.torch.create(...)`` and ``opt.step()``.
 
     python -m optzoo.bench                                  # everything, full size (9 min on 2 cores)
     python -m optzoo.bench --workloads single --optimizers adam,sgd:momentum=0.5 --fused none,true,false
     python -m optzoo.bench --scale 1e-3 --no-peers --mxnet none --out /tmp/bench
+    python -m optzoo.bench --workloads loaded --optimizers adam,sgd          # the shared machine
+    python -m optzoo.bench --first-call --optimizers adam,lamb                # compilation, cold and warm
+    python -m optzoo.bench --device cuda --workloads single --mxnet none
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import ast
 import datetime
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -31,11 +38,13 @@ import torch
 
 from .. import torch as _face
 from ..optimizer import registry
+from . import first_call as _first_call
 from . import peers as _peers
+from .load import busy_cores
 from .report import evaluate_targets, mode_name, text_report, update_readme, write_results
-from ..optimizer.engine import _settle_heap
 from ._steps import time_paired
-from .timing import load_average, machine_info, time_steps, triad
+from .timing import (copy_bandwidth, device_info, device_sync, load_average, machine_info, settle_heap, synced,
+                     time_steps, triad)
 from .workloads import WORKLOADS, bytes_moved, bytes_per_element, make_workload, param_shape, settings_for
 
 __all__ = ["main", "run", "parse_args"]
@@ -52,6 +61,15 @@ def parse_args(argv=None):
                    help="comma-separated registered names, each optionally name:key=value[:key=value] "
                         "(MXNet hyperparameter names); default: every registered optimizer")
     p.add_argument("--fused", default="none,true", help="comma-separated fused modes of none, true, false")
+    p.add_argument("--loaded-fused", default="none", help="the fused modes measured on the loaded workload "
+                                                          "(default: none, the default path)")
+    p.add_argument("--load-processes", type=int, default=None, help="busy processes for the loaded workload "
+                                                                    "(default: os.cpu_count())")
+    p.add_argument("--device", default="cpu", help="torch device to measure on, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--first-call", nargs="?", const="float32", default=None, metavar="DTYPES",
+                   help="measure only each optimizer's first step(), in fresh processes: cold (empty inductor "
+                        "cache) and warm (that cache again); DTYPES: comma-separated float32, float16 "
+                        "(multi_precision), default float32")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full workload sizes (0, 1]")
     p.add_argument("--repeat", type=int, default=10, help="timed steps per measurement, at most")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first call")
@@ -78,8 +96,13 @@ def parse_args(argv=None):
         for key in args.workload_keys:
             if key not in WORKLOADS:
                 raise ValueError(f"--workloads: {key!r} is unknown: expected some of {', '.join(WORKLOADS)}")
-        args.modes = [_MODES[m.strip().lower()] if m.strip().lower() in _MODES else _bad_mode(m)
-                      for m in args.fused.split(",") if m.strip()]
+        args.modes = _parse_modes(args.fused, "--fused")
+        args.loaded_modes = _parse_modes(args.loaded_fused, "--loaded-fused")
+        if args.load_processes is not None and args.load_processes < 0:
+            raise ValueError(f"--load-processes {args.load_processes} is invalid: expected >= 0")
+        args.device = _device(args.device)
+        args.first_call_dtypes = (None if args.first_call is None
+                                  else _first_call.parse_dtypes(args.first_call))
         args.specs = parse_optimizers(args.optimizers)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: expected >= 1")
@@ -90,13 +113,34 @@ def parse_args(argv=None):
     except ValueError as exc:
         p.error(str(exc))
     if args.out is None:  # a partial run never overwrites the committed full results
-        full = all(getattr(args, k) == p.get_default(k) for k in ("workloads", "optimizers", "fused", "scale"))
+        full = all(str(getattr(args, k)) == str(p.get_default(k))  # str: --device is a torch.device by now
+                   for k in ("workloads", "optimizers", "fused", "scale", "loaded_fused", "device"))
         args.out = "bench/results" if full or args.render else "bench/results/partial"
     return args
 
 
-def _bad_mode(m):
-    raise ValueError(f"--fused: {m!r} is invalid: expected none, true or false")
+def _parse_modes(text, option):
+    modes = []
+    for m in (m.strip().lower() for m in text.split(",")):
+        if m and m not in _MODES:
+            raise ValueError(f"{option}: {m!r} is invalid: expected none, true or false")
+        if m:
+            modes.append(_MODES[m])
+    return modes
+
+
+def _device(text):
+    try:
+        device = torch.device(text)
+        torch.zeros(1, device=device)
+        device_sync(device)
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--device {text!r} is not usable here ({first}): expected cpu or an available "
+                         "device such as cuda") from None
+    if device.type == "meta":
+        raise ValueError(f"--device {text!r} is invalid: expected a device that holds data, e.g. cpu or cuda")
+    return device
 
 
 def parse_optimizers(text) -> list:
@@ -124,10 +168,10 @@ def parse_optimizers(text) -> list:
 class _Data:
     """One workload's weights and gradients, made once; each measurement gets fresh weight copies."""
 
-    def __init__(self, workload, seed):
-        gen = torch.Generator().manual_seed(seed)
-        self.weights = [torch.randn(s, generator=gen).to(workload.dtype) for s in workload.shapes]
-        self.grads = [torch.randn(s, generator=gen).to(workload.dtype) for s in workload.shapes]
+    def __init__(self, workload, seed, device="cpu"):
+        gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on every device
+        self.weights = [torch.randn(s, generator=gen).to(device, workload.dtype) for s in workload.shapes]
+        self.grads = [torch.randn(s, generator=gen).to(device, workload.dtype) for s in workload.shapes]
 
     def params(self, shapes=None):
         out = []
@@ -148,8 +192,12 @@ def _measure(make, new_params, args, ref=None) -> dict:
     4.1 ms on consecutive allocations); every optimizer, peer and baseline gets the same chances.
 
     ``ref``: the reference's ``(make, new_params)`` (torch's fused Adam): its step is timed right before
-    each timed step (:func:`~optzoo.bench._steps.time_paired`), which adds ``ref_ms`` and ``ratio``."""
+    each timed step (:func:`~optzoo.bench._steps.time_paired`), which adds ``ref_ms`` and ``ratio``.
+
+    On a device with asynchronous kernels (CUDA) every timed call ends by synchronizing the device, and
+    the device is synchronized before the first one, so each time is the step's whole work."""
     best, runs = None, []
+    sync = device_sync(args.device)
     for _ in range(max(1, args.tries)):
         params = new_params()
         try:
@@ -157,11 +205,16 @@ def _measure(make, new_params, args, ref=None) -> dict:
                 warnings.simplefilter("ignore")
                 opt = make(params)
                 if ref is None:
-                    result = dict(time_steps(opt.step, repeat=args.repeat, warmup=args.warmup, budget=args.budget))
+                    if sync:
+                        sync()
+                    result = dict(time_steps(synced(opt.step, sync), repeat=args.repeat, warmup=args.warmup,
+                                             budget=args.budget))
                 else:
                     ref_opt = ref[0](ref[1]())
-                    result = dict(time_paired(opt.step, ref_opt.step, repeat=args.repeat, warmup=args.warmup,
-                                              budget=args.budget))
+                    if sync:
+                        sync()
+                    result = dict(time_paired(synced(opt.step, sync), synced(ref_opt.step, sync),
+                                              repeat=args.repeat, warmup=args.warmup, budget=args.budget))
                     del ref_opt
             result["finite"] = all(bool(torch.isfinite(p).all()) for p in params)
         except Exception as exc:  # a mode or optimizer that cannot run: report it, go on
@@ -243,14 +296,14 @@ def _measure_peers(data, workload, args) -> list:
     return out
 
 
-def _measure_optzoo(data, workload, args, baseline, peers) -> list:
+def _measure_optzoo(data, workload, args, baseline, peers, modes) -> list:
     rows = []
     for label, name, overrides in args.specs:
         settings = settings_for(name, overrides)
         moved = bytes_moved(name, workload, overrides)
         shapes = [param_shape(name, s) for s in workload.shapes]
         peer = next((p for p in peers if p["optimizer"] == label and p["library"] == "torch.optim"), None)
-        for mode in args.modes:
+        for mode in modes:
             def make(ps, mode=mode):
                 return _face.create(name, ps, fused=mode, multi_precision=workload.multi_precision, **settings)
             r = _measure(make, lambda: data.params(shapes), args, ref=(_adam, data.params))
@@ -288,9 +341,14 @@ def _mxnet_python(args):
 
 
 def _run_mxnet(args, workloads, rows) -> dict:
+    if args.device.type != "cpu":
+        return {"status": f"skipped (--device {args.device}: MXNet's side runs on the CPU)"}
     python, status = _mxnet_python(args)
     if python is None:
         return {"status": status}
+    workloads = [w for w in workloads if not w.loaded]  # its process runs with no load beside it
+    if not workloads:
+        return {"status": "skipped (no workload without load)"}
     jobs = [{"label": label, "name": name, "settings": settings_for(name, overrides), "workload": w.key,
              "shapes": [param_shape(name, s) for s in w.shapes], "dtype": w.dtype_name,
              "multi_precision": w.multi_precision}
@@ -334,58 +392,96 @@ def _run_mxnet(args, workloads, rows) -> dict:
 def run(args) -> dict:
     """Run the benchmark described by ``parse_args`` output; returns the results (see ``latest.json``)."""
     start = _T0[0] = time.perf_counter()
-    # every contender then finds the heap a training process has (see engine._settle_heap), whatever ran first
-    _settle_heap(torch.device("cpu"))
+    # every contender then finds the heap a training process has (see timing.settle_heap), whatever ran first
+    settle_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     workloads = [make_workload(k, args.scale) for k in args.workload_keys]
     triad_numel = make_workload("single", args.scale).numel
     results = {"schema": "optzoo.bench/1", "started": datetime.datetime.now().isoformat(timespec="seconds"),
-               "machine": machine_info(), "load_average": {"start": load_average()},
+               "machine": machine_info(), "device": device_info(args.device),
+               "load_average": {"start": load_average()},
                "config": {"argv": args.argv, "workloads": args.workload_keys, "fused": args.modes,
+                          "loaded_fused": args.loaded_modes, "load_processes": args.load_processes,
                           "optimizers": [s[0] for s in args.specs], "scale": args.scale, "repeat": args.repeat,
                           "tries": args.tries, "warmup": args.warmup, "budget": args.budget, "peers": not args.no_peers,
-                          "threads": args.threads,
+                          "threads": args.threads, "device": str(args.device),
                           "seed": args.seed},
                "pytorch_optimizer": _peers.pytorch_optimizer_status(),
                "bytes_per_element": {label: {"float32": bytes_per_element(name, settings=o),
                                              "float16_mp": bytes_per_element(name, torch.float16, True, settings=o)}
                                      for label, name, o in args.specs},
                "triad": {}, "workloads": {}, "rows": [], "peers": []}
-    results["triad"]["start"] = triad(triad_numel, repeat=args.repeat, budget=args.budget)
+    results["triad"]["start"] = triad(triad_numel, repeat=args.repeat, budget=args.budget, device=args.device)
     _log(args, f"triad: {results['triad']['start']['gbps']:.1f} GB/s")
+    if args.device.type != "cpu":  # the device's own roofline: the triad on a GPU is launch-bound at small sizes
+        results["copy"] = copy_bandwidth(args.device)
+        _log(args, f"copy: {results['copy']['gbps']:.1f} GB/s")
     for w in workloads:
         _log(args, w.describe())
-        data = _Data(w, args.seed)
-        before = _baseline(data, w, args)
-        peers = [] if args.no_peers or w.multi_precision else _measure_peers(data, w, args)
-        after = _baseline(data, w, args)
-        # the faster of two measurements (before and after the peers): the stricter reference
-        baseline = min((b for b in (before, after) if "ms" in b), key=lambda b: b["ms"], default=before)
-        _log(args, f"  torch fused Adam {baseline.get('ms', float('nan')):9.2f} ms")
-        rows = _measure_optzoo(data, w, args, baseline, peers)
+        data = _Data(w, args.seed, args.device)
+        if w.loaded:
+            entry, rows = _measure_loaded(data, w, args)
+        else:
+            entry, rows = _measure_workload(data, w, args)
+        results["peers"] += entry.pop("peers")
         results["workloads"][w.key] = {"label": w.label, "describe": w.describe(), "tensors": len(w.shapes),
                                        "elements": w.numel, "dtype": w.dtype_name,
-                                       "multi_precision": w.multi_precision, "baseline": baseline,
-                                       "baseline_runs_ms": [b.get("ms") for b in (before, after)]}
+                                       "multi_precision": w.multi_precision, **entry}
         results["rows"] += rows
-        results["peers"] += peers
         del data
         gc.collect()
     results["mxnet"] = {"status": "skipped (--no-peers)"} if args.no_peers else _run_mxnet(args, workloads,
                                                                                            results["rows"])
-    results["triad"]["end"] = triad(triad_numel, repeat=args.repeat, budget=args.budget)
+    results["triad"]["end"] = triad(triad_numel, repeat=args.repeat, budget=args.budget, device=args.device)
     results["load_average"]["end"] = load_average()
     results["targets"] = evaluate_targets(results["rows"])
     results["total_s"] = time.perf_counter() - start
     return results
 
 
+def _measure_workload(data, w, args):
+    """torch's fused Adam, the peers, fused Adam again, then every optzoo row in each ``--fused`` mode."""
+    before = _baseline(data, w, args)
+    peers = [] if args.no_peers or w.multi_precision else _measure_peers(data, w, args)
+    after = _baseline(data, w, args)
+    # the faster of two measurements (before and after the peers): the stricter reference
+    baseline = min((b for b in (before, after) if "ms" in b), key=lambda b: b["ms"], default=before)
+    _log(args, f"  torch fused Adam {baseline.get('ms', float('nan')):9.2f} ms")
+    rows = _measure_optzoo(data, w, args, baseline, peers, args.modes)
+    return {"baseline": baseline, "baseline_runs_ms": [b.get("ms") for b in (before, after)], "peers": peers}, rows
+
+
+def _measure_loaded(data, w, args):
+    """The shared machine: fused Adam and every optzoo row in each ``--loaded-fused`` mode, all measured while
+    one busy process per core spins (no peers: the reference is fused Adam under the same load, paired)."""
+    n = (os.cpu_count() or 1) if args.load_processes is None else args.load_processes
+    # bounded: every spinner stops by itself well after the longest this block can take at --budget
+    limit = 600 + 60 * len(args.specs) * max(1, len(args.loaded_modes)) * max(1, args.tries) * (1 + args.budget)
+    with busy_cores(n, limit_s=limit) as load:
+        _log(args, f"  load: {load.alive()} of {n} busy processes spinning")
+        before = _baseline(data, w, args)
+        rows = _measure_optzoo(data, w, args, before, [], args.loaded_modes)
+        after = _baseline(data, w, args)
+        alive = load.alive()
+    baseline = min((b for b in (before, after) if "ms" in b), key=lambda b: b["ms"], default=before)
+    _log(args, f"  torch fused Adam under load {baseline.get('ms', float('nan')):9.2f} ms")
+    load_entry = {"processes": n, "spinning_at_end": alive, "limit_s": limit}
+    return {"baseline": baseline, "baseline_runs_ms": [b.get("ms") for b in (before, after)], "load": load_entry,
+            "fused": args.loaded_modes, "peers": []}, rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.readme and not Path(args.readme).is_file():
         raise SystemExit(f"--readme {args.readme}: no such file")
+    if args.first_call is not None and not args.render:
+        results = _first_call.run(args, log=lambda text: _log(args, text))
+        json_path, md_path = _first_call.write(results, args.out)
+        print(_first_call.text_report(results))
+        print(f"wrote {json_path} and {md_path}")
+        return 0
     if args.render:
         results = json.loads(Path(args.render).read_text())
     else:

@@ -9,7 +9,11 @@ single      (i) one 4096 x 4096 tensor                                  16,777,2
 resnet50    (ii) ResNet-50's 161 parameter shapes                       25,557,032    fp32
 small       (iii) 2,000 tensors of 1,024 elements                       2,048,000     fp32
 fp16        (iv) (i) in fp16, ``multi_precision=True`` (fp32 master)    16,777,216    fp16
+loaded      (v) (i) with a CPU-bound process on every core alongside    16,777,216    fp32
 ==========  ==========================================================  ============  =====
+
+``loaded`` is the "shared machine": the same tensor as (i), measured while :func:`optzoo.bench.load.busy_cores`
+keeps one busy-loop process per core running, torch's fused Adam measured under the same load beside it.
 
 Bytes moved per element (the "effective" traffic of one step, the least an ideal kernel could move):
 the weight read and written, the gradient read, and every state tensor read and written, each at
@@ -60,6 +64,7 @@ class Workload:
     shapes: tuple
     dtype: torch.dtype = torch.float32
     multi_precision: bool = False
+    loaded: bool = False  # measured with a busy process on every core (the "shared machine")
 
     @property
     def numel(self) -> int:
@@ -71,8 +76,10 @@ class Workload:
 
     def describe(self) -> str:
         mp = ", multi_precision" if self.multi_precision else ""
+        load = ", a busy process on every core" if self.loaded else ""
         n = len(self.shapes)
-        return f"{self.label}: {n:,} tensor{'s' if n > 1 else ''}, {self.numel:,} elements, {self.dtype_name}{mp}"
+        return (f"{self.label}: {n:,} tensor{'s' if n > 1 else ''}, {self.numel:,} elements, "
+                f"{self.dtype_name}{mp}{load}")
 
 
 def resnet50_shapes() -> list:
@@ -127,10 +134,12 @@ def make_workload(key: str, scale: float = 1.0) -> Workload:
         return Workload(key, "(iii) many small", ((size,),) * count)
     if key == "fp16":
         return Workload(key, "(iv) fp16 + multi_precision", (_shrink((4096, 4096), scale),), torch.float16, True)
+    if key == "loaded":
+        return Workload(key, "(v) shared machine", (_shrink((4096, 4096), scale),), loaded=True)
     raise ValueError(f"workload {key!r} is unknown: expected one of {', '.join(WORKLOADS)}")
 
 
-WORKLOADS = ("single", "resnet50", "small", "fp16")
+WORKLOADS = ("single", "resnet50", "small", "fp16", "loaded")
 
 
 def param_shape(name: str, shape) -> tuple:

@@ -1,0 +1,48 @@
+"""One first call, in a fresh process: ``python path/to/_first_call_worker.py JOB_JSON``, never imported.
+
+Run by :mod:`optzoo.bench.first_call` with the inductor cache directory it chose in the environment.
+Imports torch and optzoo.torch only, as a user's program does (timed apart), builds
+``optzoo.torch.create(name, params, ...)`` over one tensor, and times its first ``step()`` and its
+second; prints one JSON object on stdout.
+"""
+import json
+import os
+import sys
+import time
+
+# Run by path, so this folder is sys.path[0]: its modules (load, peers, timing...) would shadow top-level names.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
+
+
+def main(job):
+    start = time.perf_counter()
+    import torch
+
+    import optzoo.torch
+    imported = time.perf_counter() - start
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    device = torch.device(job["device"])
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    dtype = getattr(torch, job["dtype"])
+    gen = torch.Generator().manual_seed(job["seed"])
+    param = torch.nn.Parameter(torch.randn(job["shape"], generator=gen).to(device, dtype))
+    param.grad = torch.randn(job["shape"], generator=gen).to(device, dtype)
+    opt = optzoo.torch.create(job["name"], [param], fused=job["fused"], multi_precision=job["multi_precision"],
+                              **job["settings"])
+    times = []
+    for _ in range(2):
+        sync()
+        start = time.perf_counter()
+        opt.step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return {"import_s": imported, "first_s": times[0], "second_s": times[1],
+            "finite": bool(torch.isfinite(param).all())}
+
+
+if __name__ == "__main__":
+    import warnings
+    warnings.simplefilter("ignore")
+    json.dump(main(json.loads(sys.argv[1])), sys.stdout)
