@@ -161,7 +161,10 @@ def _run(compiled, key, *args):
         _fused_step(*args)
         return
     try:
-        with _NoOuterLoopFusion():
+        if key[1] == "rows":
+            with _NoOuterLoopFusion():
+                _compiled(key)(*args)
+        else:
             _compiled(key)(*args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
