@@ -3,7 +3,6 @@ import torch
 import torch.distributed as dist
 
 import optzoo.torch as ot
-from optzoo import optimizer
 from specs import SPECS
 
 STEPS = 3
@@ -32,7 +31,8 @@ def init(spec):
 
 
 def single(spec, fused=False):
-    """One process on the full tensors: the weights after STEPS steps."""
+    """One process on the full tensors: the weights after STEPS steps (seeded: SGLD's noise keys)."""
+    torch.manual_seed(11)
     params = [torch.nn.Parameter(w) for w in init(spec)]
     opt = ot.create(spec.name, params, fused=fused, **hyper(spec))
     for step in range(STEPS):
@@ -46,12 +46,10 @@ def sharded(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
-    for spec in SPECS:  # no noise: the sharded draws cannot equal one process's (tested apart)
-        if "stochastic" in spec.flags:
-            optimizer.registry.get_record(spec.name).cls._noise = lambda self, w, lr: torch.zeros_like(w)
     mesh = init_device_mesh("cpu", (world,))
     out = {}
     for spec in SPECS:
+        torch.manual_seed(11)  # every process draws SGLD's keys as one process would
         module = torch.nn.Module()
         module.params = torch.nn.ParameterList([torch.nn.Parameter(w) for w in init(spec)])
         fully_shard(module, mesh=mesh)

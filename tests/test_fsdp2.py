@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``, DTensor parameters): every optimizer steps sharded parameters in two real gloo
 processes, with the numbers of one process on the full tensors; LARS and LAMB take each parameter's norm
-over all its shards."""
+over all its shards, and SGLD's shards draw the noise of the whole parameter (counters from each shard's
+place in it)."""
 import pytest
 import torch
 
@@ -18,9 +19,6 @@ def launched():
     failed = [r for r in results if not isinstance(r, dict)]
     assert not failed, f"workers failed: {failed} {[getattr(f, 'traceback', '') for f in failed]}"
     return results
-
-
-pytestmark = pytest.mark.usefixtures("no_noise")
 
 
 @pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS])

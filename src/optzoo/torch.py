@@ -174,7 +174,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
                 setattr(inner, attr, book[attr])
         counts = inner._index_update_count
         counts.clear()
-        weights, grads, trees, shards, created = [], [], [], {}, []
+        weights, grads, trees, shards, created, offsets = [], [], [], {}, [], {}
         for i, p in fresh:
             st = self.state[p]
             w, g = p.detach(), p.grad
@@ -184,6 +184,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
                 groups = _shard_groups(p)
                 if groups:
                     shards[i] = Shards(groups)
+                    offsets[i] = _global_offset(p)
             layout = _layout(inner, w)
             if "step" not in st:  # a new state
                 if sharded:
@@ -201,10 +202,10 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             for (k, layout, st, _), tree in zip(created, adjacent([c[3] for c in created])):
                 st.update(_named(layout, tree))
                 trees[k] = tree
-        inner._shards = shards
+        inner._shards, inner._counter_offsets = shards, offsets
         indices = [i for i, _ in fresh]
         inner._run_checked(indices, weights, grads, trees, _calls(inner, list(range(len(fresh))), weights))
-        inner._shards = None
+        inner._shards = inner._counter_offsets = None
         for i, p in fresh:
             self.state[p]["step"] = counts[i]
         book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
@@ -231,6 +232,15 @@ def _shard_groups(p):
     """The process groups of the mesh dimensions a DTensor parameter is sharded over."""
     mesh = p.device_mesh
     return [mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard()]
+
+
+def _global_offset(p):
+    """Where a DTensor parameter's local shard starts in the whole parameter, in elements of its flattening
+    (exact for row sharding, Shard(0); other placements get a distinct offset per shard)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    strides = _torch.empty(p.shape, device="meta").stride()
+    return sum(o * s for o, s in zip(offset, strides))
 
 
 def _like(local, p):

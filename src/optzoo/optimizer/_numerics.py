@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
+           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "counter_normal", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
 # ------------------------------------------------------------------------------------------ sqrt
@@ -339,3 +339,57 @@ def sum_sq_of(x, seg=None):
     if x.device.type == "cpu" and not torch.compiler.is_compiling():  # eager: MXNet's sums, row by row
         return sum_sq_rows(x)
     return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)
+
+
+# ------------------------------------------------------------------------------------------ counter-based noise
+class Key(int):
+    """A stochastic kernel's per-parameter key (SGLD): its noise is :func:`counter_normal` of
+    ``key + i`` for element ``i``. An int that the executor hands over as an int64 tensor (never a float)."""
+
+
+_SPLITMIX = (0x9E3779B97F4A7C15 - (1 << 64), 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64))
+
+
+def _srl(x, s):
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def counter_normal(ctr, dtype):
+    """Standard normal values from int64 counters: splitmix64 (a bijective 64-bit mix, wrapping arithmetic)
+    gives 24-bit uniforms ``u1`` in (0, 1] and ``u2`` in [0, 1), Box-Muller gives
+    ``sqrt(-2 ln u1) cos(2 pi u2)``. Only integer ops, fp32 ``+ - * /``, bit casts and a correctly rounded
+    root (``ln`` and ``cos`` are short polynomials here, accurate to ~1e-7): eager and compiled kernels
+    give the same bits, and the compiled loop makes the noise itself, with no tensor drawn beforehand."""
+    golden, m1, m2 = _SPLITMIX
+    z = ctr + golden
+    z = (z ^ _srl(z, 30)) * m1
+    z = (z ^ _srl(z, 27)) * m2
+    z = z ^ _srl(z, 31)
+    k = (_srl(z, 40) + 1).to(torch.float32)            # u1 = k / 2^24, k in [1, 2^24] (exact in fp32)
+    u2 = (z & 0xFFFFFF).to(torch.float32) * 2.0 ** -24
+    return (sqrt_rn(-2.0 * _ln_unit(k)) * _cos_2pi(u2)).to(dtype)
+
+
+def _ln_unit(k):
+    """``ln(k / 2^24)`` for fp32 integers ``k`` in [1, 2^24]: ``k = m 2^e`` by bit casts (m in [0.5, 1)),
+    ``ln m = 2 atanh(s)`` with ``s = (m - 1)/(m + 1)`` in (-1/3, 0] by its series to ``s^13``."""
+    bits = k.view(torch.int32)
+    e = ((bits >> 23) - 126).to(torch.float32)
+    m = ((bits & 0x7FFFFF) | (126 << 23)).view(torch.float32)
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    series = 2.0 + s2 * (2.0 / 3 + s2 * (2.0 / 5 + s2 * (2.0 / 7 + s2 * (2.0 / 9 + s2 * (2.0 / 11 + s2 * (2.0 / 13))))))
+    return s * series + (e - 24.0) * 0.6931471805599453
+
+
+def _cos_2pi(u):
+    """``cos(2 pi u)`` for ``u`` in [0, 1): folded onto an angle in [0, pi/2] (exact steps), then its Taylor
+    series to ``a^12``."""
+    t = torch.where(u >= 0.5, 1.0 - u, u)                  # cos is even and 1-periodic: t in [0, 0.5]
+    far = t > 0.25
+    a = torch.where(far, 0.5 - t, t) * 6.283185307179586  # cos(2 pi t) = -cos(2 pi (0.5 - t))
+    a2 = a * a
+    c = 1.0 + a2 * (-1.0 / 2 + a2 * (1.0 / 24 + a2 * (-1.0 / 720 + a2 * (1.0 / 40320 + a2 * (
+        -1.0 / 3628800 + a2 * (1.0 / 479001600))))))
+    return torch.where(far, -c, c)

@@ -69,7 +69,7 @@ class Optimizer:
     #: The executor's record of this class (see :mod:`optzoo.optimizer.engine`): the kernel takes per-tensor
     #: sums (``sum_sq_of``), so packed parameters run as rows of equal-sized parameters (LARS, LAMB).
     _segment_kernel = False
-    #: The kernel takes noise drawn beforehand with ``_noise(weight, lr)``, per index in index order, as its
+    #: The kernel takes what ``_draw(weight, lr)`` gives (a noise key or tensor), per index in index order, as its
     #: last scalar (SGLD), so that every path makes the same draws.
     _kernel_noise = False
     #: A list is read index by index even when the counts agree (LBSGD reads its lr before counting).
@@ -369,7 +369,7 @@ class Optimizer:
                     reads[k] = read
             if fast:
                 scalars = self._prepare_all(indices, weights, reads)
-                noise = ([self._noise(w, lr) for w, (lr, _, _) in zip(weights, reads)]
+                noise = ([self._draw(w, lr, i) for i, w, (lr, _, _) in zip(indices, weights, reads)]
                          if self._kernel_noise else None)
         except BaseException:
             self._restore(saved)
@@ -563,7 +563,7 @@ class Optimizer:
 
 
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
-_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards"})
+_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets"})
 
 
 def _as_lists(index, weight, grad, state):

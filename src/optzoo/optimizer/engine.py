@@ -14,7 +14,7 @@ updated in place, gradients are read, states are the caller's tensors.
   equal-sized parameters, see :class:`Segments`), and copied back.
 
 Modes: ``fused=None`` (default) compiles where it pays (large tensors and large packs) and runs small
-work eagerly; ``fused=True`` compiles every call; ``fused=False`` never reaches this module (the
+work eagerly; ``fused=True`` compiles every pack too, however small; ``fused=False`` never reaches this module (the
 reference path: ``rule`` per tensor). Compiled kernels keep the reference path's numbers bit for bit
 for elementwise rules (no FP contraction, the same operation order, correctly rounded roots; fp16/bf16
 intermediates rounded as eager torch rounds them); per-tensor sums inside compiled kernels are fp64 sums
@@ -34,7 +34,7 @@ import warnings
 import torch
 
 from . import _tree
-from ._numerics import ROWS, WHOLE
+from ._numerics import ROWS, WHOLE, Key
 
 __all__ = ["LARGE", "Segments", "adjacent", "execute", "layout_of"]
 
@@ -147,6 +147,9 @@ def _compiled(key):
         # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does (bit-exact); only there:
         # with dynamic shapes it costs fp32 kernels ~1.8x (measured, Adam on one 16M tensor)
         options = {"emulate_precision_casts": True} if key[2] in (torch.float16, torch.bfloat16) else {}
+        # one graph serves every size: without dynamic_threads inductor decides from the first call's size
+        # whether the loop is parallel, and a graph first compiled on a small tensor stays one-threaded
+        options["cpp.dynamic_threads"] = True
         if key[1] in ("rows", "norms"):  # recompute what both the row sums and the update read (LAMB's u) instead of
             # storing it: a tensor-sized temporary costs its page faults on every step
             options.update(realize_reads_threshold=16, realize_opcount_threshold=200)
@@ -207,7 +210,10 @@ def _key(opt, layout, w, inner, s):
     structure = _tree.describe(inner).replace("Tensor", "")
     structure = "".join(c for c in structure if not c.isdigit())
     kinds = tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in s)
-    return (type(opt), layout, w.dtype, w.device.type, structure, kinds)
+    # dynamo specializes sizes 0 and 1: a graph of their own, so that [1, n] runs do not use up the others'
+    # recompile limit
+    ones = tuple(d <= 1 for d in w.shape)
+    return (type(opt), layout, w.dtype, w.device.type, structure, kinds, ones)
 
 
 def _as_tensors(s, dtype, device, cache):
@@ -218,7 +224,8 @@ def _as_tensors(s, dtype, device, cache):
     key = (s, dtype, device)
     got = cache.get(key)
     if got is None:
-        got = cache[key] = tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype, device=device)
+        got = cache[key] = tuple(x if isinstance(x, torch.Tensor) else
+                                 torch.tensor(x, dtype=torch.int64 if isinstance(x, Key) else dtype, device=device)
                                  for x in s)
     return got
 
@@ -258,12 +265,12 @@ def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None
         for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
             if noise is not None:
                 s = tuple(s) + (noise[k],)
-            if w.numel() >= LARGE or fused and w.numel() > 0:
+            if w.numel() >= LARGE:
                 if _run_one(opt, fused, layout[k], w, g, st, s, cache):
                     continue
             packs.setdefault((w.dtype, w.device, layout[k]), []).append(k)
         for (_, _, lay), members in packs.items():
-            if len(members) == 1:
+            if len(members) == 1 and not fused:
                 k = members[0]
                 s = scalars[k] if noise is None else tuple(scalars[k]) + (noise[k],)
                 _fused_step(opt, weights[k], grads[k], states[k], s, None)
@@ -293,8 +300,8 @@ def _run_one(opt, fused, layout, w, g, inner, s, cache):
     if any(isinstance(x, torch.Tensor) for x in s):  # per-element scalars (drawn noise) laid out as the weight
         if layout != "rows":
             s = tuple(_flat(x).view(fw.shape) if isinstance(x, torch.Tensor) else x for x in s)
-        ts = tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=_wide(sdt), device=w.device)
-                   for x in s)
+        ts = tuple(x if isinstance(x, torch.Tensor) else
+                   torch.tensor(x, dtype=torch.int64 if isinstance(x, Key) else _wide(sdt), device=w.device) for x in s)
     else:
         ts = _as_tensors(s, sdt, w.device, cache)
     _run(True, _key(opt, layout, fw, finner, ts), opt, fw, fg, finner, ts, seg)
@@ -341,8 +348,9 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache)
     inner, copied = _joined_tree(states)
     sdt = _scalar_dtype(w, inner)
     cols = _columns(scalars)
-    if noise is not None:
-        cols.append(torch.cat([x.reshape(-1) for x in noise]))
+    if noise is not None:  # drawn tensors end to end, or keys: key - offset per element (+ the element's index)
+        cols.append(torch.cat([x.reshape(-1) for x in noise]) if isinstance(noise[0], torch.Tensor) else
+                    segs.spread([k - o for k, o in zip(noise, segs.offsets)], torch.int64))
     compiled = bool(fused) or segs.total >= PACK_COMPILED
     if layout in ("norms", "rows"):
         _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._numerics import mx_scalar, sqrt_rn
+from ._numerics import Key, counter_normal, in_dtype, mx_scalar
 from .base import Optimizer
 from .registry import register
 
@@ -21,15 +21,13 @@ class SGLD(Optimizer):
         w &\leftarrow w - \tfrac{lr}{2}\,(G + wd\cdot w) \\
         w &\leftarrow w + \sqrt{lr}\;\xi
 
-    so the noise has variance :math:`lr`. The noise is drawn by :meth:`_noise` (once per update, after
-    the drift step, as MXNet), from ``generator`` when given, else from torch's default generator of
-    the weight's device (reproducible with ``torch.manual_seed``). MXNet draws from its own global
-    RNG, so its noise values cannot be reproduced; only their distribution is the same.
-
-    The fast path makes the same draws: before a pack's or tensor's kernel runs it calls :meth:`_noise` once per
-    parameter, in index order, into a flat noise buffer that the (eager or compiled) kernel adds. The
-    same seed or ``generator`` therefore gives the reference path's noise bit for bit, with
-    ``fused=None`` and ``fused=True`` alike.
+    so the noise has variance :math:`lr`. The noise is counter-based (``_numerics.counter_normal``): per update of a parameter one key is drawn from ``generator`` when given, else from
+    torch's default CPU generator (reproducible with ``torch.manual_seed``), and element :math:`i` gets
+    the normal value of the counter ``key + i``, :math:`i` its place in memory (splitmix64, then Box-Muller with polynomial ``ln`` and
+    ``cos``). Keys are drawn per parameter in index order on every path, and compiled kernels generate the
+    values inside their loop: the reference path, packs and compiled steps give the same bits. MXNet
+    draws from its own global RNG, so its noise values cannot be reproduced; only their distribution is
+    the same (tests replace ``_noise`` to replay MXNet's recorded noise).
 
     State: None; multi-precision ``(w32, None)`` (the noise is then drawn in float32).
 
@@ -46,7 +44,7 @@ class SGLD(Optimizer):
 
     capabilities = frozenset({"multi_precision", "stochastic"})
 
-    #: the fast path draws the noise before the kernel, with ``_noise`` per parameter, and appends it to ``s``
+    #: the executor draws each parameter's key (``_draw``) before the kernels, in index order
     _kernel_noise = True
 
     def __init__(self, generator=None, **kwargs):
@@ -58,26 +56,50 @@ class SGLD(Optimizer):
     def create_state(self, index, weight):
         return None
 
+    def _key(self):
+        """One draw from ``generator`` (else torch's default CPU generator): a parameter's noise key."""
+        return Key(int(torch.randint(0, 1 << 62, (), generator=self.generator,
+                                     device=self.generator.device if self.generator is not None else "cpu")))
+
     def _noise(self, weight, lr):
-        r"""``sqrt(lr) * N(0, 1)`` with the weight's shape, dtype and device (``lr`` a number or, on the fast
-        path, a tensor broadcast against the weight)."""
-        if not isinstance(lr, torch.Tensor) and lr < 0:
+        r"""``sqrt(lr) * xi`` with the weight's shape and dtype: one key drawn, ``xi`` its counter-based
+        normals (what the kernel adds; tests may replace this with noise of their own)."""
+        if lr < 0:
             raise ValueError(f"lr={lr!r} is invalid for SGLD: the noise variance lr must be >= 0")
-        gen = self.generator
-        device = gen.device if gen is not None else weight.device
-        xi = torch.randn(weight.shape, dtype=weight.dtype, device=device, generator=gen)
-        scale = sqrt_rn(lr) if isinstance(lr, torch.Tensor) else math.sqrt(lr)
-        return scale * xi.to(weight.device)
+        return math.sqrt(lr) * _normals(self._key(), weight)
+
+    def _draw(self, weight, lr, index=None):
+        """What the kernel adds, drawn before it in index order: a key (the kernel makes the normals
+        itself), or, where ``_noise`` was replaced, that noise. The local shard of a sharded parameter
+        (FSDP2) counts from its first element's place in the whole parameter (``_counter_offsets``, set by
+        the torch face), so that shards never repeat each other's noise."""
+        if "_noise" in self.__dict__ or type(self)._noise is not _OWN_NOISE:
+            return self._noise(weight, lr)
+        offsets = self.__dict__.get("_counter_offsets") or {}
+        return Key(self._key() + offsets.get(index, 0))
 
     def prepare(self, *, lr, wd, t, index, dtype):
         if lr < 0:
             raise ValueError(f"lr={lr!r} is invalid for SGLD: the noise variance lr must be >= 0")
         D = functools.partial(mx_scalar, dtype=dtype)  # scalars as MXNet's NDArray ops see them
-        return D(self.rescale_grad), D(-lr / 2), D(wd), lr
+        return D(self.rescale_grad), D(-lr / 2), D(wd), in_dtype(math.sqrt(lr), dtype), lr
 
     def kernel(self, w, g, state, s, seg=None):
-        rg, neg_half_lr, wd, lr, *drawn = s
+        rg, neg_half_lr, wd, sqrt_lr, lr, *drawn = s
         G = self._clip(g * rg)
         w = w + neg_half_lr * (G + wd * w)
-        # the fast path draws beforehand (the same _noise calls, in index order) and hands the noise over
-        return w + (drawn[0] if drawn else self._noise(w, lr)), None
+        drawn = drawn[0] if drawn else self._draw(w, lr)  # the fast path draws beforehand, in index order
+        if isinstance(drawn, torch.Tensor) and drawn.dtype != torch.int64:
+            return w + drawn, None  # noise of its own (``_noise`` replaced)
+        return w + sqrt_lr * _normals(drawn, w), None
+
+
+_OWN_NOISE = SGLD._noise  # SGLD's own noise, which the kernels make themselves from a key
+
+
+def _normals(key, w):
+    """The counter-based normals of ``w``'s elements: ``counter_normal(key + i)``, ``i`` the element's place in
+    memory (so a flat view of a channels_last weight gets the same values; ``key`` a number, or per element
+    ``key - offset`` over a pack of parameters)."""
+    ctr = key + torch.arange(w.numel(), device=w.device).as_strided(w.shape, w.stride())
+    return counter_normal(ctr, w.dtype)

@@ -21,7 +21,7 @@ __all__ = ["Updater", "get_updater", "dump_optimizer", "load_optimizer"]
 _FORMAT = "optzoo.updater/1"
 # Bookkeeping rebuilt on load rather than stored: a view into _all_index_update_counts, the ctor call.
 _NOT_DUMPED = {"_index_update_count", "_init_args", "param_dict", "lr_scheduler", "_fused", "_prepared", "_layouts",
-               "_face_layouts", "_shards"}
+               "_face_layouts", "_shards", "_counter_offsets"}
 
 
 def calls(opt, positions, weights):
