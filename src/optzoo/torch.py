@@ -138,7 +138,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         if not st or "step" not in st:
             return None
         g = next(k for k, group in enumerate(self.param_groups) if any(p is param for p in group["params"]))
-        return _tree_of(_layout(self.mxnet_optimizer(g), param.detach()), st)
+        return _tree_of(_layout(self.mxnet_optimizer(g), _detach(param)), st)
 
     # ------------------------------------------------------------------ stepping
     @_torch._dynamo.disable  # Python bookkeeping: a compiled step calls it as it is (no recompiles)
@@ -177,7 +177,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         weights, grads, trees, shards, created, offsets = [], [], [], {}, [], {}
         for i, p in fresh:
             st = self.state[p]
-            w, g = p.detach(), p.grad
+            w, g = _detach(p), p.grad
             sharded = _is_dtensor(w)
             if sharded:  # FSDP2: the math runs on the local shards; norms are summed over the shards
                 w, g = w.to_local(), g.to_local()
@@ -222,6 +222,11 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         finally:
             self.__dict__.pop("_loading", None)
             self.__dict__.pop("_inner_cache", None)
+
+
+#: ``Tensor.detach`` itself: ``Parameter.detach()`` goes through ``__torch_function__`` (12 us against 1 us a call,
+#: measured: 25 ms a step over 2,000 parameters)
+_detach = _torch.Tensor.detach
 
 
 def _is_dtensor(t) -> bool:

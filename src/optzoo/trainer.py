@@ -278,8 +278,9 @@ class Trainer:
             self._mark_seen(indices)
             return
         if indices:
+            detach = torch.Tensor.detach  # Parameter.detach() is 10x slower (through __torch_function__)
             self._updater(indices, [self._params[i].grad for i in indices],
-                          [self._params[i].detach() for i in indices])
+                          [detach(self._params[i]) for i in indices])
         self._mark_seen(indices)
 
     # ------------------------------------------------------------------ checkpoints
