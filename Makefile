@@ -23,7 +23,7 @@ test: setup
 demo: setup
 	$(PY) -m optzoo demo --out demo-out
 
-# The benchmark (6-9 minutes on 2 cores): tables on stdout, bench/results/, and bench/README.md's table.
+# The benchmark (about 11 minutes on 2 cores, MXNet peers included): tables on stdout, bench/results/, and bench/README.md's table.
 bench: setup
 	$(PY) -m optzoo.bench --readme bench/README.md
 

@@ -350,11 +350,13 @@ class Optimizer:
             self._check_state(i, w, s)
         self._step_lists(indices, weights, grads, states)
 
-    def _step_lists(self, indices, weights, grads, states, chunks=None):
+    def _step_lists(self, indices, weights, grads, states, chunks=None, lows=None):
         """Count, read and prepare every index (all-or-nothing), then run the rule over the tensors.
 
         ``chunks``: the positions of each MXNet call the list stands for (the Updater's lists of
-        ``aggregate_num``), read call by call; the tensors then run together. Default: one call."""
+        ``aggregate_num``), read call by call; the tensors then run together. Default: one call.
+        ``lows``: per index, the fp16/bf16 weight that gets a copy of the updated fp32 master (``weights``),
+        or None; gradients may then be in the low dtype (widened where the kernel reads them)."""
         shards = self.__dict__.get("_shards")  # local shards of sharded parameters: sums over every shard
         fast = ((self._fused is not False or bool(shards)) and type(self).has_kernel()
                 and len(set(indices)) == len(indices))
@@ -376,14 +378,17 @@ class Optimizer:
             raise
         if fast:
             engine.execute(self, self._fused, weights, grads, states, scalars, noise,
-                           [shards.get(i) for i in indices] if shards else None)
+                           [shards.get(i) for i in indices] if shards else None, lows)
             return
         with torch.no_grad():
             for i, w, g, s, (lr, wd, t) in zip(indices, weights, grads, states, reads):
-                new_w, new_s = self.rule(w, g, s, lr=lr, wd=wd, t=t, index=i)
+                new_w, new_s = self.rule(w, g.to(w.dtype), s, lr=lr, wd=wd, t=t, index=i)
                 _tree.assign(s, new_s)
                 if new_w is not None and new_w is not w:
                     w.copy_(new_w)
+            pairs = [(low, w) for low, w in zip(lows or (), weights) if low is not None]
+            if pairs:
+                torch._foreach_copy_([low for low, _ in pairs], [w for _, w in pairs])
 
     def _prepare_all(self, indices, weights, reads):
         """``prepare`` for every index, in index order; computed once per distinct ``(lr, wd, t, dtype)``
@@ -466,14 +471,18 @@ class Optimizer:
             return
         if not self.multi_precision or not any(self._mp(w) for w in weights):
             return self._step_lists(indices, weights, grads, states, chunks=chunks)
-        targets = []
-        for i, w, g, s in zip(indices, weights, grads, states):
-            if self._mp(w):
+        masters, inners, lows = [], [], []
+        for w, s in zip(weights, states):
+            if self._mp(w):  # the rule runs on the fp32 master copy; the weight gets its rounding
                 w32, inner = self._split_mp(s)
-                targets.append((i, w32, g.to(torch.float32), inner, w))
+                masters.append(w32)
+                inners.append(inner)
+                lows.append(w)
             else:
-                targets.append((i, w, g, s, None))
-        self._run_targets(targets, checked=True, chunks=chunks)
+                masters.append(w)
+                inners.append(s)
+                lows.append(None)
+        self._step_lists(indices, masters, grads, inners, chunks=chunks, lows=lows)
 
     def _update_calls(self, chunks, indices, weights, grads, states):
         """The Updater's MXNet calls (lists of positions ``chunks``), checked, then run as one step."""

@@ -96,12 +96,15 @@ class Segments:
 
 
 # ------------------------------------------------------------------------------------------ the step
-def _fused_step(opt, w, g, inner, s, seg):
-    """One update in place: cast, kernel, write back (compiled as one loop)."""
+def _fused_step(opt, w, g, inner, s, seg, low=None):
+    """One update in place: cast, kernel, write back, and round into ``low`` (the fp16/bf16 weight of an fp32
+    master copy ``w``): one loop when compiled."""
     g = g.to(w.dtype)
     new_w, new_s = type(opt).kernel(opt, w, g, inner, s, seg)
     _write(inner, new_s)
     w.copy_(new_w)
+    if low is not None:
+        low.copy_(w)
 
 
 def _write(dst, src):
@@ -143,7 +146,7 @@ def _compiled(key):
     fn = _COMPILED.get(key)
     if fn is None:
         code = _fused_step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
-        step = types.FunctionType(code, _fused_step.__globals__, code.co_name)
+        step = types.FunctionType(code, _fused_step.__globals__, code.co_name, _fused_step.__defaults__)
         # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does (bit-exact); only there:
         # with dynamic shapes it costs fp32 kernels ~1.8x (measured, Adam on one 16M tensor)
         options = {"emulate_precision_casts": True} if key[2] in (torch.float16, torch.bfloat16) else {}
@@ -206,14 +209,14 @@ def _flat(t):
     return p.view(-1) if p.is_contiguous() else None
 
 
-def _key(opt, layout, w, inner, s):
+def _key(opt, layout, w, inner, s, low=None):
     structure = _tree.describe(inner).replace("Tensor", "")
     structure = "".join(c for c in structure if not c.isdigit())
     kinds = tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in s)
     # dynamo specializes sizes 0 and 1: a graph of their own, so that [1, n] runs do not use up the others'
     # recompile limit
     ones = tuple(d <= 1 for d in w.shape)
-    return (type(opt), layout, w.dtype, w.device.type, structure, kinds, ones)
+    return (type(opt), layout, w.dtype, w.device.type, structure, kinds, ones, None if low is None else low.dtype)
 
 
 def _as_tensors(s, dtype, device, cache):
@@ -239,22 +242,24 @@ def _scalar_dtype(w, inner):
     return functools.reduce(torch.promote_types, [x.dtype for x in _tree.leaves(inner)], w.dtype)
 
 
-def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None):
+def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None, lows=None):
     """Update ``weights`` (and ``states``) in place from ``grads`` with ``opt``'s kernel and the per-index
     ``scalars`` (``prepare``'s tuples, in the order of the weights). ``noise``: per-index tensors handed to
     the kernel as its last scalar (a stochastic rule's draws, made beforehand in index order). ``shards``:
     per-index :class:`~optzoo.optimizer._numerics.Shards` (or None) for weights that are the local shards of
     sharded parameters: kernels with per-tensor sums then run tensor by tensor, in order (every process
-    takes part in the same sums), with the whole parameter's sums."""
+    takes part in the same sums), with the whole parameter's sums. ``lows``: per-index fp16/bf16 weights that
+    get a copy of their updated fp32 master (``weights``), or None."""
+    lows = lows if lows is not None else [None] * len(weights)
     if shards is not None and any(sh is not None for sh in shards) and opt._segment_kernel:
         with torch.no_grad():
             for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
-                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), shards[k])
+                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), shards[k], lows[k])
         return
     if not fused and len(weights) < PACK_MIN and all(w.numel() < LARGE for w in weights):
         with torch.no_grad():  # a few small tensors: the eager kernel on each (what packing would cost more than)
             for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
-                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), None)
+                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), None, lows[k])
         return
     kinds = {}
     layout = [kinds.get((w.dtype, w.dim() == 2)) or kinds.setdefault((w.dtype, w.dim() == 2), layout_of(opt, w))
@@ -266,33 +271,34 @@ def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None
             if noise is not None:
                 s = tuple(s) + (noise[k],)
             if w.numel() >= LARGE:
-                if _run_one(opt, fused, layout[k], w, g, st, s, cache):
+                if _run_one(opt, fused, layout[k], w, g, st, s, cache, lows[k]):
                     continue
             packs.setdefault((w.dtype, w.device, layout[k]), []).append(k)
         for (_, _, lay), members in packs.items():
             if len(members) == 1 and not fused:
                 k = members[0]
                 s = scalars[k] if noise is None else tuple(scalars[k]) + (noise[k],)
-                _fused_step(opt, weights[k], grads[k], states[k], s, None)
+                _fused_step(opt, weights[k], grads[k], states[k], s, None, lows[k])
                 continue
             _run_pack(opt, fused, lay, [weights[k] for k in members], [grads[k] for k in members],
                       [states[k] for k in members], [scalars[k] for k in members],
-                      None if noise is None else [noise[k] for k in members], cache)
+                      None if noise is None else [noise[k] for k in members], cache, [lows[k] for k in members])
 
 
-def _run_one(opt, fused, layout, w, g, inner, s, cache):
+def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
     """One large tensor in place; False when its layout has no flat form (then it is packed)."""
     if layout == "rows":
-        views = [w, g] + _tree.leaves(inner)
+        views = [w, g] + _tree.leaves(inner) + ([] if low is None else [low])
         if not all(t.is_contiguous() for t in views):
             return False
-        fw, fg, finner, seg = w, g, inner, None
+        fw, fg, finner, seg, flow = w, g, inner, None, low
     else:
         fw, fg = _flat(w), _flat(g)
-        leaves = _tree.leaves(inner)
+        leaves = _tree.leaves(inner) + ([] if low is None else [low])
         if fw is None or fg is None or g.stride() != w.stride() or any(x.stride() != w.stride() for x in leaves):
             return False
         finner = _map(inner, _flat)
+        flow = None if low is None else _flat(low)
         seg = None
         if layout == "norms":  # per-tensor sums: full reductions of the 1-D views
             seg = WHOLE
@@ -304,7 +310,7 @@ def _run_one(opt, fused, layout, w, g, inner, s, cache):
                    torch.tensor(x, dtype=torch.int64 if isinstance(x, Key) else _wide(sdt), device=w.device) for x in s)
     else:
         ts = _as_tensors(s, sdt, w.device, cache)
-    _run(True, _key(opt, layout, fw, finner, ts), opt, fw, fg, finner, ts, seg)
+    _run(True, _key(opt, layout, fw, finner, ts, flow), opt, fw, fg, finner, ts, seg, flow)
     return True
 
 
@@ -331,7 +337,7 @@ def _columns(per):
     return cols
 
 
-def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache):
+def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache, lows):
     """Small tensors packed, one kernel call over them. Tensors that already lie end to end in one buffer
     (states made by :func:`adjacent`, multi-precision master copies among them) are used in place; the
     others (the user's weights and gradients) are copied into scratch buffers and the weights copied back."""
@@ -366,6 +372,10 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache)
         torch._foreach_copy_(weights, _unflatten(w, weights))
     if copied:
         _split_into(inner, states, sizes, segs)
+    pairs = [(low, k) for k, low in enumerate(lows) if low is not None]
+    if pairs:  # fp16/bf16 weights get their master copies, rounded
+        parts = _unflatten(w, weights)
+        torch._foreach_copy_([low for low, _ in pairs], [parts[k] for _, k in pairs])
 
 
 def _joined(tensors):
