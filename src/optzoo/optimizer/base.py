@@ -334,6 +334,11 @@ class Optimizer:
         """Whether the rule is split into ``prepare`` + ``kernel`` (what the fast path executes)."""
         return cls.kernel is not Optimizer.kernel and cls.rule is Optimizer.rule
 
+    def _has_fast_path(self) -> bool:
+        """Whether the executor may run this instance's ``prepare`` + ``kernel`` instead of ``rule`` (a class
+        that overrides ``rule`` may say yes for the settings where its rule is exactly that split)."""
+        return type(self).has_kernel()
+
     def update(self, index, weight, grad, state):
         """Update ``weight`` in place from ``grad`` and ``state`` (lists allowed, MXNet's aggregated form).
 
@@ -358,7 +363,7 @@ class Optimizer:
         ``lows``: per index, the fp16/bf16 weight that gets a copy of the updated fp32 master (``weights``),
         or None; gradients may then be in the low dtype (widened where the kernel reads them)."""
         shards = self.__dict__.get("_shards")  # local shards of sharded parameters: sums over every shard
-        fast = ((self._fused is not False or bool(shards)) and type(self).has_kernel()
+        fast = ((self._fused is not False or bool(shards)) and self._has_fast_path()
                 and len(set(indices)) == len(indices))
         saved = self._bookkeeping()
         try:

@@ -184,7 +184,7 @@ def layout_of(opt, weight):
     """How ``opt``'s kernel runs over tensors like ``weight``: ``"elementwise"`` (states shaped like the
     weight), ``"norms"`` (elementwise states, per-tensor sums: rows of parameters), ``"rows"`` (2-D weights
     with a state per row, as GroupAdaGrad's), or None (no kernel: the reference path)."""
-    if not type(opt).has_kernel():
+    if not opt._has_fast_path():
         return None
     cache = opt.__dict__.setdefault("_layouts", {})
     key = (weight.dtype, weight.dim() == 2, opt.multi_precision)

@@ -42,8 +42,9 @@ class LBSGD(Optimizer):
     ``{'cum_grad', 'num_cums'}``). MXNet keeps a reference to the first gradient of a large batch;
     optzoo copies it. MXNet uses :math:`\rho = 1` for an unknown ``warmup_strategy``; optzoo rejects it.
 
-    No fast path: the accumulation is Python bookkeeping per index, so LBSGD always runs its rule
-    tensor by tensor.
+    Fast path: with ``batch_scale = 1`` (every call steps) and a schedule warmup (not ``'lars'``) the rule is
+    ``prepare`` (the count and the warmup multiplier) + ``kernel`` (the SGD step), which the executor runs
+    like any other optimizer's; accumulating settings run the rule tensor by tensor.
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
@@ -71,6 +72,7 @@ class LBSGD(Optimizer):
 
     _lr_before_count = True
     _reads_per_index = True  # the lr is read before each index is counted: a list is read index by index
+    _prepare_advances = True  # prepare advances each index's accumulation count
 
     def __init__(self, momentum=0.0, multi_precision=False, warmup_strategy="linear", warmup_epochs=5,
                  batch_scale=1, updates_per_epoch=32, begin_epoch=0, num_epochs=60, **kwargs):
@@ -121,6 +123,17 @@ class LBSGD(Optimizer):
         """The SGD step's scalars: ``sgd(_mom)_update``'s float parameters and their products."""
         lr, wd, mu, rg = (mx_param(x, dtype) for x in (lr, wd, self.momentum, self.rescale_grad))
         return mu, lr, lr * wd, 1 - in_dtype(lr * wd, dtype), rg, in_dtype(lr * rg, dtype), self.batch_scale
+
+    def _has_fast_path(self):
+        return self.batch_scale == 1 and self.warmup_strategy != "lars"
+
+    def prepare(self, *, lr, wd, t, index, dtype):
+        """The fast path's half of ``rule`` when every call steps: the same count, multiplier and bookkeeping
+        (``cum_grad`` 0 after the step, as the rule leaves it)."""
+        entry = self.cumgrads.get(index)
+        num = entry["num_cums"] + 1 if entry and entry["num_cums"] > 0 else self.init_updates + 1
+        self.cumgrads[index] = {"cum_grad": 0, "num_cums": num}
+        return self._scalars(lr * self._get_lbmult(num), wd, dtype)
 
     def rule(self, w, g, mom, *, lr, wd, t, index):
         entry = self._cumulate(index, g)
