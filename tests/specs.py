@@ -75,6 +75,12 @@ AGG_COMMON = {
                   "scheduler": {"class": "PolyScheduler", "kwargs": {
                       "max_update": 12, "base_lr": SCHED_LR, "pwr": 2, "final_lr": 0.001, "warmup_steps": 3,
                       "warmup_begin_lr": 0.01, "warmup_mode": "linear"}}},
+    # calls that leave indices out, so one call holds indices of unequal counts: MXNet's aggregated SGD and
+    # LARS count the whole call, then read the lr once (LAMB reads per index)
+    "uneven": {"kwargs": {"wd": 0.01},
+               "scheduler": {"class": "FactorScheduler", "kwargs": {"step": 1, "factor": 0.7, "base_lr": SCHED_LR}},
+               "calls": [[0, 1, 2, 3, 4, 5] if s % 3 == 0 else [0, 2, 3, 5] if s % 3 == 1 else [5, 4, 1]
+                         for s in range(AGG_STEPS)]},
 }
 
 
@@ -220,7 +226,8 @@ def aggregated_cases():
                 out.append({"id": f"{s.name}-v{vi}-agg_{common_name}", "optimizer": s.name,
                             "kwargs": {**common.get("kwargs", {}), **variant}, "scheduler": common.get("scheduler"),
                             "lr_mult": common.get("lr_mult", []), "wd_mult": common.get("wd_mult", []),
-                            "param_dict": [], "dtype": "float32", "shapes": AGG_SHAPES, "calls": AGG_CALLS,
+                            "param_dict": [], "dtype": "float32", "shapes": AGG_SHAPES,
+                            "calls": common.get("calls", AGG_CALLS),
                             "seed": 2000 + 17 * vi + ci})
     return out
 
