@@ -186,18 +186,22 @@ class OptzooOptimizer(_torch.optim.Optimizer):
                     shards[i] = Shards(groups)
                     offsets[i] = _global_offset(p)
             layout = _layout(inner, w)
-            if "step" not in st:  # a new state
+            tree = None  # a new state of an unsharded parameter: made below, with the others
+            if "step" not in st:
                 if sharded:
                     new = _named(layout, inner.create_state_multi_precision(i, w))
                     st.update({k: _like(v, p) for k, v in new.items()})
                 else:
                     created.append((len(trees), layout, st, inner.create_state_multi_precision(i, w)))
                 st["step"] = inner.begin_num_update
+            if sharded:
+                tree = _tree_of(layout, {n: st[n].to_local() for n in layout.names})
+            elif not created or created[-1][0] != len(trees):
+                tree = _tree_of(layout, st)
             counts[i] = int(st["step"])
             weights.append(w)
             grads.append(g)
-            trees.append(None if not sharded and len(created) and created[-1][0] == len(trees) else
-                         _tree_of(layout, {n: st[n].to_local() for n in layout.names} if sharded else st))
+            trees.append(tree)
         if created:  # new states of small parameters end to end in one buffer: packed steps use them in place
             for (k, layout, st, _), tree in zip(created, adjacent([c[3] for c in created])):
                 st.update(_named(layout, tree))

@@ -376,13 +376,14 @@ class Optimizer:
                     reads[k] = read
             if fast:
                 scalars = self._prepare_all(indices, weights, reads)
-                noise = ([self._draw(w, lr, i) for i, w, (lr, _, _) in zip(indices, weights, reads)]
-                         if self._kernel_noise else None)
+                if self._kernel_noise:  # the draws, in index order, as each index's last scalar
+                    scalars = [tuple(s) + (self._draw(w, lr, i),)
+                               for s, i, w, (lr, _, _) in zip(scalars, indices, weights, reads)]
         except BaseException:
             self._restore(saved)
             raise
         if fast:
-            engine.execute(self, self._fused, weights, grads, states, scalars, noise,
+            engine.execute(self, self._fused, weights, grads, states, scalars,
                            [shards.get(i) for i in indices] if shards else None, lows)
             return
         with torch.no_grad():
@@ -457,7 +458,9 @@ class Optimizer:
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
         if not any(self._mp(w) for w in weights if isinstance(w, torch.Tensor)):
             return self._dispatch(indices, weights, grads, states)
-        targets = []
+        if type(self).update is Optimizer.update:  # one MXNet call, checked, on the master copies
+            return self._update_calls(None, indices, weights, grads, states)
+        targets = []  # a custom scalar update: called on each master copy, then cast back
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
             if self._mp(w):
@@ -466,7 +469,11 @@ class Optimizer:
                 targets.append((i, w32, g.to(torch.float32), inner, w))
             else:
                 targets.append((i, w, g, s, None))
-        self._run_targets(targets)
+        self._dispatch([t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets],
+                       [t[3] for t in targets])
+        low = [(t[4], t[1]) for t in targets if t[4] is not None]
+        with torch.no_grad():
+            torch._foreach_copy_([w for w, _ in low], [w32 for _, w32 in low])
 
     def _run_checked(self, indices, weights, grads, states, chunks=None):
         """``update_multi_precision`` on checked inputs, as the MXNet calls ``chunks`` (see ``_step_lists``)."""
@@ -490,7 +497,8 @@ class Optimizer:
         self._step_lists(indices, masters, grads, inners, chunks=chunks, lows=lows)
 
     def _update_calls(self, chunks, indices, weights, grads, states):
-        """The Updater's MXNet calls (lists of positions ``chunks``), checked, then run as one step."""
+        """The Updater's MXNet calls (lists of positions ``chunks``; None: one call), checked, then run as one
+        step."""
         ours = type(self).update is Optimizer.update
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
@@ -500,17 +508,6 @@ class Optimizer:
             if ours:
                 self._check_state(i, w, s)
         self._run_checked(indices, weights, grads, states, chunks)
-
-    def _run_targets(self, targets, checked=False, chunks=None):
-        lists = [t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets], [t[3] for t in targets]
-        if checked:
-            self._step_lists(*lists, chunks=chunks)
-        else:
-            self._dispatch(*lists)
-        low = [(t[4], t[1]) for t in targets if t[4] is not None]
-        if low:
-            with torch.no_grad():
-                torch._foreach_copy_([w for w, _ in low], [w32 for _, w32 in low])
 
     def _check_master(self, i, w, s):
         if not (isinstance(s, (tuple, list)) and len(s) == 2):

@@ -8,7 +8,7 @@ updated in place, gradients are read, states are the caller's tensors.
 - A **large** tensor (at least :data:`LARGE` elements) is updated by itself, in place: the kernel
   compiled by ``torch.compile`` (one fused loop that reads each input once and writes each output once;
   one dynamic-shape graph per optimizer class and state layout serves every size), over 1-D views of the
-  weight, gradient and states (or ``[1, n]`` rows for kernels with per-tensor norms).
+  weight, gradient and states (per-tensor norms are then full reductions, :data:`~._numerics.WHOLE`).
 - **Small** tensors of one dtype and device are packed: concatenated into scratch buffers, updated by
   one kernel call (per-parameter scalars spread per element, per-tensor norms as row sums over runs of
   equal-sized parameters, see :class:`Segments`), and copied back.
@@ -223,14 +223,18 @@ def _as_tensors(s, dtype, device, cache):
     """Kernel scalars as 0-d tensors (one compiled graph for every value), made once per distinct tuple: in
     fp32 for fp16/bf16 kernels (a 0-d tensor takes the dtype of the tensors it meets, as a Python scalar
     would not; held wider it keeps the values that fp32 arithmetic in the kernel reads)."""
-    dtype = _wide(dtype)
     key = (s, dtype, device)
     got = cache.get(key)
     if got is None:
-        got = cache[key] = tuple(x if isinstance(x, torch.Tensor) else
-                                 torch.tensor(x, dtype=torch.int64 if isinstance(x, Key) else dtype, device=device)
-                                 for x in s)
+        got = cache[key] = tuple(_scalar_tensor(x, dtype, device) for x in s)
     return got
+
+
+def _scalar_tensor(x, dtype, device):
+    """One kernel scalar as a 0-d tensor (tensors pass): a :class:`Key` as int64, a number in ``_wide(dtype)``."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.tensor(x, dtype=torch.int64 if isinstance(x, Key) else _wide(dtype), device=device)
 
 
 def _wide(dtype):
@@ -242,10 +246,10 @@ def _scalar_dtype(w, inner):
     return functools.reduce(torch.promote_types, [x.dtype for x in _tree.leaves(inner)], w.dtype)
 
 
-def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None, lows=None):
+def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None):
     """Update ``weights`` (and ``states``) in place from ``grads`` with ``opt``'s kernel and the per-index
-    ``scalars`` (``prepare``'s tuples, in the order of the weights). ``noise``: per-index tensors handed to
-    the kernel as its last scalar (a stochastic rule's draws, made beforehand in index order). ``shards``:
+    ``scalars`` (``prepare``'s tuples, in the order of the weights; a stochastic rule's draws, made beforehand
+    in index order, come last: a noise tensor or a :class:`Key` per index). ``shards``:
     per-index :class:`~optzoo.optimizer._numerics.Shards` (or None) for weights that are the local shards of
     sharded parameters: kernels with per-tensor sums then run tensor by tensor, in order (every process
     takes part in the same sums), with the whole parameter's sums. ``lows``: per-index fp16/bf16 weights that
@@ -253,13 +257,13 @@ def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None
     lows = lows if lows is not None else [None] * len(weights)
     if shards is not None and any(sh is not None for sh in shards) and opt._segment_kernel:
         with torch.no_grad():
-            for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
-                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), shards[k], lows[k])
+            for w, g, st, s, shard, low in zip(weights, grads, states, scalars, shards, lows):
+                _fused_step(opt, w, g, st, s, shard, low)
         return
     if not fused and len(weights) < PACK_MIN and all(w.numel() < LARGE for w in weights):
         with torch.no_grad():  # a few small tensors: the eager kernel on each (what packing would cost more than)
-            for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
-                _fused_step(opt, w, g, st, s if noise is None else tuple(s) + (noise[k],), None, lows[k])
+            for w, g, st, s, low in zip(weights, grads, states, scalars, lows):
+                _fused_step(opt, w, g, st, s, None, low)
         return
     kinds = {}
     layout = [kinds.get((w.dtype, w.dim() == 2)) or kinds.setdefault((w.dtype, w.dim() == 2), layout_of(opt, w))
@@ -268,8 +272,6 @@ def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None
     packs = {}
     with torch.no_grad():
         for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
-            if noise is not None:
-                s = tuple(s) + (noise[k],)
             if w.numel() >= LARGE:
                 if _run_one(opt, fused, layout[k], w, g, st, s, cache, lows[k]):
                     continue
@@ -277,12 +279,10 @@ def execute(opt, fused, weights, grads, states, scalars, noise=None, shards=None
         for (_, _, lay), members in packs.items():
             if len(members) == 1 and not fused:
                 k = members[0]
-                s = scalars[k] if noise is None else tuple(scalars[k]) + (noise[k],)
-                _fused_step(opt, weights[k], grads[k], states[k], s, None, lows[k])
+                _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, lows[k])
                 continue
             _run_pack(opt, fused, lay, [weights[k] for k in members], [grads[k] for k in members],
-                      [states[k] for k in members], [scalars[k] for k in members],
-                      None if noise is None else [noise[k] for k in members], cache, [lows[k] for k in members])
+                      [states[k] for k in members], [scalars[k] for k in members], cache, [lows[k] for k in members])
 
 
 def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
@@ -306,8 +306,7 @@ def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
     if any(isinstance(x, torch.Tensor) for x in s):  # per-element scalars (drawn noise) laid out as the weight
         if layout != "rows":
             s = tuple(_flat(x).view(fw.shape) if isinstance(x, torch.Tensor) else x for x in s)
-        ts = tuple(x if isinstance(x, torch.Tensor) else
-                   torch.tensor(x, dtype=torch.int64 if isinstance(x, Key) else _wide(sdt), device=w.device) for x in s)
+        ts = tuple(_scalar_tensor(x, sdt, w.device) for x in s)
     else:
         ts = _as_tensors(s, sdt, w.device, cache)
     _run(True, _key(opt, layout, fw, finner, ts, flow), opt, fw, fg, finner, ts, seg, flow)
@@ -324,20 +323,30 @@ def _map(tree, fn):
 
 def _columns(per):
     """Per-index tuples as columns: a column's single value where it agrees across the indices, else the
-    list of values."""
+    list of values (always for tensors and noise keys, which belong to their index)."""
     if all(p is per[0] for p in per):  # prepare's one tuple for every index (the common case)
         return list(per[0])
     cols = []
     for col in zip(*per):
         first = col[0]
-        if isinstance(first, torch.Tensor):
+        if isinstance(first, (torch.Tensor, Key)):
             cols.append(list(col))
         else:
             cols.append(first if all(c == first for c in col) else list(col))
     return cols
 
 
-def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache, lows):
+def _per_element(col, segs):
+    """A pack's column of per-index drawn noise as one per-element tensor: the tensors end to end, or, for
+    keys, ``key - offset`` per element (the kernel adds the element's place in the pack); other columns pass."""
+    if isinstance(col, list) and isinstance(col[0], torch.Tensor):
+        return torch.cat([x.reshape(-1) for x in col])
+    if isinstance(col, list) and isinstance(col[0], Key):
+        return segs.spread([k - o for k, o in zip(col, segs.offsets)], torch.int64)
+    return col
+
+
+def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows):
     """Small tensors packed, one kernel call over them. Tensors that already lie end to end in one buffer
     (states made by :func:`adjacent`, multi-precision master copies among them) are used in place; the
     others (the user's weights and gradients) are copied into scratch buffers and the weights copied back."""
@@ -353,10 +362,7 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache,
     g = g.to(w.dtype)
     inner, copied = _joined_tree(states)
     sdt = _scalar_dtype(w, inner)
-    cols = _columns(scalars)
-    if noise is not None:  # drawn tensors end to end, or keys: key - offset per element (+ the element's index)
-        cols.append(torch.cat([x.reshape(-1) for x in noise]) if isinstance(noise[0], torch.Tensor) else
-                    segs.spread([k - o for k, o in zip(noise, segs.offsets)], torch.int64))
+    cols = [_per_element(c, segs) for c in _columns(scalars)]
     compiled = bool(fused) or segs.total >= PACK_COMPILED
     if layout in ("norms", "rows"):
         _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)
@@ -364,8 +370,7 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, noise, cache,
         s = tuple(segs.spread(c, sdt) if isinstance(c, list) else c for c in cols)
         if compiled:
             s = _as_tensors(s, sdt, w.device, cache) if not any(isinstance(x, torch.Tensor) for x in s) else \
-                tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=_wide(sdt), device=w.device)
-                      for x in s)
+                tuple(_scalar_tensor(x, sdt, w.device) for x in s)
         _run(compiled, _key(opt, layout, w, inner, s), opt, w, g, inner, s, None)
     sizes = segs.sizes
     if copied_w:
@@ -461,8 +466,7 @@ def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
                   c[offset:offset + nrows * size].view(nrows, size) if isinstance(c, torch.Tensor) and c.dim() == 1
                   else c for c in cols)
         if compiled:
-            s = tuple(x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=_wide(sdt), device=device)
-                      for x in s)
+            s = tuple(_scalar_tensor(x, sdt, device) for x in s)
         run_w = w[offset:offset + nrows * size].view(nrows, size)
         run_inner = _run_views(inner, segs, offset, nrows, size, row)
         _run(compiled, _key(opt, "rows", run_w, run_inner, s), opt, run_w,

@@ -112,12 +112,15 @@ class LBSGD(Optimizer):
 
     def _cumulate(self, index, g):
         entry = self.cumgrads.get(index)
-        if entry and entry["num_cums"] > 0:
-            entry = {"cum_grad": entry["cum_grad"] + g, "num_cums": entry["num_cums"] + 1}
-        else:
-            entry = {"cum_grad": g.clone(), "num_cums": self.init_updates + 1}
+        more = entry and entry["num_cums"] > 0
+        entry = {"cum_grad": entry["cum_grad"] + g if more else g.clone(), "num_cums": self._next_count(index)}
         self.cumgrads[index] = entry
         return entry
+
+    def _next_count(self, index):
+        """``num_cums`` after this call: one more, or ``begin_epoch * updates_per_epoch + 1`` at the start."""
+        entry = self.cumgrads.get(index)
+        return entry["num_cums"] + 1 if entry and entry["num_cums"] > 0 else self.init_updates + 1
 
     def _scalars(self, lr, wd, dtype):
         """The SGD step's scalars: ``sgd(_mom)_update``'s float parameters and their products."""
@@ -130,8 +133,7 @@ class LBSGD(Optimizer):
     def prepare(self, *, lr, wd, t, index, dtype):
         """The fast path's half of ``rule`` when every call steps: the same count, multiplier and bookkeeping
         (``cum_grad`` 0 after the step, as the rule leaves it)."""
-        entry = self.cumgrads.get(index)
-        num = entry["num_cums"] + 1 if entry and entry["num_cums"] > 0 else self.init_updates + 1
+        num = self._next_count(index)
         self.cumgrads[index] = {"cum_grad": 0, "num_cums": num}
         return self._scalars(lr * self._get_lbmult(num), wd, dtype)
 

@@ -13,15 +13,14 @@ import torch
 
 from .._checks import check_tensor_pair
 from . import _tree
-from .base import Optimizer
+from .base import _CACHES, Optimizer
 from .registry import get_record, records
 
 __all__ = ["Updater", "get_updater", "dump_optimizer", "load_optimizer"]
 
 _FORMAT = "optzoo.updater/1"
 # Bookkeeping rebuilt on load rather than stored: a view into _all_index_update_counts, the ctor call.
-_NOT_DUMPED = {"_index_update_count", "_init_args", "param_dict", "lr_scheduler", "_fused", "_prepared", "_layouts",
-               "_face_layouts", "_shards", "_counter_offsets"}
+_NOT_DUMPED = {"_index_update_count", "_init_args", "param_dict", "lr_scheduler", "_fused"} | _CACHES
 
 
 def calls(opt, positions, weights):
