@@ -559,7 +559,7 @@ class Optimizer:
 
     # ------------------------------------------------------------------ pickling and safe dumps
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = {k: v for k, v in self.__dict__.items() if k not in _CACHES}  # caches (scratch buffers) stay
         state["param_dict"] = {}  # as MXNet: Gluon parameters are not saved with the optimizer
         return state
 
@@ -574,7 +574,7 @@ class Optimizer:
 
 
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
-_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets"})
+_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch"})
 
 
 def _as_lists(index, weight, grad, state):

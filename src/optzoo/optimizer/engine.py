@@ -28,6 +28,8 @@ never changed.
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import types
 import warnings
 
@@ -155,7 +157,7 @@ def _compiled(key):
         options["cpp.dynamic_threads"] = True
         if key[1] in ("rows", "norms"):  # recompute what both the row sums and the update read (LAMB's u) instead of
             # storing it: a tensor-sized temporary costs its page faults on every step
-            options.update(realize_reads_threshold=16, realize_opcount_threshold=200)
+            options.update(realize_reads_threshold=16, realize_opcount_threshold=200, realize_acc_reads_threshold=64)
         fn = _COMPILED[key] = torch.compile(step, dynamic=True, options=options)
     return fn
 
@@ -210,13 +212,21 @@ def _flat(t):
 
 
 def _key(opt, layout, w, inner, s, low=None):
-    structure = _tree.describe(inner).replace("Tensor", "")
-    structure = "".join(c for c in structure if not c.isdigit())
     kinds = tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in s)
     # dynamo specializes sizes 0 and 1: a graph of their own, so that [1, n] runs do not use up the others'
     # recompile limit
     ones = tuple(d <= 1 for d in w.shape)
-    return (type(opt), layout, w.dtype, w.device.type, structure, kinds, ones, None if low is None else low.dtype)
+    return (type(opt), layout, w.dtype, w.device.type, _signature(inner), kinds, ones,
+            None if low is None else low.dtype)
+
+
+def _signature(tree):
+    """The state tree's nesting and leaf dtypes (what a compiled graph is specialized on, besides sizes)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.dtype
+    if tree is None:
+        return None
+    return tuple(_signature(t) for t in tree)
 
 
 def _as_tensors(s, dtype, device, cache):
@@ -241,9 +251,13 @@ def _wide(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _scalar_dtype(w, inner):
+def _scalar_dtype(w, leaves):
     """Scalars are held in the widest dtype the kernel computes in (fp32 states with fp16 weights)."""
-    return functools.reduce(torch.promote_types, [x.dtype for x in _tree.leaves(inner)], w.dtype)
+    dtype = w.dtype
+    for x in leaves:
+        if x.dtype is not dtype:
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
 
 
 def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None):
@@ -265,17 +279,18 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
             for w, g, st, s, low in zip(weights, grads, states, scalars, lows):
                 _fused_step(opt, w, g, st, s, None, low)
         return
-    kinds = {}
-    layout = [kinds.get((w.dtype, w.dim() == 2)) or kinds.setdefault((w.dtype, w.dim() == 2), layout_of(opt, w))
-              for w in weights]
+    # each weight's pack: (dtype, device, layout); with C-level maps, as there may be thousands of weights
+    kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
+    layouts = {kind: layout_of(opt, weights[kinds.index(kind)]) for kind in set(kinds)}
     cache = {}
     packs = {}
     with torch.no_grad():
-        for k, (w, g, st, s) in enumerate(zip(weights, grads, states, scalars)):
-            if w.numel() >= LARGE:
-                if _run_one(opt, fused, layout[k], w, g, st, s, cache, lows[k]):
-                    continue
-            packs.setdefault((w.dtype, w.device, layout[k]), []).append(k)
+        for k, n in enumerate(map(torch.Tensor.numel, weights)):
+            if n >= LARGE and _run_one(opt, fused, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k],
+                                       cache, lows[k]):
+                continue
+            dtype, device, dim = kinds[k]
+            packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
         for (_, _, lay), members in packs.items():
             if len(members) == 1 and not fused:
                 k = members[0]
@@ -287,22 +302,24 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
 
 def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
     """One large tensor in place; False when its layout has no flat form (then it is packed)."""
+    leaves = _tree.leaves(inner)
+    if low is not None:
+        leaves.append(low)
     if layout == "rows":
-        views = [w, g] + _tree.leaves(inner) + ([] if low is None else [low])
-        if not all(t.is_contiguous() for t in views):
+        if not (w.is_contiguous() and g.is_contiguous() and all(map(torch.Tensor.is_contiguous, leaves))):
             return False
         fw, fg, finner, seg, flow = w, g, inner, None, low
     else:
-        fw, fg = _flat(w), _flat(g)
-        leaves = _tree.leaves(inner) + ([] if low is None else [low])
-        if fw is None or fg is None or g.stride() != w.stride() or any(x.stride() != w.stride() for x in leaves):
-            return False
-        finner = _map(inner, _flat)
+        if w.is_contiguous() and g.is_contiguous() and all(map(torch.Tensor.is_contiguous, leaves)):
+            fw, fg, finner = w.view(-1), g.view(-1), _map(inner, _view_1d)  # the common case, in a few us
+        else:
+            fw, fg = _flat(w), _flat(g)
+            if fw is None or fg is None or g.stride() != w.stride() or any(x.stride() != w.stride() for x in leaves):
+                return False
+            finner = _map(inner, _flat)
         flow = None if low is None else _flat(low)
-        seg = None
-        if layout == "norms":  # per-tensor sums: full reductions of the 1-D views
-            seg = WHOLE
-    sdt = _scalar_dtype(fw, finner)
+        seg = WHOLE if layout == "norms" else None  # per-tensor sums: full reductions of the 1-D views
+    sdt = _scalar_dtype(fw, leaves)
     if any(isinstance(x, torch.Tensor) for x in s):  # per-element scalars (drawn noise) laid out as the weight
         if layout != "rows":
             s = tuple(_flat(x).view(fw.shape) if isinstance(x, torch.Tensor) else x for x in s)
@@ -311,6 +328,10 @@ def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
         ts = _as_tensors(s, sdt, w.device, cache)
     _run(True, _key(opt, layout, fw, finner, ts, flow), opt, fw, fg, finner, ts, seg, flow)
     return True
+
+
+def _view_1d(t):
+    return t.view(-1)
 
 
 def _map(tree, fn):
@@ -354,14 +375,21 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows):
     segs = Segments([w.numel() for w in weights], weights[0].device, rows)
     w = _joined(weights)
     copied_w = w is None
-    if copied_w:
-        w = _flatten(weights)
     g = _joined(grads)
-    if g is None:
-        g = _flatten(grads)
+    if copied_w or g is None:
+        w_buf, views, g_buf, g_views = _scratch(opt, weights)
+        if copied_w:
+            w = w_buf
+            torch._foreach_copy_(views, weights)
+        if g is None:
+            if grads[0].dtype == w_buf.dtype:
+                g = g_buf
+                torch._foreach_copy_(g_views, grads)
+            else:  # fp16/bf16 gradients of fp32 master copies
+                g = _flatten(grads)
     g = g.to(w.dtype)
     inner, copied = _joined_tree(states)
-    sdt = _scalar_dtype(w, inner)
+    sdt = _scalar_dtype(w, _tree.leaves(inner))
     cols = [_per_element(c, segs) for c in _columns(scalars)]
     compiled = bool(fused) or segs.total >= PACK_COMPILED
     if layout in ("norms", "rows"):
@@ -374,28 +402,56 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows):
         _run(compiled, _key(opt, layout, w, inner, s), opt, w, g, inner, s, None)
     sizes = segs.sizes
     if copied_w:
-        torch._foreach_copy_(weights, _unflatten(w, weights))
+        torch._foreach_copy_(weights, views)
     if copied:
         _split_into(inner, states, sizes, segs)
     pairs = [(low, k) for k, low in enumerate(lows) if low is not None]
     if pairs:  # fp16/bf16 weights get their master copies, rounded
-        parts = _unflatten(w, weights)
+        parts = views if copied_w else _unflatten(w, weights)
         torch._foreach_copy_([low for low, _ in pairs], [parts[k] for _, k in pairs])
 
 
+#: Packs whose scratch buffers an optimizer keeps (the least recently used beyond are dropped).
+_SCRATCH_KEPT = 4
+
+
+def _scratch(opt, weights):
+    """Scratch buffers for a pack of ``weights`` (weight and gradient, 1-D, the weights' dtype), each with its
+    views shaped like the weights, kept between steps: a buffer allocated afresh at every step costs its page
+    faults, and 2,000 views cost more than the copies into them."""
+    cache = opt.__dict__.setdefault("_scratch", {})
+    w0 = weights[0]
+    key = (w0.dtype, w0.device, tuple(t.shape for t in weights))
+    got = cache.pop(key, None)
+    if got is None:
+        total = sum(t.numel() for t in weights)
+        w_buf, g_buf = (torch.empty(total, dtype=w0.dtype, device=w0.device) for _ in range(2))
+        got = (w_buf, _unflatten(w_buf, weights), g_buf, _unflatten(g_buf, weights))
+        while len(cache) >= _SCRATCH_KEPT:
+            cache.pop(next(iter(cache)))
+    cache[key] = got  # most recently used last
+    return got
+
+
 def _joined(tensors):
-    """One 1-D view of tensors that lie end to end, in order, in one buffer (views of it); else None."""
+    """One 1-D view of tensors that lie end to end, in order, in one buffer (views of it); else None.
+    (C-level maps, no Python loop body per tensor: ~0.3 ms for 2,000 states.)"""
     first = tensors[0]
     base = first._base
     if base is None or not base.is_contiguous() or first.dtype != base.dtype:
         return None
-    offset = first.storage_offset()
-    start = offset
-    for t in tensors:
-        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
-            return None
-        offset += t.numel()
-    return base.view(-1)[start - base.storage_offset():offset - base.storage_offset()]
+    if not all(map(operator.is_, map(_BASE, tensors), itertools.repeat(base))) or \
+            not all(map(torch.Tensor.is_contiguous, tensors)):
+        return None
+    ends = list(itertools.accumulate(map(torch.Tensor.numel, tensors), initial=first.storage_offset()))
+    if list(map(torch.Tensor.storage_offset, tensors)) != ends[:-1]:
+        return None
+    return base.view(-1)[ends[0] - base.storage_offset():ends[-1] - base.storage_offset()]
+
+
+_BASE = operator.attrgetter("_base")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
 
 
 def _joined_tree(states):
