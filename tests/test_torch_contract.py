@@ -288,3 +288,17 @@ def test_closure_zero_grad_and_add_param_group():
     extra.grad = torch.ones(2)
     opt.step()
     assert opt.param_groups[1]["lr"] == 0.5 and set(opt.state) == {model.weight, model.bias, extra}
+
+
+def test_a_parameter_twice_in_one_group_is_refused():
+    """torch only warns; a repeated parameter would be stepped twice on one path and once on another."""
+    import optzoo.torch as ot
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="position 2 of the group is the one at position 0"):
+        ot.SGD([p, q, p], lr=0.1)
+    opt = ot.SGD([q], lr=0.1)
+    with pytest.raises(ValueError, match="position 1 of the group is the one at position 0"):
+        opt.add_param_group({"params": iter([p, p])})
+    assert len(opt.param_groups) == 1  # nothing added
+    opt.add_param_group({"params": (x for x in [p])})  # a generator is read once, as torch reads it
+    assert opt.param_groups[1]["params"] == [p]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch as _torch
 
 from ._checks import check_tensor_pair
+from ._flat import flatten_parameters
 from .optimizer import registry as _registry
 from .optimizer._numerics import Shards
 from .optimizer.engine import adjacent
@@ -28,7 +29,7 @@ from ._torch_state import check_state_dict as _check_state_dict
 from ._torch_state import layout as _layout, named as _named, restore_wide_states, tree_of as _tree_of
 from .optimizer.updater import calls as _calls
 
-__all__ = ["OptzooOptimizer", "create"]
+__all__ = ["OptzooOptimizer", "create", "flatten_parameters"]
 
 _TORCH_NAMES = {"learning_rate": "lr", "wd": "weight_decay"}
 _REJECTED = ("lr_scheduler", "param_idx2name", "param_dict", "sym")
@@ -87,6 +88,16 @@ class OptzooOptimizer(_torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group):
+        """torch's ``add_param_group``; a parameter listed twice in one group is an error (torch only warns,
+        and a repeated parameter would be updated twice by some paths and once by others)."""
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (_torch.Tensor, set)):
+            param_group = dict(param_group, params=list(param_group.get("params", ())))
+            first = {}
+            for k, p in enumerate(param_group["params"]):
+                k0 = first.setdefault(id(p), k)
+                if k0 != k:
+                    raise ValueError(f"params: the parameter at position {k} of the group is the one at position "
+                                     f"{k0}: expected each parameter once (list tied parameters once)")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
