@@ -18,6 +18,9 @@ Not accepted here: ``lr_scheduler`` (use torch's schedulers), ``param_idx2name``
 """
 from __future__ import annotations
 
+import operator as _operator
+from itertools import repeat as _repeat
+
 import torch as _torch
 
 from ._checks import check_tensor_pair
@@ -166,32 +169,53 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         plans, base = [], 0
         for g, group in enumerate(self.param_groups):
             inner = self._inner_for(group, g)
-            fresh = []
-            for k, p in enumerate(group["params"], base):
-                grad = p.grad
-                if grad is not None:
-                    if not _plain_pair(p, grad):
-                        check_tensor_pair(k, p, grad)
-                    fresh.append((k, p))
-            plans.append((group, inner, fresh))
+            params = group["params"]
+            grads = list(map(_GRAD, params))
+            indices = range(base, base + len(params))
+            if not all(map(_is_not, grads, _repeat(None))):  # parameters without a gradient are skipped
+                kept = [k for k, gr in enumerate(grads) if gr is not None]
+                indices, params, grads = [base + k for k in kept], [params[k] for k in kept], [grads[k] for k in kept]
+            if not _plain_pairs(params, grads):  # the full check, for its message
+                for k, p, grad in zip(indices, params, grads):
+                    check_tensor_pair(k, p, grad)
+            plans.append((group, inner, list(indices), params, grads))
             base += len(group["params"])
-        for group, inner, fresh in plans:
-            if fresh:
-                self._step_group(group, inner, fresh)
+        for plan in plans:
+            if plan[2]:
+                self._step_group(*plan)
         return loss
 
-    def _step_group(self, group, inner, fresh):
+    def _step_group(self, group, inner, indices, params, grads):
         book = group.setdefault("optzoo", {})
         for attr in inner._step_vars:
             if attr in book:
                 setattr(inner, attr, book[attr])
         counts = inner._index_update_count
         counts.clear()
-        weights, grads, trees, shards, created, offsets = [], [], [], {}, [], {}
-        state, layouts = self.state, {}
-        for i, p in fresh:
-            st = state[p]
-            w, g = _detach(p), p.grad
+        sts = list(map(self.state.__getitem__, params))
+        weights = list(map(_detach, params))
+        steps = list(map(dict.get, sts, _repeat("step")))
+        shards, offsets = {}, {}
+        if all(map(_is, map(type, weights), _repeat(_Tensor))) and all(map(_is_not, steps, _repeat(None))):
+            # the steady state (every state made, plain tensors), without a Python loop body per parameter
+            keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights)))
+            layouts = {key: _layout(inner, w) for key, w in dict(zip(keys, weights)).items()}
+            trees = list(map(_tree_of, map(layouts.__getitem__, keys), sts))
+            counts.update(zip(indices, map(int, steps)))
+        else:
+            weights, grads, trees = self._gather(inner, indices, params, grads, sts, counts, shards, offsets)
+        inner._shards, inner._counter_offsets = shards, offsets
+        inner._run_checked(indices, weights, grads, trees, _calls(inner, list(range(len(indices))), weights))
+        inner._shards = inner._counter_offsets = None
+        list(map(dict.__setitem__, sts, _repeat("step"), map(counts.__getitem__, indices)))
+        book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
+
+    def _gather(self, inner, indices, params, grads, sts, counts, shards, offsets):
+        """Weights, gradients and state trees parameter by parameter: new states made (small ones end to end
+        in one buffer), DTensor parameters as their local shards."""
+        weights, local_grads, trees, created, layouts = [], [], [], [], {}
+        for i, p, g, st in zip(indices, params, grads, sts):
+            w = _detach(p)
             sharded = type(w) is not _Tensor and _is_dtensor(w)
             if sharded:  # FSDP2: the math runs on the local shards; norms are summed over the shards
                 w, g = w.to_local(), g.to_local()
@@ -219,19 +243,13 @@ class OptzooOptimizer(_torch.optim.Optimizer):
                 tree = _tree_of(layout, st)
             counts[i] = step if type(step) is int else int(step)
             weights.append(w)
-            grads.append(g)
+            local_grads.append(g)
             trees.append(tree)
         if created:  # new states of small parameters end to end in one buffer: packed steps use them in place
             for (k, layout, st, _), tree in zip(created, adjacent([c[3] for c in created])):
                 st.update(_named(layout, tree))
                 trees[k] = tree
-        inner._shards, inner._counter_offsets = shards, offsets
-        indices = [i for i, _ in fresh]
-        inner._run_checked(indices, weights, grads, trees, _calls(inner, list(range(len(fresh))), weights))
-        inner._shards = inner._counter_offsets = None
-        for i, p in fresh:
-            self.state[p]["step"] = counts[i]
-        book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
+        return weights, local_grads, trees
 
     # ------------------------------------------------------------------ state dicts
     def load_state_dict(self, state_dict):
@@ -256,11 +274,19 @@ _Tensor = _torch.Tensor
 _STRIDED = _torch.strided
 
 
-def _plain_pair(p, grad) -> bool:
-    """The common case of :func:`check_tensor_pair`, in a few attribute reads: a dense floating gradient of
-    the parameter's shape, dtype and device (anything else gets the full check and its message)."""
-    return (grad.layout is _STRIDED and grad.dtype is p.dtype and grad.shape == p.shape
-            and grad.device == p.device and p.is_floating_point())
+_GRAD, _DTYPE, _SHAPE = _operator.attrgetter("grad"), _operator.attrgetter("dtype"), _operator.attrgetter("shape")
+_DEVICE, _LAYOUT = _operator.attrgetter("device"), _operator.attrgetter("layout")
+_is, _is_not = _operator.is_, _operator.is_not
+
+
+def _plain_pairs(params, grads) -> bool:
+    """The common case of :func:`check_tensor_pair` for every parameter at once, in C-level maps (no Python
+    loop body per parameter): dense floating gradients of the parameters' shapes, dtypes and devices."""
+    return (all(map(_is, map(_LAYOUT, grads), _repeat(_STRIDED)))
+            and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
+            and list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
+            and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))
+            and all(map(_Tensor.is_floating_point, params)))
 
 
 def _is_dtensor(t) -> bool:

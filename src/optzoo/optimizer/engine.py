@@ -444,24 +444,23 @@ def _joined(tensors):
         if not base.is_contiguous() or first.dtype != base.dtype or \
                 not all(map(operator.is_, map(_BASE, tensors), itertools.repeat(base))):
             return None
-        storage, origin = None, base.storage_offset()
-    else:  # one storage? (the first and last tensors first: the common answer, no, in two calls)
+        origin = base.storage_offset()
+    else:  # one storage: the first and last tensors share it and the others lie end to end between them
         if last.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or \
-                len(set(map(_STORAGE_PTR, tensors))) != 1 or len(set(map(_DTYPE, tensors))) != 1:
+                not all(map(operator.is_, map(_DTYPE, tensors), itertools.repeat(first.dtype))) or \
+                not all(map(torch.Tensor.is_contiguous, tensors)):
             return None
-        storage, origin = first.untyped_storage(), 0
+        size, start = first.element_size(), first.data_ptr()
+        ends = list(itertools.accumulate(map(torch.Tensor.numel, tensors), initial=first.storage_offset()))
+        if list(map(torch.Tensor.data_ptr, tensors)) != [start + (e - ends[0]) * size for e in ends[:-1]]:
+            return None
+        return first.new_empty(0).set_(first.untyped_storage(), ends[0], (ends[-1] - ends[0],))
     if not all(map(torch.Tensor.is_contiguous, tensors)):
         return None
     ends = list(itertools.accumulate(map(torch.Tensor.numel, tensors), initial=first.storage_offset()))
     if list(map(torch.Tensor.storage_offset, tensors)) != ends[:-1]:
         return None
-    if storage is None:
-        return base.view(-1)[ends[0] - origin:ends[-1] - origin]
-    return first.new_empty(0).set_(storage, ends[0], (ends[-1] - ends[0],))
-
-
-def _STORAGE_PTR(t):
-    return t.untyped_storage().data_ptr()
+    return base.view(-1)[ends[0] - origin:ends[-1] - origin]
 
 
 _BASE = operator.attrgetter("_base")
