@@ -28,12 +28,13 @@ the argument, the value and what was expected, before anything is stored. optzoo
 in a few places, all of which would give a negative, infinite or undefined rate: learning rates
 (``base_lr``, ``warmup_begin_lr``, ``final_lr``, ``stop_factor_lr``) must be >= 0, ``factor`` must lie in
 [0, 1], ``pwr`` must be >= 0, ``step`` must be integer, and Poly/Cosine need ``max_update > warmup_steps``
-(MXNet divides by zero at ``max_update == warmup_steps``).
+(MXNet divides by zero at ``max_update == warmup_steps``). Numbers are stored as Python ``int`` or ``float``
+(an int ``base_lr`` is handed back untouched, as MXNet does): numpy scalars and 0-d arrays or tensors are read,
+so that a dump (``Updater.get_states``) holds plain numbers only.
 """
 from __future__ import annotations
 
 import logging
-import numbers
 from math import cos, pi
 
 from ._checks import check_choice, check_nonnegative, check_number, check_positive_int
@@ -44,16 +45,11 @@ _log = logging.getLogger(__name__)
 _WARMUP_MODES = ("linear", "constant")
 
 
-def _plain(value):
-    """Python int or float: MXNet hands back an int ``base_lr`` untouched, and dumps need plain numbers."""
-    return int(value) if isinstance(value, numbers.Integral) else float(value)
-
-
 def _check_factor(factor):
-    check_number("factor", factor)
-    if not 0 <= factor <= 1:
+    checked = check_number("factor", factor)
+    if not 0 <= checked <= 1:
         raise ValueError(f"factor={factor!r} is invalid: expected a value in [0, 1] (the rate only decays)")
-    return _plain(factor)
+    return checked
 
 
 def _check_max_update(max_update, warmup_steps):
@@ -93,14 +89,14 @@ class LRScheduler:
 
     @staticmethod
     def _check_warmup(base_lr, warmup_steps, warmup_begin_lr, warmup_mode):
-        check_nonnegative("base_lr", base_lr)
+        base_lr = check_nonnegative("base_lr", base_lr)
         warmup_steps = check_positive_int("warmup_steps", warmup_steps, minimum=0)
-        check_nonnegative("warmup_begin_lr", warmup_begin_lr)
-        if warmup_begin_lr > base_lr:
+        begin = check_nonnegative("warmup_begin_lr", warmup_begin_lr)
+        if begin > base_lr:
             raise ValueError(f"warmup_begin_lr={warmup_begin_lr!r} is invalid: expected a value <= "
                              f"base_lr={base_lr!r}")
-        check_choice("warmup_mode", warmup_mode, _WARMUP_MODES)
-        return _plain(base_lr), warmup_steps, _plain(warmup_begin_lr), warmup_mode
+        warmup_mode = check_choice("warmup_mode", warmup_mode, _WARMUP_MODES)
+        return base_lr, warmup_steps, begin, warmup_mode
 
     def get_warmup_lr(self, num_update):
         r"""The warmup rate for ``num_update < warmup_steps`` (see the module docstring)."""
@@ -158,7 +154,7 @@ class FactorScheduler(LRScheduler):
         self._check_warmup(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         step = check_positive_int("step", step)
         factor = _check_factor(factor)
-        stop_factor_lr = _plain(check_nonnegative("stop_factor_lr", stop_factor_lr))
+        stop_factor_lr = check_nonnegative("stop_factor_lr", stop_factor_lr)
         super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         self.step = step
         self.factor = factor
@@ -245,7 +241,7 @@ class _DecayScheduler(LRScheduler):
                  warmup_steps=0, warmup_begin_lr=0, warmup_mode="linear"):
         _, warmup_steps, _, _ = self._check_warmup(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         max_update = _check_max_update(max_update, warmup_steps)
-        final_lr = _plain(check_nonnegative("final_lr", final_lr))
+        final_lr = check_nonnegative("final_lr", final_lr)
         super().__init__(base_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         self.base_lr_orig = self.base_lr
         self.max_update = max_update
@@ -294,7 +290,7 @@ class PolyScheduler(_DecayScheduler):
 
     def __init__(self, max_update, base_lr=0.01, pwr=2, final_lr=0,
                  warmup_steps=0, warmup_begin_lr=0, warmup_mode="linear"):
-        pwr = _plain(check_nonnegative("pwr", pwr))
+        pwr = check_nonnegative("pwr", pwr)
         super().__init__(max_update, base_lr, final_lr, warmup_steps, warmup_begin_lr, warmup_mode)
         self.power = pwr
 

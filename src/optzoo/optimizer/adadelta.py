@@ -51,9 +51,10 @@ class AdaDelta(Optimizer):
     state_names = ("acc_g", "acc_delta")  # the state's tensors, as the docstring names them
 
     def __init__(self, rho=0.90, epsilon=1e-5, **kwargs):
+        rho = check_unit_interval("rho", rho)
+        epsilon = check_nonnegative("epsilon", epsilon)
         super().__init__(**kwargs)
-        self.rho = check_unit_interval("rho", rho)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.rho, self.epsilon = rho, epsilon
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight, dtype=torch.float32),   # acc_g

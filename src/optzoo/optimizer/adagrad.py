@@ -45,8 +45,9 @@ class AdaGrad(Optimizer):
     state_names = ("history",)  # the state's tensors, as the docstring names them
 
     def __init__(self, eps=1e-7, **kwargs):
+        eps = check_nonnegative("eps", eps)
         super().__init__(**kwargs)
-        self.float_stable_eps = check_nonnegative("eps", eps)  # MXNet's attribute name
+        self.float_stable_eps = eps  # MXNet's attribute name
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight, dtype=torch.float32)  # history

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .._checks import check_nonnegative, check_unit_interval
+from .._checks import check_bool, check_nonnegative, check_unit_interval
 from ._numerics import compute_dtype, mx_param, sqrt_rn
 from .base import Optimizer
 from .registry import register
@@ -50,11 +50,13 @@ class Adam(Optimizer):
     state_names = ("mean", "var")  # the state's tensors, as the docstring names them
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, lazy_update=True, **kwargs):
+        beta1 = check_unit_interval("beta1", beta1)
+        beta2 = check_unit_interval("beta2", beta2)
+        epsilon = check_nonnegative("epsilon", epsilon)
+        lazy_update = check_bool("lazy_update", lazy_update)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.beta1 = check_unit_interval("beta1", beta1)
-        self.beta2 = check_unit_interval("beta2", beta2)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
-        self.lazy_update = bool(lazy_update)
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.lazy_update = lazy_update
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # mean, var

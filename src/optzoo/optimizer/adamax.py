@@ -48,9 +48,10 @@ class Adamax(Optimizer):
     state_names = ("m", "u")  # the state's tensors, as the docstring names them
 
     def __init__(self, learning_rate=0.002, beta1=0.9, beta2=0.999, **kwargs):
+        beta1 = check_unit_interval("beta1", beta1)
+        beta2 = check_unit_interval("beta2", beta2)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.beta1 = check_unit_interval("beta1", beta1)
-        self.beta2 = check_unit_interval("beta2", beta2)
+        self.beta1, self.beta2 = beta1, beta2
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, u

@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from .._checks import check_nonnegative, check_number, check_optional_clip, check_tensor_pair
+from .._checks import (check_bool, check_distinct_weights, check_nonnegative, check_number, check_optional_clip,
+                       check_positive_int, check_tensor_pair, plain)
 from . import _tree, engine
 from ._numerics import in_dtype, mx_param
 
@@ -90,8 +91,9 @@ class Optimizer:
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
-        # The constructor call, kept so an optimizer can be rebuilt from a safe (non-pickle) dump.
-        self._init_args = (args, dict(kwargs))
+        # The constructor call, kept so an optimizer can be rebuilt from a safe (non-pickle) dump: numpy
+        # scalars read as Python values (the constructor refuses what stays unreadable).
+        self._init_args = (tuple(_plain_arg(a) for a in args), {k: _plain_arg(v) for k, v in kwargs.items()})
         return self
 
     def __init_subclass__(cls, **kwargs):
@@ -113,16 +115,22 @@ class Optimizer:
         if kwargs:
             name = next(iter(kwargs))
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
-        check_number("rescale_grad", rescale_grad)
-        check_number("wd", wd)
-        check_optional_clip("clip_gradient", clip_gradient)
-        check_nonnegative("learning_rate", learning_rate, allow_none=True)
+        # Every argument is checked (a subclass checks its own before calling this) before the one change
+        # outside the optimizer, the scheduler's base_lr, made last.
+        rescale_grad = check_number("rescale_grad", rescale_grad)
+        wd = check_number("wd", wd)
+        clip_gradient = check_optional_clip("clip_gradient", clip_gradient)
+        learning_rate = check_nonnegative("learning_rate", learning_rate, allow_none=True)
         if lr_scheduler is not None and not callable(lr_scheduler):
             raise TypeError(f"lr_scheduler={lr_scheduler!r} is invalid: expected a callable of num_update")
         if param_idx2name is not None and not isinstance(param_idx2name, dict):
             raise TypeError(f"param_idx2name={param_idx2name!r} is invalid: expected a dict of index -> name")
-        if isinstance(begin_num_update, bool) or not isinstance(begin_num_update, int) or begin_num_update < 0:
-            raise ValueError(f"begin_num_update={begin_num_update!r} is invalid: expected an integer >= 0")
+        idx2name = {_plain_arg(k): _plain_arg(v) for k, v in (param_idx2name or {}).items()}
+        for key, name in idx2name.items():
+            if not isinstance(name, str):
+                raise TypeError(f"param_idx2name[{key!r}]={name!r} is invalid: expected a parameter name (str)")
+        begin_num_update = check_positive_int("begin_num_update", begin_num_update, minimum=0)
+        multi_precision = check_bool("multi_precision", multi_precision)
         if param_dict is not None and not isinstance(param_dict, dict):
             raise TypeError(f"param_dict={param_dict!r} is invalid: expected a dict of index -> parameter")
 
@@ -131,11 +139,6 @@ class Optimizer:
         if lr_scheduler is None and learning_rate is None:
             learning_rate = 0.01
         self.lr = learning_rate
-        if lr_scheduler is not None and learning_rate is not None and lr_scheduler.base_lr != learning_rate:
-            # MXNet overwrites only base_lr: warmup_final_lr and Poly/Cosine base_lr_orig keep the old value.
-            warnings.warn("learning rate from ``lr_scheduler`` has been overwritten by "
-                          "``learning_rate`` in optimizer.", UserWarning, stacklevel=2)
-            lr_scheduler.base_lr = learning_rate
         self.wd = wd
         self.lr_mult = {}
         self.wd_mult = {}
@@ -145,12 +148,17 @@ class Optimizer:
         self._current_context = 0
         self._index_update_count = self._all_index_update_counts[0]
         self.clip_gradient = clip_gradient
-        self.multi_precision = bool(multi_precision)
-        self.idx2name = dict(param_idx2name or {})
+        self.multi_precision = multi_precision
+        self.idx2name = idx2name
         self.sym_info = ()
         self.param_dict = param_dict if param_dict is not None else {}
         self.set_lr_mult({})
         self.set_wd_mult({})
+        if lr_scheduler is not None and learning_rate is not None and lr_scheduler.base_lr != learning_rate:
+            # MXNet overwrites only base_lr: warmup_final_lr and Poly/Cosine base_lr_orig keep the old value.
+            warnings.warn("learning rate from ``lr_scheduler`` has been overwritten by "
+                          "``learning_rate`` in optimizer.", UserWarning, stacklevel=2)
+            lr_scheduler.base_lr = learning_rate
 
     # ------------------------------------------------------------------ learning rate and multipliers
     @property
@@ -166,19 +174,14 @@ class Optimizer:
             raise UserWarning("LRScheduler of the optimizer has already been defined. Note that "
                               "set_learning_rate can mutate the value of the learning rate of the optimizer "
                               "only when the LRScheduler of the optimizer is undefined.")
-        check_nonnegative("lr", lr)
-        self.lr = lr
+        self.lr = check_nonnegative("lr", lr)
 
     def set_lr_scale(self, args_lrscale):  # pragma: no cover - MXNet raises too
         raise DeprecationWarning("set_lr_scale is deprecated: use set_lr_mult")
 
     def set_lr_mult(self, args_lr_mult):
         """Per-parameter learning-rate multipliers, keyed by index or (with ``param_idx2name``) name."""
-        if not isinstance(args_lr_mult, dict):
-            raise TypeError(f"args_lr_mult={args_lr_mult!r} is invalid: expected a dict of index or name -> float")
-        for key, value in args_lr_mult.items():
-            check_number(f"lr_mult[{key!r}]", value)
-        self.lr_mult = dict(args_lr_mult)
+        self.lr_mult = _checked_mults("lr_mult", args_lr_mult)
 
     def set_wd_mult(self, args_wd_mult):
         """Per-parameter weight-decay multipliers.
@@ -186,15 +189,12 @@ class Optimizer:
         When ``param_idx2name`` was given, every name not ending in ``_weight`` or ``_gamma`` first gets
         0 (no decay on biases, BatchNorm beta and moving statistics); ``args_wd_mult`` is applied last.
         """
-        if not isinstance(args_wd_mult, dict):
-            raise TypeError(f"args_wd_mult={args_wd_mult!r} is invalid: expected a dict of index or name -> float")
-        for key, value in args_wd_mult.items():
-            check_number(f"wd_mult[{key!r}]", value)
+        mults = _checked_mults("wd_mult", args_wd_mult)
         self.wd_mult = {}
         for name in self.idx2name.values():
             if not (name.endswith("_weight") or name.endswith("_gamma")):
                 self.wd_mult[name] = 0.0
-        self.wd_mult.update(args_wd_mult)
+        self.wd_mult.update(mults)
 
     def _set_current_context(self, device_id):
         """Update counts are kept per device, as MXNet keeps them per context."""
@@ -353,6 +353,7 @@ class Optimizer:
         for i, w, g, s in zip(indices, weights, grads, states):
             check_tensor_pair(i, w, g)
             self._check_state(i, w, s)
+        check_distinct_weights(indices, weights)
         self._step_lists(indices, weights, grads, states)
 
     def _step_lists(self, indices, weights, grads, states, chunks=None, lows=None):
@@ -469,6 +470,7 @@ class Optimizer:
                 targets.append((i, w32, g.to(torch.float32), inner, w))
             else:
                 targets.append((i, w, g, s, None))
+        check_distinct_weights(indices, weights)
         self._dispatch([t[0] for t in targets], [t[1] for t in targets], [t[2] for t in targets],
                        [t[3] for t in targets])
         low = [(t[4], t[1]) for t in targets if t[4] is not None]
@@ -507,6 +509,7 @@ class Optimizer:
                 w, s = self._split_mp(s)
             if ours:
                 self._check_state(i, w, s)
+        check_distinct_weights(indices, weights)
         self._run_checked(indices, weights, grads, states, chunks)
 
     def _check_master(self, i, w, s):
@@ -575,6 +578,27 @@ class Optimizer:
 
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch"})
+
+
+def _plain_arg(value):
+    """A constructor argument as a plain Python value where it is a numpy scalar, a 0-d array or a 0-d tensor
+    (an array with dimensions is left for the constructor's check to refuse by name), also inside plain dicts,
+    lists and tuples (``param_idx2name``'s keys)."""
+    if type(value) is dict:
+        return {_plain_arg(k): _plain_arg(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain_arg(v) for v in value)
+    try:
+        return plain("", value, "")
+    except ValueError:
+        return value
+
+
+def _checked_mults(what, mults):
+    """``set_lr_mult`` / ``set_wd_mult``'s dict, every value checked (a plain number) before any is stored."""
+    if not isinstance(mults, dict):
+        raise TypeError(f"args_{what}={mults!r} is invalid: expected a dict of index or name -> float")
+    return {_plain_arg(k): check_number(f"{what}[{k!r}]", v) for k, v in mults.items()}
 
 
 def _as_lists(index, weight, grad, state):

@@ -45,9 +45,10 @@ class DCASGD(Optimizer):
     state_names = ("mom", "w_prev")  # the state's tensors, as the docstring names them
 
     def __init__(self, momentum=0.0, lamda=0.04, **kwargs):
+        momentum = check_unit_interval("momentum", momentum)
+        lamda = check_nonnegative("lamda", lamda)
         super().__init__(**kwargs)
-        self.momentum = check_unit_interval("momentum", momentum)
-        self.lamda = check_nonnegative("lamda", lamda)
+        self.momentum, self.lamda = momentum, lamda
 
     def create_state(self, index, weight):
         mom = torch.zeros_like(weight) if self.momentum != 0.0 else None

@@ -50,10 +50,11 @@ class FTML(Optimizer):
     state_names = ("d", "v", "z")  # the state's tensors, as the docstring names them
 
     def __init__(self, beta1=0.6, beta2=0.999, epsilon=1e-8, **kwargs):
+        beta1 = check_unit_interval("beta1", beta1)
+        beta2 = check_unit_interval("beta2", beta2)
+        epsilon = check_nonnegative("epsilon", epsilon)
         super().__init__(**kwargs)
-        self.beta1 = check_unit_interval("beta1", beta1)
-        self.beta2 = check_unit_interval("beta2", beta2)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(weight))  # d, v, z

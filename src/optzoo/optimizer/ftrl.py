@@ -54,10 +54,12 @@ class Ftrl(Optimizer):
     state_names = ("z", "n")  # the state's tensors, as the docstring names them
 
     def __init__(self, lamda1=0.01, learning_rate=0.1, beta=1, **kwargs):
-        check_nonnegative("learning_rate", learning_rate, allow_none=kwargs.get("lr_scheduler") is not None)
-        self.lamda1 = check_nonnegative("lamda1", lamda1)
-        self.beta = check_nonnegative("beta", beta)
+        learning_rate = check_nonnegative("learning_rate", learning_rate,
+                                          allow_none=kwargs.get("lr_scheduler") is not None)
+        lamda1 = check_nonnegative("lamda1", lamda1)
+        beta = check_nonnegative("beta", beta)
         super().__init__(**kwargs)  # not learning_rate: MXNet leaves a scheduler's base_lr untouched
+        self.lamda1, self.beta = lamda1, beta
         self.lr = learning_rate
 
     def create_state(self, index, weight):

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from .._checks import check_nonnegative
+from .._checks import check_nonnegative, check_number
 from ._numerics import compute_dtype, kahan_sum, mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
@@ -55,8 +55,8 @@ class GroupAdaGrad(Optimizer):
     state_names = ("history",)  # the state's tensors, as the docstring names them
 
     def __init__(self, eps=1e-5, **kwargs):
-        check_nonnegative("eps", eps)
-        if kwargs.get("wd", 0.0) != 0:
+        eps = check_nonnegative("eps", eps)
+        if check_number("wd", kwargs.get("wd", 0.0)) != 0:
             raise ValueError(f"wd={kwargs['wd']!r} is invalid: GroupAdaGrad does not support weight decay, "
                              "expected 0")
         super().__init__(**kwargs)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._checks import check_nonnegative, check_unit_interval
+from .._checks import check_bool, check_nonnegative, check_unit_interval
 from ._numerics import compute_dtype, mx_list_param, mx_param, one_minus_pow, sqrt_rn, sum_sq_of as sum_sq
 from .base import Optimizer
 from .registry import register
@@ -82,13 +82,16 @@ class LAMB(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=None,
                  upper_bound=None, bias_correction=True, **kwargs):
+        beta1 = check_unit_interval("beta1", beta1)
+        beta2 = check_unit_interval("beta2", beta2)
+        epsilon = check_nonnegative("epsilon", epsilon)
+        lower_bound = check_nonnegative("lower_bound", lower_bound, allow_none=True)
+        upper_bound = check_nonnegative("upper_bound", upper_bound, allow_none=True)
+        bias_correction = check_bool("bias_correction", bias_correction)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.beta1 = check_unit_interval("beta1", beta1)
-        self.beta2 = check_unit_interval("beta2", beta2)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
-        self.lower_bound = check_nonnegative("lower_bound", lower_bound, allow_none=True)
-        self.upper_bound = check_nonnegative("upper_bound", upper_bound, allow_none=True)
-        self.bias_correction = bool(bias_correction)
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.lower_bound, self.upper_bound = lower_bound, upper_bound
+        self.bias_correction = bias_correction
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_nonnegative, check_number, check_unit_interval
+from .._checks import check_bool, check_nonnegative, check_unit_interval
 from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn, sum_sq_of as sum_sq
-from .base import LOW_PRECISION, Optimizer
+from .base import LOW_PRECISION, Optimizer, _checked_mults
 from .registry import register
 
 #: Parameters whose name ends like this keep the plain learning rate (biases, BatchNorm gamma/beta).
@@ -79,24 +79,25 @@ class LARS(Optimizer):
     _segment_kernel = True  # per-tensor norms: packed parameters run as rows of equal-sized parameters
 
     def __init__(self, momentum=0.0, lazy_update=True, eta=0.001, eps=0, momentum_correction=True, **kwargs):
+        momentum = check_unit_interval("momentum", momentum)
+        lazy_update = check_bool("lazy_update", lazy_update)
+        eta = check_nonnegative("eta", eta)
+        eps = check_nonnegative("eps", eps)
+        momentum_correction = check_bool("momentum_correction", momentum_correction)
         super().__init__(**kwargs)
-        self.momentum = check_unit_interval("momentum", momentum)
-        self.lazy_update = bool(lazy_update)
-        self.eta = check_nonnegative("eta", eta)
-        self.eps = check_nonnegative("eps", eps)
-        self.momentum_correction = bool(momentum_correction)
+        self.momentum = momentum
+        self.lazy_update = lazy_update
+        self.eta, self.eps = eta, eps
+        self.momentum_correction = momentum_correction
         self.last_lr = None
         self.cur_lr = None
         self._lr_pairs = {}  # index -> the (last_lr, cur_lr) of its latest read, until prepare takes it
 
     def set_wd_mult(self, args_wd_mult):
         """As :meth:`Optimizer.set_wd_mult`, but only names ending in ``_weight`` keep weight decay."""
-        if not isinstance(args_wd_mult, dict):
-            raise TypeError(f"args_wd_mult={args_wd_mult!r} is invalid: expected a dict of index or name -> float")
-        for key, value in args_wd_mult.items():
-            check_number(f"wd_mult[{key!r}]", value)
+        mults = _checked_mults("wd_mult", args_wd_mult)
         self.wd_mult = {name: 0.0 for name in self.idx2name.values() if not name.endswith("_weight")}
-        self.wd_mult.update(args_wd_mult)
+        self.wd_mult.update(mults)
 
     def _get_lrs(self, indices):
         # MXNet's LARS reads the global lr once per update call, after counting the whole list:

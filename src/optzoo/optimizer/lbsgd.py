@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._checks import check_choice, check_nonnegative, check_positive_int, check_unit_interval
+from .._checks import check_choice, check_nonnegative, check_number, check_positive_int, check_unit_interval
 from ._numerics import in_dtype, mx_param, np_sum
 from .base import Optimizer
 from .registry import register
@@ -76,13 +76,20 @@ class LBSGD(Optimizer):
 
     def __init__(self, momentum=0.0, multi_precision=False, warmup_strategy="linear", warmup_epochs=5,
                  batch_scale=1, updates_per_epoch=32, begin_epoch=0, num_epochs=60, **kwargs):
+        momentum = check_unit_interval("momentum", momentum)
+        warmup_strategy = check_choice("warmup_strategy", warmup_strategy, _STRATEGIES)
+        warmup_epochs = check_nonnegative("warmup_epochs", warmup_epochs)
+        batch_scale = check_positive_int("batch_scale", batch_scale)
+        updates_per_epoch = check_positive_int("updates_per_epoch", updates_per_epoch)
+        begin_epoch = check_positive_int("begin_epoch", begin_epoch, minimum=0)
+        num_epochs = check_number("num_epochs", num_epochs)  # unused, as in MXNet, but saved with the rest
         super().__init__(multi_precision=multi_precision, **kwargs)
-        self.momentum = check_unit_interval("momentum", momentum)
-        self.warmup_strategy = check_choice("warmup_strategy", warmup_strategy, _STRATEGIES)
-        self.warmup_epochs = check_nonnegative("warmup_epochs", warmup_epochs)
-        self.batch_scale = check_positive_int("batch_scale", batch_scale)
-        self.updates_per_epoch = check_positive_int("updates_per_epoch", updates_per_epoch)
-        self.begin_epoch = check_positive_int("begin_epoch", begin_epoch, minimum=0)
+        self.momentum = momentum
+        self.warmup_strategy = warmup_strategy
+        self.warmup_epochs = warmup_epochs
+        self.batch_scale = batch_scale
+        self.updates_per_epoch = updates_per_epoch
+        self.begin_epoch = begin_epoch
         self.num_epochs = num_epochs
         self.init_updates = self.begin_epoch * self.updates_per_epoch
         self.cumgrads = {}

@@ -64,11 +64,13 @@ class Nadam(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, schedule_decay=0.004,
                  **kwargs):
+        beta1 = check_unit_interval("beta1", beta1)
+        beta2 = check_unit_interval("beta2", beta2)
+        epsilon = check_nonnegative("epsilon", epsilon)
+        schedule_decay = check_nonnegative("schedule_decay", schedule_decay)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.beta1 = check_unit_interval("beta1", beta1)
-        self.beta2 = check_unit_interval("beta2", beta2)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
-        self.schedule_decay = check_nonnegative("schedule_decay", schedule_decay)
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+        self.schedule_decay = schedule_decay
         self.m_schedule = 1.0
 
     def create_state(self, index, weight):

@@ -43,8 +43,9 @@ class NAG(Optimizer):
     _mp_master_first = False
 
     def __init__(self, momentum=0.0, **kwargs):
+        momentum = check_unit_interval("momentum", momentum)
         super().__init__(**kwargs)
-        self.momentum = check_unit_interval("momentum", momentum)
+        self.momentum = momentum
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None

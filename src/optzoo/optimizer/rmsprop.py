@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_nonnegative, check_optional_clip, check_unit_interval
+from .._checks import check_bool, check_nonnegative, check_optional_clip, check_unit_interval
 from ._numerics import mx_float, sqrt_rn
 from .base import Optimizer
 from .registry import register
@@ -63,12 +63,15 @@ class RMSProp(Optimizer):
 
     def __init__(self, learning_rate=0.001, gamma1=0.9, gamma2=0.9, epsilon=1e-8, centered=False,
                  clip_weights=None, **kwargs):
+        gamma1 = check_unit_interval("gamma1", gamma1)
+        gamma2 = check_unit_interval("gamma2", gamma2)
+        epsilon = check_nonnegative("epsilon", epsilon)
+        centered = check_bool("centered", centered)
+        clip_weights = check_optional_clip("clip_weights", clip_weights)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.gamma1 = check_unit_interval("gamma1", gamma1)
-        self.gamma2 = check_unit_interval("gamma2", gamma2)
-        self.epsilon = check_nonnegative("epsilon", epsilon)
-        self.centered = bool(centered)
-        self.clip_weights = check_optional_clip("clip_weights", clip_weights)
+        self.gamma1, self.gamma2, self.epsilon = gamma1, gamma2, epsilon
+        self.centered = centered
+        self.clip_weights = clip_weights
 
     def create_state(self, index, weight):
         def zeros():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_unit_interval
+from .._checks import check_bool, check_unit_interval
 from ._numerics import in_dtype, mx_list_param, mx_param
 from .base import Optimizer
 from .registry import register
@@ -40,9 +40,11 @@ class SGD(Optimizer):
     _counts_call_at_once = True  # MXNet's multi_sgd path: one count of the call, one lr read
 
     def __init__(self, momentum=0.0, lazy_update=True, **kwargs):
+        momentum = check_unit_interval("momentum", momentum)
+        lazy_update = check_bool("lazy_update", lazy_update)
         super().__init__(**kwargs)
-        self.momentum = check_unit_interval("momentum", momentum)
-        self.lazy_update = bool(lazy_update)
+        self.momentum = momentum
+        self.lazy_update = lazy_update
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None

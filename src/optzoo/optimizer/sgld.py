@@ -48,9 +48,9 @@ class SGLD(Optimizer):
     _kernel_noise = True
 
     def __init__(self, generator=None, **kwargs):
-        super().__init__(**kwargs)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} is invalid: expected a torch.Generator or None")
+        super().__init__(**kwargs)
         self.generator = generator
 
     def create_state(self, index, weight):

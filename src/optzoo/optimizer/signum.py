@@ -55,9 +55,10 @@ class Signum(Optimizer):
     state_names = ("mom",)  # the state's tensors, as the docstring names them
 
     def __init__(self, learning_rate=0.01, momentum=0.9, wd_lh=0.0, **kwargs):
+        momentum = check_unit_interval("momentum", momentum)
+        wd_lh = check_nonnegative("wd_lh", wd_lh)
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self.momentum = check_unit_interval("momentum", momentum)
-        self.wd_lh = check_nonnegative("wd_lh", wd_lh)
+        self.momentum, self.wd_lh = momentum, wd_lh
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
