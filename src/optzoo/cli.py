@@ -49,13 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int(parser, flag, text, low):
+#: The largest seed torch's generators take (``manual_seed`` raises a bare RuntimeError beyond it).
+_MAX_SEED = 2**64 - 1
+#: Any other count: beyond this it is a typo, not a run (and Python ints would reach torch unbounded).
+_MAX_INT = 2**31 - 1
+
+
+def _int(parser, flag, text, low, high=_MAX_INT):
     try:
         value = int(text)
     except ValueError:
-        parser.error(f"{flag}={text!r}: expected an integer >= {low}")
-    if value < low:
-        parser.error(f"{flag}={value}: expected an integer >= {low}")
+        parser.error(f"{flag}={text!r}: expected an integer in [{low}, {high}]")
+    if not low <= value <= high:
+        parser.error(f"{flag}={value}: expected an integer in [{low}, {high}]")
     return value
 
 
@@ -110,7 +116,8 @@ def _demo(parser, args) -> int:
         parser.error(f"--fused={args.fused!r}: expected one of none, true, false")
     config = DemoConfig(
         optimizers=_optimizers(parser, args.optimizers), epochs=_int(parser, "--epochs", args.epochs, 1),
-        batch_size=_int(parser, "--batch-size", args.batch_size, 1), seed=_int(parser, "--seed", args.seed, 0),
+        batch_size=_int(parser, "--batch-size", args.batch_size, 1),
+        seed=_int(parser, "--seed", args.seed, 0, _MAX_SEED),
         device=_device(parser, args.device), fused=fused,
         trajectory_steps=None if args.trajectory_steps is None
         else _int(parser, "--trajectory-steps", args.trajectory_steps, 1))

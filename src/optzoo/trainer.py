@@ -8,12 +8,14 @@ votes on signs (Signum under ``dist_sync``), or hands the update to the store (`
 from __future__ import annotations
 
 import fnmatch
+import math
 import numbers
 import warnings
 
 import torch
 
 from . import _io
+from ._checks import check_number
 from . import kvstore as _kvstore
 from .kvstore.signs import vote_update
 from .optimizer import Optimizer, create, get_updater
@@ -190,8 +192,7 @@ class Trainer:
             raise TypeError(f"{attr}={mults!r} is invalid: expected a dict of name or pattern -> float")
         resolved = {}
         for pattern, value in mults.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{attr}[{pattern!r}]={value!r} is invalid: expected a real number")
+            check_number(f"{attr}[{pattern!r}]", value)  # finite, as the optimizer's own setters
             hits = [i for i, n in enumerate(self._names) if n == pattern or fnmatch.fnmatchcase(n, pattern)]
             if not hits:
                 raise KeyError(f"{attr}: {pattern!r} matches no parameter; names are {', '.join(self._names)}")
@@ -201,8 +202,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ stepping
     def _check_batch_size(self, batch_size):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real) or not batch_size > 0:
-            raise ValueError(f"batch_size={batch_size!r} is invalid: expected a number > 0")
+        # inf would make rescale_grad 0: a step that counts and moves momenta without the gradient
+        if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real)
+                or not math.isfinite(batch_size) or not batch_size > 0):
+            raise ValueError(f"batch_size={batch_size!r} is invalid: expected a finite number > 0")
 
     def step(self, batch_size, ignore_stale_grad=False):
         """One optimizer step on every parameter whose gradient is fresh, with ``rescale_grad = scale/batch_size``
@@ -311,7 +314,7 @@ class Trainer:
                        for i, (n, p) in enumerate(zip(names, self._params))},
             "states": {names[i]: _tree.to_plain(s) for i, s in self._updater.states.items()},
         }
-        _io.atomic_save(blob, fname)
+        _io.atomic_save(blob, fname, "trainer states")
 
     def load_states(self, fname) -> None:
         """Load ``save_states`` output. Everything is checked first: on any mismatch (another optimizer, other
@@ -322,38 +325,68 @@ class Trainer:
             _store_method(kv, "load_optimizer_states", "load_states")(fname)
             return
         blob = _io.safe_load(fname, _FORMAT, "trainer states")
+        where = f"trainer states file {fname!r}"
+        _check_layout(blob, where)
         mine = type(self._optimizer).__name__
         saved_opt = blob["optimizer"]["name"]
         if saved_opt != _registered_name(self._optimizer):
-            raise ValueError(f"trainer states file {fname!r} holds optimizer {saved_opt!r}: this trainer uses {mine}")
+            raise ValueError(f"{where} holds optimizer {saved_opt!r}: this trainer uses {mine}")
         saved = blob["params"]
         if set(saved) != set(self._names):
             missing, extra = sorted(set(self._names) - set(saved)), sorted(set(saved) - set(self._names))
-            raise ValueError(f"trainer states file {fname!r} is for other parameters: missing {missing}, "
-                             f"unexpected {extra}")
+            raise ValueError(f"{where} is for other parameters: missing {missing}, unexpected {extra}")
         for i, (n, p) in enumerate(zip(self._names, self._params)):
             if saved[n]["shape"] != list(p.shape) or saved[n]["dtype"] != str(p.dtype).replace("torch.", ""):
-                raise ValueError(f"trainer states file {fname!r}: parameter {n!r} was saved with shape "
+                raise ValueError(f"{where}: parameter {n!r} was saved with shape "
                                  f"{tuple(saved[n]['shape'])} and dtype {saved[n]['dtype']}; it now has "
                                  f"{tuple(p.shape)} and {p.dtype}")
+            for attr in ("lr_mult", "wd_mult"):
+                try:
+                    check_number(f"{attr}[{n!r}]", saved[n][attr])
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
         # indices are positions: remap the saved ones onto this trainer's order by name
         remap = {blob["names"].index(n): i for i, n in enumerate(self._names)}
-        optimizer = load_optimizer(_remap_indices(blob["optimizer"], remap))
+        optimizer = load_optimizer(_remap_indices(blob["optimizer"], remap), where=where)
         states = {}
         for n, s in blob["states"].items():
+            if n not in self._index:
+                raise ValueError(f"{where} holds a state of {n!r}, which is not a parameter of this trainer")
             i = self._index[n]
             p = self._params[i]
-            states[i] = optimizer._adopt_state(i, p, s, f"trainer states file {fname!r}: the state of {n!r}")
+            states[i] = optimizer._adopt_state(i, p, s, f"{where}: the state of {n!r}")
         # all checked: commit
         optimizer.param_dict = self._param_dict
         for n, info in saved.items():
-            self._param_dict[self._index[n]].lr_mult = info["lr_mult"]
-            self._param_dict[self._index[n]].wd_mult = info["wd_mult"]
+            self._param_dict[self._index[n]].lr_mult = float(info["lr_mult"])
+            self._param_dict[self._index[n]].wd_mult = float(info["wd_mult"])
         optimizer._fused = self._fused
         self._optimizer = optimizer
         self._updater = get_updater(optimizer)
         self._updater.states = states
         self._updater.states_synced = dict.fromkeys(states, True)
+
+
+def _check_layout(blob, where):
+    """The entries ``_save_local`` writes, with their types: a ValueError starting with ``where`` otherwise (a
+    file that passes the digest but was written by hand or by another version, never a bare KeyError)."""
+    def bad(what):
+        raise ValueError(f"{where} is malformed: {what}")
+
+    for key, kind in (("optimizer", dict), ("names", list), ("params", dict), ("states", dict)):
+        if not isinstance(blob.get(key), kind):
+            bad(f"its {key!r} entry is missing or not a {kind.__name__}")
+    names, params = blob["names"], blob["params"]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names) or set(names) != set(params):
+        bad("its 'names' are not the unique names of its 'params'")
+    for n, info in params.items():
+        if not (isinstance(info, dict) and {"shape", "dtype", "lr_mult", "wd_mult"} <= set(info)
+                and isinstance(info["shape"], list) and isinstance(info["dtype"], str)):
+            bad(f"the entry of parameter {n!r} is not a shape, a dtype and two multipliers")
+    if not isinstance(blob["optimizer"].get("name"), str) or not isinstance(blob["optimizer"].get("vars"), dict):
+        bad("its optimizer has no name or no vars")
+    if not set(blob["states"]) <= set(params):
+        bad(f"it holds states of {sorted(set(blob['states']) - set(params))}, which have no parameter entry")
 
 
 def _make_kvstore(kvstore, compression_params):

@@ -26,6 +26,7 @@ import ast
 import datetime
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,10 +107,17 @@ def parse_args(argv=None):
         args.specs = parse_optimizers(args.optimizers)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: expected >= 1")
-        if args.repeat < 1 or args.warmup < 0 or args.budget < 0:
+        if args.repeat < 1 or args.warmup < 0 or not (math.isfinite(args.budget) and args.budget >= 0):
             raise ValueError(f"--repeat {args.repeat} / --warmup {args.warmup} / --budget {args.budget} is invalid: "
-                             "expected repeat >= 1, warmup >= 0, budget >= 0")
+                             "expected repeat >= 1, warmup >= 0, a finite budget >= 0")
+        if args.tries < 1:
+            raise ValueError(f"--tries {args.tries} is invalid: expected >= 1")
+        if not math.isfinite(args.scale):
+            raise ValueError(f"--scale {args.scale} is invalid: expected a fraction in (0, 1]")
         make_workload("single", args.scale)  # validates --scale
+        if args.readme and not Path(args.readme).is_file():
+            raise ValueError(f"--readme {args.readme!r}: no such file")
+        args.rendered = None if args.render is None else _read_results(args.render)
     except ValueError as exc:
         p.error(str(exc))
     if args.out is None:  # a partial run never overwrites the committed full results
@@ -161,8 +169,26 @@ def parse_optimizers(text) -> list:
                 overrides[key] = ast.literal_eval(value)
             except (ValueError, SyntaxError):
                 overrides[key] = value
-        specs.append((item, registry.get_record(name).name, overrides))
+        canonical = registry.get_record(name).name
+        try:  # the hyperparameters pass the constructor's checks now, not after measuring has started
+            registry.create(canonical, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--optimizers: {item!r} is invalid: {exc}") from None
+        specs.append((item, canonical, overrides))
     return specs
+
+
+def _read_results(path):
+    """The saved ``latest.json`` that ``--render`` names, read (and checked) before anything is written."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"--render {path!r}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ValueError(f"--render {path!r}: not JSON ({exc})") from None
+    if not isinstance(results, dict) or not str(results.get("schema", "")).startswith("optzoo.bench/"):
+        raise ValueError(f"--render {path!r}: not a benchmark result (latest.json of python -m optzoo.bench)")
+    return results
 
 
 class _Data:
@@ -474,8 +500,6 @@ def _measure_loaded(data, w, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.readme and not Path(args.readme).is_file():
-        raise SystemExit(f"--readme {args.readme}: no such file")
     if args.first_call is not None and not args.render:
         results = _first_call.run(args, log=lambda text: _log(args, text))
         json_path, md_path = _first_call.write(results, args.out)
@@ -483,7 +507,7 @@ def main(argv=None) -> int:
         print(f"wrote {json_path} and {md_path}")
         return 0
     if args.render:
-        results = json.loads(Path(args.render).read_text())
+        results = args.rendered
     else:
         results = run(args)
     json_path, md_path = write_results(results, args.out)

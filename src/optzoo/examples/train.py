@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import torch
@@ -56,7 +57,24 @@ def _value(text):
         return text
 
 
+def _positive(kind, low):
+    """An argparse type: a finite ``kind`` (int or float) >= ``low`` (> 0 when ``low`` is 0.0)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (low == 0.0 and value == 0):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected "
+                                             + (f"an integer >= {low}" if kind is int else "a finite number > 0"))
+        return value
+    parse.__name__ = f"{kind.__name__} >= {low}"
+    return parse
+
+
 def parse_args(argv=None):
+    """The arguments, every one checked (optimizer and hyperparameters, kvstore, compression) before any
+    work starts: a bad one ends with argparse's usage, a message naming it and exit status 2."""
     ap = argparse.ArgumentParser(prog="python -m optzoo.examples.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--kvstore", default="device",
                     help="device (one process), dist_sync, dist_device_sync or dist_async (under torchrun)")
@@ -64,26 +82,48 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="another optimizer parameter, e.g. --param momentum=0.9 (repeatable)")
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=64, help="total batch of one step, all workers together")
+    ap.add_argument("--epochs", type=_positive(int, 1), default=5)
+    ap.add_argument("--batch-size", type=_positive(int, 1), default=64,
+                    help="total batch of one step, all workers together")
     ap.add_argument("--compression", default=None, metavar="2bit:THRESHOLD",
                     help="MXNet's 2-bit gradient compression, e.g. 2bit:0.5 (dist kvstores)")
-    ap.add_argument("--timeout", type=float, default=None,
+    ap.add_argument("--timeout", type=_positive(float, 0.0), default=None,
                     help="seconds a worker waits for the others before failing (default $OPTZOO_DIST_TIMEOUT or 300)")
     args = ap.parse_args(argv)
+    try:
+        kind = optzoo.kvstore.normalize(args.kvstore)
+    except (ValueError, NotImplementedError) as exc:
+        ap.error(f"--kvstore {args.kvstore!r}: {exc}")
+    if kind in optzoo.kvstore.DIST_KINDS:
+        args.kvstore = kind
     params = {"learning_rate": args.lr}
     for item in args.param:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             ap.error(f"--param {item!r}: expected KEY=VALUE")
         params[key] = _value(value)
+    try:  # the optimizer's own checks: an unknown name or a bad value is named now, not after a traceback
+        optzoo.optimizer.create(args.optimizer, **params)
+    except (ValueError, TypeError) as exc:
+        ap.error(f"--optimizer {args.optimizer!r} with {params}: {exc}")
     args.optimizer_params = params
     args.compression_params = None
     if args.compression:
-        kind, _, threshold = args.compression.partition(":")
-        args.compression_params = {"type": kind}
+        if kind not in optzoo.kvstore.DIST_KINDS:
+            ap.error(f"--compression {args.compression!r}: needs a dist kvstore (--kvstore dist_sync)")
+        ctype, _, threshold = args.compression.partition(":")
+        if ctype != "2bit":
+            ap.error(f"--compression {args.compression!r}: expected 2bit or 2bit:THRESHOLD")
+        args.compression_params = {"type": ctype}
         if threshold:
-            args.compression_params["threshold"] = float(threshold)
+            try:
+                value = float(threshold)
+            except ValueError:
+                value = float("nan")
+            if not (math.isfinite(value) and value > 0):
+                ap.error(f"--compression {args.compression!r}: the threshold {threshold!r} is invalid: "
+                         "expected a finite number > 0")
+            args.compression_params["threshold"] = value
     return args
 
 
@@ -101,8 +141,6 @@ def main(argv=None):
         if args.compression_params:
             kwargs["compression_params"] = args.compression_params
         kvstore = optzoo.kvstore.create(args.kvstore, **kwargs)
-    elif args.compression_params:
-        raise SystemExit("--compression needs a dist kvstore")
     # every worker starts from its own random init: the Trainer makes them all the same
     net = model(seed=rank)
     trainer = optzoo.Trainer(net.named_parameters(), args.optimizer, args.optimizer_params, kvstore=kvstore)
