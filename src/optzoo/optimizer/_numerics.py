@@ -341,6 +341,33 @@ def sum_sq_of(x, seg=None):
     return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)
 
 
+#: The smallest normal fp32 number: a sum of squares below it has lost digits (or all of them).
+_NORMAL32 = 2.0 ** -126
+
+
+def norm_of(x, seg=None):
+    """:math:`\\|x\\|_2` per tensor (or per row, as :func:`sum_sq_of`) as an fp32 value, for the trust ratios of
+    LARS and LAMB: the correctly rounded root of :func:`sum_sq_of`'s fp32 sum (MXNet's value) wherever that
+    sum is a normal fp32 number. Where it underflowed (below 2^-126: a tensor of ~1e-24 values) or overflowed
+    (inf, of finite values), the root of the sum of fp64 squares, rounded to fp32: the norm itself is
+    representable, and a lost one would turn the trust ratio into 1 or 0 (MXNet's scaled ``norm`` keeps it)."""
+    s32 = sum_sq_of(x, seg)
+    bad = (s32 < _NORMAL32) | (s32 == math.inf)
+    if seg is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(bad) or not bool(x.ne(0).any()):  # eager: a Python branch, the wide sum only when needed
+            return sqrt_rn(s32)
+    elif (seg is ROWS and x.device.type == "cpu" and not torch.compiler.is_compiling()) or isinstance(seg, Shards):
+        if not bool(bad.any()):  # (shards: every process sees the same global sum, so takes the same branch)
+            return sqrt_rn(s32)
+    x64 = x.to(torch.float64)
+    s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
+    if isinstance(seg, Shards):
+        import torch.distributed as dist
+        for group in seg.groups:
+            dist.all_reduce(s64, group=group)
+    return torch.where(bad, s64.sqrt().to(torch.float32), sqrt_rn(s32))
+
+
 # ------------------------------------------------------------------------------------------ counter-based noise
 class Key(int):
     """A stochastic kernel's per-parameter key (SGLD): its noise is :func:`counter_normal` of

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .._checks import check_bool, check_nonnegative, check_unit_interval
-from ._numerics import compute_dtype, mx_list_param, mx_param, one_minus_pow, sqrt_rn, sum_sq_of as sum_sq
+from ._numerics import compute_dtype, mx_list_param, mx_param, one_minus_pow, norm_of, sqrt_rn
 from .base import Optimizer
 from .registry import register
 
@@ -35,7 +35,7 @@ class LAMB(Optimizer):
     set to a nonzero value, as in MXNet. The numbers are those of MXNet's aggregated
     ``multi_lamb_update`` (the path its Updater takes), for every weight dtype but fp16/bf16 without
     multi-precision (below): :math:`u` is held in fp32, the norms are fp32 values summed in order
-    (``multi_sum_sq``), and the ratio :math:`r_1/r_2` is taken in fp32 (bit-exact for fp32; for fp64
+    (``multi_sum_sq``; where that fp32 sum of squares underflows or overflows, as for ~1e-24 or ~1e20 values, the norm comes from fp64 squares instead: :func:`~._numerics.norm_of`), and the ratio :math:`r_1/r_2` is taken in fp32 (bit-exact for fp32; for fp64
     the norms are an fp32 ulp or so off).
 
     fp16/bf16 weights without ``multi_precision`` are updated in fp32, scalars included, and rounded
@@ -121,7 +121,7 @@ class LAMB(Optimizer):
         # divisions and roots would make the fused loop compute-bound
         wide = torch.float32 if torch.compiler.is_compiling() and w.dtype != torch.float64 else torch.float64
         u = (m_hat.to(wide) / (sqrt_rn(v_hat.to(wide)) + eps) + (wd * w).to(wide)).to(torch.float32)
-        r1, r2 = sqrt_rn(sum_sq(w, seg)), sqrt_rn(sum_sq(u, seg))  # fp32 values
+        r1, r2 = norm_of(w, seg), norm_of(u, seg)  # fp32 values (MXNet's, unless the fp32 sums under/overflow)
         r1 = r1.clamp(min=lb, max=ub)  # no-ops when unset: r1 >= 0 (or nan, which clamp keeps)
         # lr * (r1 / r2): the fp32 ratio times lr in double, rounded once to the weight dtype
         lr = torch.where((r1 != 0) & (r2 != 0), ((r1 / r2).to(wide) * lr).to(w.dtype), lr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_bool, check_nonnegative, check_unit_interval
-from ._numerics import in_dtype, mx_float, mx_param, sqrt_rn, sum_sq_of as sum_sq
+from ._numerics import in_dtype, mx_float, mx_param, norm_of
 from .base import LOW_PRECISION, Optimizer, _checked_mults
 from .registry import register
 
@@ -43,7 +43,7 @@ class LARS(Optimizer):
     keep weight decay (MXNet's LARS rule; other optimizers also keep ``_gamma``).
 
     optzoo follows MXNet's aggregated path, the one its Updater takes: the squared norms are
-    ``multi_sum_sq``'s (fp32, summed in order), :math:`lr'` is ``multi_lars``'s fp32
+    ``multi_sum_sq``'s (fp32, summed in order; where that sum underflows or overflows, as for ~1e-25 or ~1e20 values, the norm comes from fp64 squares: :func:`~._numerics.norm_of`), :math:`lr'` is ``multi_lars``'s fp32
     :math:`lr\cdot\eta\cdot\lVert w\rVert/(\lVert g\rVert\,rg + wd\,\lVert w\rVert + eps)`, and the SGD
     step uses the fp32 :math:`lr'` and ``wd`` (bit-exact for fp32; for fp64 the norms are within an fp32
     ulp or so). MXNet's single-tensor path (a scalar index) takes :math:`\lVert rg\cdot g\rVert` in double
@@ -136,10 +136,9 @@ class LARS(Optimizer):
         mu, lr, wd, lr_eta, eps, rg32, rg, scaled = s
         lr, wd, lr_eta, eps, rg32 = (_f32(x) for x in (lr, wd, lr_eta, eps, rg32))
         # multi_lars: lr' from multi_sum_sq's fp32 squared norms, all in fp32 (lr itself if excluded)
-        w2, g2 = sum_sq(w, seg), sum_sq(g, seg)
-        nw = sqrt_rn(w2)
-        lars_lr = lr_eta * nw / (sqrt_rn(g2) * rg32 + wd * nw + eps)
-        lr = torch.where((w2 > 0) & (g2 > 0) & (scaled > 0), lars_lr, lr)
+        nw, ng = norm_of(w, seg), norm_of(g, seg)  # fp32 (MXNet's, unless the fp32 sums under/overflow)
+        lars_lr = lr_eta * nw / (ng * rg32 + wd * nw + eps)
+        lr = torch.where((nw > 0) & (ng > 0) & (scaled > 0), lars_lr, lr)
         # preloaded_multi_sgd(_mom)_update: SGD's kernel, except that lr * wd is an fp32 product
         lr_wd = (lr * wd).to(torch.float32)
         # an fp32 scalar meets a float16/bfloat16 tensor in fp32 (as a Python scalar would), rounded once
