@@ -351,20 +351,22 @@ def norm_of(x, seg=None):
     sum is a normal fp32 number. Where it underflowed (below 2^-126: a tensor of ~1e-24 values) or overflowed
     (inf, of finite values), the root of the sum of fp64 squares, rounded to fp32: the norm itself is
     representable, and a lost one would turn the trust ratio into 1 or 0 (MXNet's scaled ``norm`` keeps it)."""
-    s32 = sum_sq_of(x, seg)
-    bad = (s32 < _NORMAL32) | (s32 == math.inf)
-    if seg is None and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(bad) or not bool(x.ne(0).any()):  # eager: a Python branch, the wide sum only when needed
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and (seg is None or seg is ROWS):
+        s32 = sum_sq_of(x, seg)  # eager: MXNet's sequential sums; the wide ones only when needed (a Python branch)
+        bad = (s32 < _NORMAL32) | (s32 == math.inf)
+        if not bool(bad.any()) or not bool(x.ne(0).any()):
             return sqrt_rn(s32)
-    elif (seg is ROWS and x.device.type == "cpu" and not torch.compiler.is_compiling()) or isinstance(seg, Shards):
-        if not bool(bad.any()):  # (shards: every process sees the same global sum, so takes the same branch)
-            return sqrt_rn(s32)
-    x64 = x.to(torch.float64)
-    s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
-    if isinstance(seg, Shards):
-        import torch.distributed as dist
-        for group in seg.groups:
-            dist.all_reduce(s64, group=group)
+        x64 = x.to(torch.float64)
+        s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
+    else:  # compiled, on a device, or a shard: sum_sq_of's fp64 sums, computed once for both roots
+        x64 = x.to(torch.float64)
+        s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
+        if isinstance(seg, Shards):
+            import torch.distributed as dist
+            for group in seg.groups:
+                dist.all_reduce(s64, group=group)
+        s32 = s64.to(torch.float32)
+        bad = (s32 < _NORMAL32) | (s32 == math.inf)
     return torch.where(bad, s64.sqrt().to(torch.float32), sqrt_rn(s32))
 
 
