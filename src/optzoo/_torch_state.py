@@ -8,6 +8,7 @@ and rebuilds the tree from them at each step (a cached skeleton per optimizer, d
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -100,11 +101,24 @@ def check_state_dict(opt, state_dict) -> None:
     groups = state_dict["param_groups"]
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(groups)} param groups: this optimizer has {len(opt.param_groups)}")
-    inners = []
+    inners, ids = [], {}
     for g, (saved, group) in enumerate(zip(groups, opt.param_groups)):
-        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
-            got = len(saved.get("params", ())) if isinstance(saved, dict) else type(saved).__name__
-            raise ValueError(f"state_dict param group {g} has {got} parameters: expected {len(group['params'])}")
+        if not isinstance(saved, dict):
+            raise ValueError(f"state_dict param group {g} is a {type(saved).__name__}: expected a dict")
+        params = saved.get("params")
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(f"state_dict param group {g} has 'params' = {_short(params)}: expected a list of "
+                             f"{len(group['params'])} parameter ids")
+        if len(params) != len(group["params"]):
+            raise ValueError(f"state_dict param group {g} has {len(params)} parameters: expected {len(group['params'])}")
+        for k, sid in enumerate(params):
+            if isinstance(sid, bool) or not isinstance(sid, (int, str)):
+                raise ValueError(f"state_dict param group {g}: parameter id {_short(sid)} at position {k} is "
+                                 "invalid: expected an int (as state_dict writes them)")
+            if sid in ids:
+                raise ValueError(f"state_dict param group {g}: parameter id {sid!r} at position {k} is also in "
+                                 f"group {ids[sid]}: expected each id once")
+            ids[sid] = g
         merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
         try:
             inner = opt.optimizer_class(**opt._mx_kwargs(merged))
@@ -112,7 +126,10 @@ def check_state_dict(opt, state_dict) -> None:
             raise ValueError(f"state_dict param group {g}: {exc}") from None
         book = merged.get("optzoo", {})
         if not isinstance(book, dict):
-            raise ValueError(f"state_dict param group {g} has 'optzoo' = {book!r}: expected a dict")
+            raise ValueError(f"state_dict param group {g} has 'optzoo' = {_short(book)}: expected a dict")
+        for attr in inner._step_vars:
+            if attr in book:
+                _check_book(f"state_dict param group {g}: 'optzoo'[{attr!r}]", attr, book[attr], getattr(inner, attr))
         inners.append(inner)
     for sid, p, g in _pairs(opt, state_dict):
         entry = state_dict["state"].get(sid)
@@ -124,16 +141,68 @@ def check_state_dict(opt, state_dict) -> None:
         step = entry.get("step")
         if isinstance(step, torch.Tensor) and step.numel() == 1:
             step = step.item()
-        if isinstance(step, bool) or not isinstance(step, numbers.Real) or step < 0 or step != int(step):
-            raise ValueError(f"{where} has step={entry.get('step')!r}: expected an integer >= 0")
+        if not _count(step):
+            raise ValueError(f"{where} has step={_short(entry.get('step'))}: expected an integer >= 0")
+        for key, value in entry.items():  # torch's load recurses into every value: no cycles
+            if not _acyclic(value, set()):
+                raise ValueError(f"{where}: {key!r} holds itself (a cyclic container): expected tensors and "
+                                 "plain values")
         lay = layout(inners[g], p)
         for leaf, (shape, _) in zip(lay.names, lay.specs):
             value = entry.get(leaf)
-            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or not value.is_floating_point():
-                got = "missing" if value is None else (f"Tensor{tuple(value.shape)}:{value.dtype}"
-                                                       if isinstance(value, torch.Tensor) else type(value).__name__)
-                raise ValueError(f"{where}: {leaf!r} is {got}: expected a floating-point tensor of shape {shape} "
+            if (not isinstance(value, torch.Tensor) or tuple(value.shape) != shape or not value.is_floating_point()
+                    or value.layout != torch.strided or value.is_meta):
+                got = "missing" if value is None else (
+                    f"Tensor{tuple(value.shape)}:{value.dtype}:{value.layout}:{value.device}"
+                    if isinstance(value, torch.Tensor) else type(value).__name__)
+                raise ValueError(f"{where}: {leaf!r} is {got}: expected a dense floating-point tensor with data, "
+                                 f"of shape {shape} "
                                  f"({type(opt).__name__} keeps {', '.join(lay.names) or 'no tensors'})")
+
+
+def _short(value) -> str:
+    text = repr(value) if not isinstance(value, (dict, list, tuple)) else f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(value) -> bool:
+    """An integer >= 0 (an integral float too, as torch's ``step``), finite, not a bool."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0
+            and value == int(value))
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _acyclic(value, seen) -> bool:
+    if not isinstance(value, (dict, list, tuple)):
+        return True
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    ok = all(_acyclic(v, seen) for v in (value.values() if isinstance(value, dict) else value))
+    seen.discard(id(value))
+    return ok
+
+
+def _check_book(where, attr, value, fresh) -> None:
+    """A saved piece of step bookkeeping, of the kind the optimizer keeps (``fresh``: its value on a new one):
+    ``num_update`` a count; a number (or None where the optimizer starts with None) finite; a dict (LBSGD's
+    per-index accumulators) of index -> dict of finite numbers or tensors."""
+    if attr == "num_update":
+        ok = _count(value)
+        expected = "an integer >= 0"
+    elif isinstance(fresh, dict):
+        ok = isinstance(value, dict) and all(
+            isinstance(entry, dict) and all(isinstance(v, torch.Tensor) or _finite(v) for v in entry.values())
+            for entry in value.values())
+        expected = "a dict of index -> dict of finite numbers or tensors"
+    else:
+        ok = _finite(value) or (fresh is None and value is None)
+        expected = "a finite number" + (" or None" if fresh is None else "")
+    if not ok:
+        raise ValueError(f"{where}={_short(value)} is invalid: expected {expected}")
 
 
 def restore_wide_states(opt, source) -> None:

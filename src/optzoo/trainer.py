@@ -7,6 +7,8 @@ votes on signs (Signum under ``dist_sync``), or hands the update to the store (`
 """
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import math
 import numbers
@@ -211,17 +213,28 @@ class Trainer:
         """One optimizer step on every parameter whose gradient is fresh, with ``rescale_grad = scale/batch_size``
         (``batch_size``: the total over all workers under ``dist_sync``)."""
         self._check_batch_size(batch_size)
+        with self._rescaled(batch_size):
+            indices = self._fresh_indices(ignore_stale_grad)
+            kv = self._kvstore
+            if kv is not None and kv.update_on_kvstore:
+                if indices:
+                    kv.pushpull(indices, [self._params[i] for i in indices], self._optimizer.rescale_grad)
+                self._mark_seen(indices)
+                return
+            if not self._voting(kv) and kv is not None and indices:
+                self._allreduce(indices)
+            self._update_indices(indices)
+
+    @contextlib.contextmanager
+    def _rescaled(self, batch_size):
+        """``rescale_grad = scale / batch_size`` for one step; put back as it was if the step fails."""
+        before = self._optimizer.rescale_grad
         self._optimizer.rescale_grad = self._scale / batch_size
-        indices = self._fresh_indices(ignore_stale_grad)
-        kv = self._kvstore
-        if kv is not None and kv.update_on_kvstore:
-            if indices:
-                kv.pushpull(indices, [self._params[i] for i in indices], self._optimizer.rescale_grad)
-            self._mark_seen(indices)
-            return
-        if not self._voting(kv) and kv is not None and indices:
-            self._allreduce(indices)
-        self._update_indices(indices)
+        try:
+            yield
+        except BaseException:
+            self._optimizer.rescale_grad = before
+            raise
 
     def allreduce_grads(self):
         """Sum gradients across workers (``dist_sync``; nothing to do in one process), for a later
@@ -243,8 +256,8 @@ class Trainer:
         """The update half of ``step`` (after ``allreduce_grads``, e.g. to clip gradients in between)."""
         self._no_update_on_kvstore("update")
         self._check_batch_size(batch_size)
-        self._optimizer.rescale_grad = self._scale / batch_size
-        self._update_indices(self._fresh_indices(ignore_stale_grad))
+        with self._rescaled(batch_size):
+            self._update_indices(self._fresh_indices(ignore_stale_grad))
 
     def _no_update_on_kvstore(self, what):
         if self._kvstore is not None and self._kvstore.update_on_kvstore:

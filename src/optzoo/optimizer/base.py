@@ -10,6 +10,8 @@ directly, as in MXNet; it then gets the multi-precision wrapper and the Updater 
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import warnings
 
 import torch
@@ -363,6 +365,7 @@ class Optimizer:
         ``aggregate_num``), read call by call; the tensors then run together. Default: one call.
         ``lows``: per index, the fp16/bf16 weight that gets a copy of the updated fp32 master (``weights``),
         or None; gradients may then be in the low dtype (widened where the kernel reads them)."""
+        _check_dense(indices, weights, lows)
         shards = self.__dict__.get("_shards")  # local shards of sharded parameters: sums over every shard
         fast = ((self._fused is not False or bool(shards)) and self._has_fast_path()
                 and len(set(indices)) == len(indices))
@@ -375,6 +378,7 @@ class Optimizer:
             for chunk in (chunks if chunks is not None else [range(len(indices))]):
                 for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
                     reads[k] = read
+            self._check_reads(indices, reads)
             if fast:
                 scalars = self._prepare_all(indices, weights, reads)
                 if self._kernel_noise:  # the draws, in index order, as each index's last scalar
@@ -396,6 +400,10 @@ class Optimizer:
             pairs = [(low, w) for low, w in zip(lows or (), weights) if low is not None]
             if pairs:
                 torch._foreach_copy_([low for low, _ in pairs], [w for _, w in pairs])
+
+    def _check_reads(self, indices, reads):
+        """Refuse an index's ``(lr, wd, t)`` (``reads``, in list order) before any tensor changes: a ValueError
+        naming the index and the value (SGLD: a negative effective lr). Counting and reading are undone."""
 
     def _prepare_all(self, indices, weights, reads):
         """``prepare`` for every index, in index order; computed once per distinct ``(lr, wd, t, dtype)``
@@ -427,11 +435,20 @@ class Optimizer:
         """A copy of the Python state that counting, reading and ``prepare`` advance (for :meth:`_restore`)."""
         saved = {k: (dict(v) if isinstance(v, dict) and k not in _CACHES else v) for k, v in self.__dict__.items()}
         saved["_all_index_update_counts"] = {c: dict(v) for c, v in self._all_index_update_counts.items()}
+        # schedulers keep state that reading the lr advances (FactorScheduler's count and base_lr), reassigned
+        # on each change (never mutated in place): a shallow copy restores it
+        sched = self.lr_scheduler
+        saved[_SCHEDULER_VARS] = dict(vars(sched)) if hasattr(sched, "__dict__") else None
         return saved
 
     def _restore(self, saved):
+        saved = dict(saved)
+        sched_vars = saved.pop(_SCHEDULER_VARS)
         self.__dict__.clear()
         self.__dict__.update(saved)
+        if sched_vars is not None:
+            vars(self.lr_scheduler).clear()
+            vars(self.lr_scheduler).update(sched_vars)
         self._index_update_count = self._all_index_update_counts.setdefault(self._current_context, {})
 
     def _count_and_read(self, indices, together=False):
@@ -549,7 +566,10 @@ class Optimizer:
         """Reject a state of another layout, shape, dtype, device or optimizer before any update."""
         if type(self).create_state is Optimizer.create_state and state is None:
             return
-        owner = _tree.owner_of(state)
+        try:
+            owner = _tree.owner_of(state)
+        except TypeError as exc:  # not a tree of tensors at all: say which index
+            raise TypeError(f"state for index {index!r} is invalid: {exc}") from None
         expected_owner = self._state_owner
         if owner is not None and expected_owner is not None and owner != expected_owner:
             raise TypeError(f"state for index {index!r} was created by {owner}: expected a state created by "
@@ -576,6 +596,9 @@ class Optimizer:
         return f"{type(self).__name__}({', '.join(shown)})"
 
 
+#: The key of the scheduler's attributes in :meth:`Optimizer._bookkeeping` (not an attribute name).
+_SCHEDULER_VARS = object()
+
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch"})
 
@@ -599,6 +622,21 @@ def _checked_mults(what, mults):
     if not isinstance(mults, dict):
         raise TypeError(f"args_{what}={mults!r} is invalid: expected a dict of index or name -> float")
     return {_plain_arg(k): check_number(f"{what}[{k!r}]", v) for k, v in mults.items()}
+
+
+def _check_dense(indices, weights, lows):
+    """Dense weights only (a sparse weight would fail inside the kernels, after the counts moved); checked in
+    C-level maps (no Python loop body per weight), the loop only names the culprit."""
+    checked = [weights] if not lows else [weights, [lo if lo is not None else w for lo, w in zip(lows, weights)]]
+    for ws in checked:
+        if all(map(_is, map(_LAYOUT, ws), _repeat(torch.strided))):
+            continue
+        for i, w in zip(indices, ws):
+            if w.layout is not torch.strided:
+                raise TypeError(f"weight for index {i!r} has layout {w.layout}: expected a dense (strided) tensor")
+
+
+_LAYOUT, _is, _repeat = operator.attrgetter("layout"), operator.is_, itertools.repeat
 
 
 def _as_lists(index, weight, grad, state):

@@ -78,6 +78,13 @@ class SGLD(Optimizer):
         offsets = self.__dict__.get("_counter_offsets") or {}
         return Key(self._key() + offsets.get(index, 0))
 
+    def _check_reads(self, indices, reads):
+        # before any tensor changes, on every path (the reference path's rule calls prepare index by index)
+        for i, (lr, _, _) in zip(indices, reads):
+            if lr < 0:
+                raise ValueError(f"lr={lr!r} (the effective learning rate of index {i!r}) is invalid for SGLD: "
+                                 "the noise variance lr must be >= 0")
+
     def prepare(self, *, lr, wd, t, index, dtype):
         if lr < 0:
             raise ValueError(f"lr={lr!r} is invalid for SGLD: the noise variance lr must be >= 0")

@@ -69,16 +69,31 @@ class Updater:
         for i, w, g in zip(indices, weights, grads):
             check_tensor_pair(i, w, g)
         opt = self.optimizer
-        opt._set_current_context(_device_id(weights[0]))
-        for i, w in zip(indices, weights):
-            if i not in self.states:
-                self.states[i] = opt.create_state_multi_precision(i, w)
-                self.states_synced[i] = True
-            elif not self.states_synced[i]:
-                self.states[i] = _tree.to_device(self.states[i], w.device)
-                self.states_synced[i] = True
-        opt._update_calls(calls(opt, list(range(len(indices))), weights), indices, weights, grads,
-                          [self.states[i] for i in indices])
+        # all or nothing: states made or moved for this call, and the optimizer's context, are put back on error
+        before = {i: (self.states[i], self.states_synced[i]) for i in indices if i in self.states}
+        context, contexts = opt._current_context, set(opt._all_index_update_counts)
+        try:
+            opt._set_current_context(_device_id(weights[0]))
+            for i, w in zip(indices, weights):
+                if i not in self.states:
+                    self.states[i] = opt.create_state_multi_precision(i, w)
+                    self.states_synced[i] = True
+                elif not self.states_synced[i]:
+                    self.states[i] = _tree.to_device(self.states[i], w.device)
+                    self.states_synced[i] = True
+            opt._update_calls(calls(opt, list(range(len(indices))), weights), indices, weights, grads,
+                              [self.states[i] for i in indices])
+        except BaseException:
+            for i in indices:
+                if i in before:
+                    self.states[i], self.states_synced[i] = before[i]
+                else:
+                    self.states.pop(i, None)
+                    self.states_synced.pop(i, None)
+            for device_id in set(opt._all_index_update_counts) - contexts:
+                del opt._all_index_update_counts[device_id]
+            opt._set_current_context(context)
+            raise
 
     def get_states(self, dump_optimizer=False) -> bytes:
         """The states (and, with ``dump_optimizer``, the optimizer) as bytes for ``set_states``, with a SHA-256
