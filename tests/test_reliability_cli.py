@@ -104,3 +104,11 @@ def test_bench_module_entry_point(tmp_path):
 def test_example(tmp_path, argv, named, how, capsys):
     proc = run(EXAMPLE + argv, tmp_path) if how != IN else call(train.main, argv, capsys)
     assert_usage_error(proc, *named)
+
+
+def test_example_param_values_read_python_and_json_spellings():
+    """``--param centered=False`` is the bool False (it used to be the string 'False', which read as True)."""
+    from optzoo.examples.train import _value
+    assert _value("False") is False and _value("false") is False and _value("True") is True
+    assert _value("None") is None and _value("null") is None
+    assert _value("0.9") == 0.9 and _value("abc") == "abc"

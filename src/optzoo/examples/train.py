@@ -51,6 +51,11 @@ def model(seed):
 
 
 def _value(text):
+    """A ``--param`` value: JSON (``0.9``, ``true``, ``null``), Python's ``True`` / ``False`` / ``None`` spellings,
+    or else the text itself (the optimizer's checks refuse what it cannot take, naming it)."""
+    python = {"True": True, "False": False, "None": None}
+    if text in python:
+        return python[text]
     try:
         return json.loads(text)
     except ValueError:
