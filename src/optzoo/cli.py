@@ -1,14 +1,16 @@
-"""The ``optzoo`` command line: ``optzoo demo``, ``optzoo list``, ``optzoo bench``.
+"""The ``optzoo`` command line: ``optzoo demo``, ``optzoo list``, ``optzoo bench``, ``optzoo import-mxnet``.
 
     optzoo demo [--optimizers sgd,nag,adam] [--epochs 20] [--seed 0] [--out demo-out] [--device cpu] [--fused]
     optzoo list
     optzoo bench [arguments of python -m optzoo.bench]
+    optzoo import-mxnet PARAMS [STATES] --out ckpt.pt [--states-out ckpt.states] [--order sorted|file]
 
 Bad arguments end with a message naming the argument and exit status 2 (no traceback).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import tempfile
@@ -25,7 +27,7 @@ _DEMO_EXTRA = ("optzoo demo needs matplotlib, pillow and rich (the 'demo' extra)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optzoo", description="MXNet 1.9.1's optimizers on PyTorch tensors.")
-    sub = p.add_subparsers(dest="command", metavar="{demo,list,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,list,bench,import-mxnet}")
     demo = sub.add_parser("demo", help="train a small network on the 8x8 digits with every optimizer; "
                                        "table and pictures",
                           description="Train a 64-64-10 MLP on the 8x8 digits (shipped with optzoo) with each "
@@ -46,6 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(parser=demo)
     sub.add_parser("list", help="every registered optimizer, its description and default hyperparameters")
     sub.add_parser("bench", help="the benchmark: python -m optzoo.bench (`optzoo bench --help`)", add_help=False)
+    imp = sub.add_parser("import-mxnet", help="convert an MXNet 1.9.1 checkpoint (params, trainer states) to "
+                                              "optzoo's files, without MXNet",
+                         description="Read an MXNet 1.9.1 params file (save_parameters, export's -0000.params or "
+                                     "mx.nd.save) and, optionally, a gluon.Trainer.save_states file (read without "
+                                     "running code); write the weights as a torch state_dict and the states as an "
+                                     "optzoo.Trainer.save_states file. See docs/porting-from-mxnet.md.")
+    imp.add_argument("params", metavar="PARAMS", help="the MXNet params file")
+    imp.add_argument("states", metavar="STATES", nargs="?", default=None,
+                     help="the MXNet trainer states file (Trainer.save_states), optional")
+    imp.add_argument("--out", required=True, metavar="PATH",
+                     help="where the weights go: a torch state_dict (torch.load(PATH, weights_only=True))")
+    imp.add_argument("--states-out", default=None, metavar="PATH",
+                     help="where the trainer states go (optzoo.Trainer.load_states); default: --out with the "
+                          "suffix .states")
+    imp.add_argument("--order", default="sorted", choices=("sorted", "file"),
+                     help="the parameters' order in MXNet's Trainer: sorted by name (default: Gluon's order for "
+                          "net.collect_params()) or the params file's order")
+    imp.set_defaults(parser=imp)
     return p
 
 
@@ -147,6 +167,90 @@ def _list() -> int:
     return 0
 
 
+def _import_mxnet(parser, args) -> int:
+    import torch
+    from . import _io, mxnet
+    for flag, path in (("PARAMS", args.params), ("STATES", args.states)):
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"{flag}={path!r}: no such file")
+    out = Path(args.out)
+    states_out = Path(args.states_out) if args.states_out else out.with_suffix(".states")
+    if args.states is None and args.states_out:
+        parser.error("--states-out without STATES: there are no trainer states to write")
+    for flag, path in (("--out", out), ("--states-out", states_out if args.states else None)):
+        if path is not None and (path.is_dir() or not path.parent.resolve().is_dir()):
+            parser.error(f"{flag}={str(path)!r}: not a file in an existing folder")
+    if args.states is not None and out.resolve() == states_out.resolve():
+        parser.error(f"--states-out={str(states_out)!r} is --out: give them different paths")
+    try:
+        weights, trainer = mxnet.convert(args.params, args.states, order=args.order)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    try:
+        data = io.BytesIO()
+        torch.save(weights, data)
+        _write(out, data.getvalue())
+        if trainer is not None:
+            trainer.save_states(states_out)
+    except OSError as exc:
+        parser.error(f"cannot write the output: {exc}")
+    _summary(args, weights, trainer, out, states_out)
+    return 0
+
+
+def _write(path, data):
+    """``data`` to ``path`` through a temporary file and a rename: never half a file under the name."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 otherwise
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _summary(args, weights, trainer, out, states_out):
+    """What was found and written: a rich table when rich is installed, plain lines otherwise."""
+    rows = [(n, "x".join(map(str, t.shape)) or "()", str(t.dtype).replace("torch.", "")) for n, t in weights.items()]
+    lines = [f"weights: {len(weights)} arrays, {sum(t.numel() for t in weights.values())} values -> {out}"]
+    if trainer is not None:
+        opt = trainer.optimizer
+        hyper = {k: v for k, v in vars(opt).items() if not k.startswith("_") and k not in (
+            "param_dict", "lr_scheduler", "idx2name", "sym_info", "lr_mult", "wd_mult")}
+        sched = opt.lr_scheduler
+        lines += [f"optimizer: {type(opt).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in hyper.items()) + ")",
+                  f"scheduler: {type(sched).__name__ + repr(vars(sched)) if sched is not None else None}",
+                  f"num_update: {opt.num_update}; update counts per device: "
+                  + "; ".join(f"{d}: {len(c)} indices, max {max(c.values(), default=0)}"
+                              for d, c in opt._all_index_update_counts.items()),
+                  f"states: {len(trainer._updater.states)} of {len(weights)} parameters (order: {args.order}) "
+                  f"-> {states_out}"]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        for r in rows:
+            print(f"  {r[0]}  {r[1]}  {r[2]}")
+        print("\n".join(lines))
+        return
+    table = Table(title=f"MXNet checkpoint {args.params}")
+    for col in ("index" if trainer is not None else "#", "name", "shape", "dtype", "state"):
+        table.add_column(col)
+    states = trainer._updater.states if trainer is not None else {}
+    index = {n: i for i, n in enumerate(trainer._names)} if trainer is not None else {}
+    for k, (n, shape, dtype) in enumerate(rows):
+        i = index.get(n, k)
+        table.add_row(str(i), n, shape, dtype, "yes" if i in states else "-" if trainer is not None else "")
+    console = Console()
+    console.print(table)
+    for line in lines:
+        console.print(line, highlight=False)
+
+
 def main(argv=None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -161,6 +265,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "import-mxnet":
+            return _import_mxnet(args.parser, args)
         return _demo(args.parser, args)
     except BrokenPipeError:  # `optzoo list | head`: the reader is gone; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
