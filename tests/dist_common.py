@@ -5,11 +5,13 @@ group (rendezvous through a TCPStore hosted by *this* process, so any worker may
 ``target(rank, nprocs, *args)`` (a module-level function of an importable module). It returns one entry per
 rank: the target's return value (anything ``torch.save`` takes), a :class:`Failed` when it raised, or None
 when the process died or was killed at ``timeout`` seconds (the whole call never takes longer).
-``kill_me()`` SIGKILLs the calling worker (fault tests).
+With ``store_on_rank0=True`` the workers meet through ``env://`` instead: rank 0 hosts the store, as in a job
+launched without torchrun. ``kill_me()`` SIGKILLs the calling worker, ``freeze_me()`` SIGSTOPs it (fault tests).
 """
 import datetime
 import os
 import signal
+import socket
 import tempfile
 import time
 import traceback
@@ -47,12 +49,22 @@ def kill_me():
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _entry(target, rank, world, port, outdir, args, env):
+def freeze_me():
+    """A hung machine: the process stops and keeps its sockets open (the launcher kills it at the end)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def _entry(target, rank, world, port, outdir, args, env, store_on_rank0=False):
     os.environ.update(env)
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=30))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=30))
+    if store_on_rank0:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=datetime.timedelta(seconds=30))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
     try:
         result = target(rank, world, *args)
     except Exception as exc:
@@ -64,25 +76,34 @@ def _entry(target, rank, world, port, outdir, args, env):
     dist.destroy_process_group()
 
 
-def run(target, nprocs, args=(), timeout=60, env=None, wait_for=None):
+def run(target, nprocs, args=(), timeout=60, env=None, wait_for=None, store_on_rank0=False):
     """See the module docstring; ``wait_for``: the ranks to wait for (the others are killed once these are
     done; default all)."""
     ctx = mp.get_context("spawn")
-    master = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
-                           timeout=datetime.timedelta(seconds=30))
+    master = None
+    if store_on_rank0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    else:
+        master = dist.TCPStore("127.0.0.1", 0, nprocs, is_master=True, wait_for_workers=False,
+                               timeout=datetime.timedelta(seconds=30))
+        port = master.port
     with tempfile.TemporaryDirectory() as outdir:
-        procs = [ctx.Process(target=_entry, args=(target, r, nprocs, master.port, outdir, tuple(args), dict(env or {})),
-                             daemon=True) for r in range(nprocs)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for r, p in enumerate(procs):
-            if wait_for is None or r in wait_for:
-                p.join(max(0.0, deadline - time.monotonic()))
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        procs = [ctx.Process(target=_entry, args=(target, r, nprocs, port, outdir, tuple(args), dict(env or {}),
+                                                  store_on_rank0), daemon=True) for r in range(nprocs)]
+        try:
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + timeout
+            for r, p in enumerate(procs):
+                if wait_for is None or r in wait_for:
+                    p.join(max(0.0, deadline - time.monotonic()))
+        finally:  # SIGKILL ends stopped (frozen) processes too
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    p.kill()
+                    p.join(5)
         out = []
         for r in range(nprocs):
             path = os.path.join(outdir, f"{r}.pt")

@@ -5,7 +5,7 @@ import time
 import torch
 
 import optzoo
-from dist_common import kill_me, mark
+from dist_common import freeze_me, kill_me, mark
 
 BATCH, STEPS = 12, 4
 NAMES = ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")
@@ -124,7 +124,8 @@ def numerics(rank, world, path):
 
 
 def fault(rank, world, victim, how, timeout):
-    """Train until step 2, where ``victim`` is SIGKILLed or sleeps; the others must raise."""
+    """Train until step 2, where ``victim`` is SIGKILLed (``how='kill'``), SIGSTOPped (``'freeze'``) or
+    sleeps; the others must raise."""
     p = {"w": torch.nn.Parameter(torch.ones(8))}
     trainer = optzoo.Trainer(p, "sgd", {"learning_rate": 0.1},
                              kvstore=optzoo.kvstore.create("dist_sync", timeout=timeout))
@@ -132,6 +133,8 @@ def fault(rank, world, victim, how, timeout):
         if step == 2 and rank == victim:
             if how == "kill":
                 kill_me()
+            if how == "freeze":
+                freeze_me()
             time.sleep(60)
         mark()
         p["w"].grad = torch.ones(8)

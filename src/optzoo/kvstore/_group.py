@@ -7,14 +7,21 @@ Timeouts: every store runs its collectives on its own process group created with
 torch's 30 minutes; a worker that dies closes its connections and the others fail at once.
 
 Naming the culprit: a worker whose collective fails writes ``fail/<rank>`` into the job's rendezvous
-store (torchrun's, or the one ``init_process_group`` created) and waits up to :data:`GRACE` seconds for
-the other workers to do the same; the ranks that never report are the ones that died or hang.
+store (torchrun's, or the one ``init_process_group`` created) and waits up to :data:`GRACE` seconds (at
+most the timeout) for the other workers to do the same; the ranks that never report are the ones that
+died or hang. The store's host may be the one that hangs (rank 0 hosts it under ``env://`` without
+torchrun): torch's TCPStore client then waits for ever in ``check``, ``get``, ``wait`` and ``add``
+(its own timeout covers only the first wait for an answer, after which it blocks on the answer to its
+cancellation), so the store is asked from a daemon thread on a connection of its own (``Store.clone``,
+made while the job was healthy) and that thread is waited for no longer than the grace period: a store
+that does not answer in time names its host as the one that died or hangs.
 """
 from __future__ import annotations
 
 import datetime
 import itertools
 import os
+import threading
 import time
 
 import torch.distributed as dist
@@ -80,10 +87,7 @@ class Collectives:
         # every rank creates its stores in the same order, so this names the same store on every rank
         self.name = f"optzoo/{kind}/{next(_counter)}/"
         self.group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
-        try:
-            self.store = dist.PrefixStore(self.name, dist.distributed_c10d._get_default_store())
-        except Exception:  # pragma: no cover - a private torch API; diagnosis then names no rank
-            self.store = None
+        self.store, self.host, self.host_ranks = _fault_store(self.name, self.created_default)
         self.broken = None
 
     def call(self, what, fn, *args, **kwargs):
@@ -105,28 +109,78 @@ class Collectives:
                 "or OPTZOO_DIST_TIMEOUT")
         if self.store is None:
             return DistributedError(f"{head}; {tail}")
-        try:
-            self.store.set(f"fail/{self.rank}", "1")
-            others = [r for r in range(self.size) if r != self.rank]
-            deadline = time.monotonic() + min(GRACE, self.timeout)
-            while True:
-                missing = [r for r in others if not self.store.check([f"fail/{r}"])]
-                if not missing or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-        except Exception as store_exc:
-            return DistributedError(f"{head}; the rendezvous store is unreachable too ({type(store_exc).__name__}):"
-                                    f" rank 0 (or the launcher) that hosts it died; {tail}", (0,))
+        grace = min(GRACE, self.timeout)
+        missing, store_exc = self._reports(grace)
+        if store_exc is not None:
+            # a closed connection means the host is gone; anything else (a store timeout) may be a hang
+            gone = isinstance(store_exc, getattr(dist, "DistNetworkError", ()))
+            return DistributedError(f"{head}; the rendezvous store is unreachable too ({type(store_exc).__name__}: "
+                                    f"{(str(store_exc).splitlines() or [''])[0]}): {self.host} "
+                                    f"{'died' if gone else 'died or hangs'}; {tail}", self.host_ranks)
+        if missing is None:
+            return DistributedError(f"{head}; the rendezvous store did not answer within {grace:g} s: {self.host} "
+                                    f"died or hangs; {tail}", self.host_ranks)
         if not missing:
             return DistributedError(f"{head}; every other rank failed too, none is missing; {tail}")
         who = ", ".join(map(str, missing))
-        grace = min(GRACE, self.timeout)
         return DistributedError(f"{head}; rank{'s' if len(missing) > 1 else ''} {who} did not report within "
                                 f"{grace:g} s: {'they' if len(missing) > 1 else 'it'} died or hang"
                                 f"{'' if len(missing) > 1 else 's'}; {tail}", missing)
+
+    def _reports(self, grace):
+        """Report this rank's failure and collect the others' for ``grace`` seconds: ``(missing ranks,
+        None)``, ``(None, the store's error)``, or ``(None, None)`` when the store answered nothing in time.
+
+        The store is asked from a daemon thread that is waited for ``grace`` seconds at most (see the
+        module docstring); a thread stuck on a frozen host stays blocked on its own connection, which
+        nothing else uses."""
+        store, rank, others = self.store, self.rank, [r for r in range(self.size) if r != self.rank]
+        deadline = time.monotonic() + grace
+        answer = {}
+
+        def ask():
+            try:
+                store.set(f"fail/{rank}", "1")
+                while True:
+                    answer["missing"] = missing = [r for r in others if not store.check([f"fail/{r}"])]
+                    if not missing or time.monotonic() > deadline:
+                        return
+                    time.sleep(0.05)
+            except Exception as store_exc:  # noqa: BLE001 - reported by diagnose
+                answer["error"] = store_exc
+
+        thread = threading.Thread(target=ask, name="optzoo-fault-report", daemon=True)
+        thread.start()
+        thread.join(grace)
+        # the last full round of answers (at most one poll old when the thread is still in a round)
+        return answer.get("missing"), answer.get("error")
 
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group(self.group)
             if self.created_default:
                 dist.destroy_process_group()
+
+
+def _fault_store(name, created_default):
+    """``(store, host, host_ranks)``: the job's rendezvous store under this store's prefix, on a connection
+    of its own when the store can be cloned (None when there is none), and who hosts it (for messages)."""
+    try:
+        base = dist.distributed_c10d._get_default_store()
+    except Exception:  # pragma: no cover - a private torch API; diagnosis then names no rank
+        return None, "", ()
+    inner = base
+    while isinstance(inner, dist.PrefixStore):
+        inner = inner.underlying_store
+    where = f" at {inner.host}:{inner.port}" if isinstance(inner, dist.TCPStore) else ""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        host, ranks = f"the torchrun agent that hosts it{where}", ()
+    elif created_default:  # env:// rendezvous made here: rank 0 hosts the TCPStore
+        host, ranks = f"rank 0, which hosts it{where},", (0,)
+    else:
+        host, ranks = f"its host{where} (rank 0, unless a launcher hosts it)", (0,)
+    try:
+        base = base.clone()
+    except Exception:  # a store that cannot be cloned (FileStore, HashStore) is shared with its other users
+        pass
+    return dist.PrefixStore(name, base), host, ranks

@@ -68,7 +68,7 @@ def run_server(*, timeout=None, rank=None, world_size=None, init_method=None) ->
     if silent:
         ranks = [w + 1 for w in silent]
         raise DistributedError(f"dist_async server (rank 0): worker process rank(s) {ranks} sent nothing for "
-                               f"{timeout:g} s without closing: dead or hung (the timeout must exceed the longest "
+                               f"{timeout:g} s without closing: they died or hang (the timeout must exceed the longest "
                                "gap between a worker's pushes)", ranks)
     return server.summary()
 
@@ -119,8 +119,8 @@ class DistAsync(KVStore):
             reply = self._send(method, args)
         except Exception as exc:
             raise DistributedError(f"worker rank {self.rank + 1}: the dist_async parameter server (rank 0) did not "
-                                   f"answer {method} within {self.timeout:g} s or is gone: "
-                                   f"{type(exc).__name__}: {exc}", [0]) from None
+                                   f"answer {method} within {self.timeout:g} s: it died or hangs "
+                                   f"({type(exc).__name__}: {exc})", [0]) from None
         if reply[0] == "err":
             raise _ERRORS.get(reply[1], RuntimeError)(f"dist_async server (rank 0): {reply[2]}")
         return reply[1]
