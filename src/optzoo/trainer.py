@@ -84,7 +84,7 @@ class Trainer:
         construction (MXNet waits for the first step, after a first forward pass on unsynchronised
         weights); each step sums the gradients over all workers (or, for Signum/SignSGD, takes the
         majority vote of the workers' signs). ``'dist_async'``: the store's server applies the optimizer
-        (``update_on_kvstore``). See the README section "Distributed training". ``'nccl'`` and
+        (``update_on_kvstore``). See docs/distributed.md. ``'nccl'`` and
         ``'horovod'`` raise NotImplementedError.
     compression_params : dict, optional
         ``{'type': '2bit', 'threshold': 0.5}``: MXNet's 2-bit gradient compression; distributed kvstores only.
