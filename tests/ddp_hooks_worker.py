@@ -23,6 +23,9 @@ CONFIGS = {
     "signum_small_static_view": (SIGNUM, "vote", {"bucket_cap_mb": SMALL, "static_graph": True,
                                                   "gradient_as_bucket_view": True}),
     "signsgd": (SIGNSGD, "vote", {"bucket_cap_mb": SMALL}),
+    # a process group of its own (not the default one), for DDP and the hook's state
+    "twobit_own_group": (SGD, "twobit", {"process_group": "own"}),
+    "signum_own_group": (SIGNUM, "vote", {"process_group": "own"}),
 }
 #: the collectives the hooks may call, watched during the training steps
 WATCHED = ("all_gather_single", "all_gather_into_tensor", "all_gather", "all_reduce", "broadcast", "reduce_scatter",
@@ -71,7 +74,9 @@ def counting(calls):
             t = args[1] if _name in ("all_gather_single", "all_gather_into_tensor", "all_gather", "reduce_scatter",
                                      "reduce_scatter_tensor", "all_to_all_single") else args[0]
             t = t[0] if isinstance(t, (list, tuple)) else t
-            calls.append((_name, t.numel() * t.element_size(), str(t.dtype)))
+            group = kwargs.get("group", args[2] if _name == "all_gather_single" and len(args) > 2 else None)
+            calls.append((_name, t.numel() * t.element_size(), str(t.dtype),
+                          "default" if group is None or group is dist.group.WORLD else "own"))
             return _fn(*args, **kwargs)
         setattr(dist, name, wrapper)
     try:
@@ -98,14 +103,18 @@ def trainer_run(rank, world, cfg):
 def ddp_run(rank, world, cfg):
     (face, _, params), hook, ddp_kwargs = cfg
     module = MLP(rank)
+    group = None
+    if ddp_kwargs.get("process_group") == "own":  # every rank makes it, in the same order
+        group = dist.new_group(list(range(world)), backend="gloo")
+        ddp_kwargs = dict(ddp_kwargs, process_group=group)
     model = DDP(module, **ddp_kwargs)
     if hook == "twobit":
         # the mean comes back: rescale_grad = world / total batch gives the Trainer's 1 / total batch on the sum
         opt = getattr(optzoo.torch, face)(model.parameters(), rescale_grad=world / BATCH, **params)
-        state, fn = optzoo.ddp.TwoBitState(THRESHOLD), optzoo.ddp.twobit_hook
+        state, fn = optzoo.ddp.TwoBitState(THRESHOLD, process_group=group), optzoo.ddp.twobit_hook
     else:  # each worker's own gradient: the Trainer's rescale_grad
         opt = getattr(optzoo.torch, face)(model.parameters(), rescale_grad=1 / BATCH, **params)
-        state, fn = optzoo.ddp.SignumVoteState(opt), optzoo.ddp.signum_vote_hook
+        state, fn = optzoo.ddp.SignumVoteState(opt, process_group=group), optzoo.ddp.signum_vote_hook
     buckets = []
 
     def watched(state, bucket):  # the bucket sizes, to check bytes_sent against the packing rule

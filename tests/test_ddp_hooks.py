@@ -50,6 +50,8 @@ def test_ddp_hook_sends_packed_codes_only(launched, name):
         # what was handed to torch.distributed: uint8 payloads of all_gather, summing to bytes_sent
         assert {c[0] for c in out["calls"]} == {"all_gather_single"} and {c[2] for c in out["calls"]} == {"torch.uint8"}
         assert sum(c[1] for c in out["calls"]) == out["bytes"][-1]
+        # the hook talks over the state's process group (a group of its own where one was given)
+        assert {c[3] for c in out["calls"]} == {"own" if "own_group" in name else "default"}
         fp32_allreduce = 4 * N_ELEMENTS * W.STEPS
         if "small" not in name:  # one bucket a step, as the Trainer's kvstore sends: the same bytes
             assert out["bytes"] == [r[name]["trainer"]["bytes"] * (k + 1) // W.STEPS for k in range(W.STEPS)]
