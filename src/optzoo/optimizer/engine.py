@@ -283,9 +283,16 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
     kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
     layouts = {kind: layout_of(opt, weights[kinds.index(kind)]) for kind in set(kinds)}
     cache = {}
+    numels = list(map(torch.Tensor.numel, weights))
+    targets = {(dtype, device, lay) for (dtype, device, _), lay in layouts.items()}
+    if len(targets) == 1 and max(numels) < LARGE and (len(weights) > 1 or fused):
+        # one pack of every weight (the common case of many small ones): no per-weight grouping
+        with torch.no_grad():
+            _run_pack(opt, fused, next(iter(targets))[2], weights, grads, states, scalars, cache, lows)
+        return
     packs = {}
     with torch.no_grad():
-        for k, n in enumerate(map(torch.Tensor.numel, weights)):
+        for k, n in enumerate(numels):
             if n >= LARGE and _run_one(opt, fused, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k],
                                        cache, lows[k]):
                 continue
