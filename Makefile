@@ -22,6 +22,9 @@ test: setup
 # Every optimizer on the 8x8 digits (table on stdout) and the pictures, in demo-out/ (10-20 s on 2 cores).
 demo: setup
 	$(PY) -m optzoo demo --out demo-out
+	@echo
+	@echo 'Next: .venv/bin/optzoo demo --optimizers sgd,nag,adam --epochs 5   (or: . .venv/bin/activate; optzoo --help)'
+	@echo '      .venv/bin/optzoo list   (every optimizer and its defaults)'
 
 # The benchmark (about 11 minutes on 2 cores, MXNet peers included): tables on stdout, bench/results/, and bench/README.md's table.
 bench: setup

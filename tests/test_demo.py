@@ -188,8 +188,15 @@ def test_demo_end_to_end(tmp_path):
                        capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    rows = parse_table(r.stdout)
+    rows = parse_table((out / "results.md").read_text())
     assert list(rows) == ["sgd", "adam"]
+    # the terminal's table is aligned: the numbers of both rows end in the same column
+    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.split()[:1] in (["sgd"], ["adam"])}
+    assert set(lines) == {"sgd", "adam"}
+    for column in ("final train loss", "test accuracy", "ms/step"):
+        ends = {n: lines[n].index(rows[n][column]) + len(rows[n][column]) for n in lines}
+        assert ends["sgd"] == ends["adam"], (column, r.stdout)
+    assert "ETA" in r.stderr
     for name, bytes_per_param in [("sgd", 4.0), ("adam", 8.0)]:   # sgd: momentum 0.8, one fp32 buffer
         row = rows[name]
         assert math.isfinite(float(row["final train loss"])) and float(row["final train loss"]) > 0
@@ -206,13 +213,140 @@ def test_demo_end_to_end(tmp_path):
         assert len(row["losses"]) == 45   # one epoch of ceil(1438 / 32) batches
     assert (out / "results.md").read_text().startswith("| optimizer |")
     loss = image.imread(out / "loss.png")
-    assert loss.shape[:2] == plots.LOSS_PX[::-1]
+    assert loss.shape[:2] == plots.loss_px(2)[::-1]   # two families: SGD-like, adaptive
     traj = image.imread(out / "trajectories.png")
-    assert traj.shape[:2] == plots.TRAJECTORIES_PX[::-1]
-    # the lines are there: the first two tab10 colours (sgd, adam; then sgd, momentum, adam on the panels)
-    for rgb in [(31, 119, 180), (255, 127, 14)]:
+    assert traj.shape[:2] == plots.trajectories_px(2)[::-1]
+    # the lines are there: sgd's tab10 blue and adam's tab10 red, in both pictures
+    for rgb in [(31, 119, 180), (214, 39, 40)]:
         assert has_color(loss, rgb) and has_color(traj, rgb)
-    assert has_color(traj, (44, 160, 44))
+    assert not has_color(traj, (255, 127, 14))   # "momentum" (orange) was not asked for
+
+
+# ---------------------------------------------------------------------------------------------- pictures
+def fake(name, n=90, diverge_at=None, error=""):
+    """A Result whose batch loss decays from ln 10; NaN from the 1-based step ``diverge_at`` on."""
+    losses = list(2.3 * np.exp(-np.arange(n) / 40.0) + 0.01 * (np.arange(n) % 3))
+    final = losses[-1] * 0.9
+    if diverge_at is not None:
+        losses[diverge_at - 1:] = [float("nan")] * (n - diverge_at + 1)
+        final = float("nan")
+    if error:
+        losses, final = [], float("nan")
+    return train.Result(name, {}, losses, final, 0.9, 0.5, 4.0, error=error)
+
+
+def panels(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def check_legends_have_lines(ax):
+    """Every legend entry of ``ax`` is a drawn line with at least one finite point, and a line or a marker."""
+    legend = ax.get_legend()
+    labelled = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == list(labelled)
+    for label, line in labelled.items():
+        x, y = (np.asarray(v, dtype=float) for v in line.get_data())
+        finite = np.isfinite(x) & np.isfinite(y)
+        assert finite.sum() >= 2 or (finite.any() and line.get_marker() not in ("None", "", None)), label
+
+
+def test_loss_plot_of_every_optimizer_is_one_panel_per_family():
+    need("matplotlib")
+    names = [r.name for r in optzoo.optimizer.records() if r.cls.__module__.startswith("optzoo.optimizer.")]
+    fig = plots.plot_losses([fake(n, diverge_at=2 if n == "adamax" else None) for n in names], None, 45)
+    axes = panels(fig)
+    assert [ax.get_title(loc="left").split(" (")[0] for ax in axes] == list(plots.FAMILIES)
+    assert f"{len(names)} optimizers" in fig._suptitle.get_text() and "every" not in fig._suptitle.get_text()
+    drawn = []
+    for ax in axes:
+        check_legends_have_lines(ax)
+        own = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        colors = [line.get_color() for line in own]
+        assert len(set(map(tuple, colors))) == len(colors)   # distinct within a panel
+        drawn += [line.get_label().split(":")[0] for line in own]
+        assert "trailing mean over 1 epoch = 45 steps" in ax.get_ylabel() or not ax.get_subplotspec().is_first_col()
+    assert sorted(drawn) == sorted(names)   # each optimizer in exactly one panel
+    # the grey context lines carry no legend entry
+    assert all(line.get_label().startswith("_") for ax in axes for line in ax.get_lines()
+               if line.get_color() == "0.8")
+
+
+def test_loss_plot_marks_where_a_run_diverged():
+    need("matplotlib")
+    fig = plots.plot_losses([fake("adam"), fake("adamax", diverge_at=30), fake("nadam", diverge_at=2)], None, 45)
+    (ax,) = panels(fig)
+    check_legends_have_lines(ax)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for label, step in [("adamax: diverged at step 30", 30), ("nadam: diverged at step 2", 2)]:
+        line = lines[label]
+        x, y = line.get_data()
+        assert line.get_marker() == "X" and list(line.get_markevery()) == [len(x) - 1]
+        assert x[-1] == pytest.approx(step / 45) and np.isfinite(y).all()
+    assert "adam" in lines and lines["adam"].get_marker() != "X"
+
+
+def test_loss_plot_title_names_what_ran_and_failed_runs_have_no_entry():
+    need("matplotlib")
+    fig = plots.plot_losses([fake("sgd"), fake("nag"), fake("adam"), fake("mine", error="ValueError: no")], None, 45)
+    assert "sgd, nag, adam and mine" in fig._suptitle.get_text()
+    axes = panels(fig)
+    assert [ax.get_title(loc="left") for ax in axes] == ["SGD-like (2)", "adaptive (1)", "other (1)"]
+    for ax in axes[:2]:
+        check_legends_have_lines(ax)
+    assert axes[2].get_legend() is None
+    assert any("failed to train" in t.get_text() and "mine" in t.get_text() for t in axes[2].texts)
+
+
+def test_momentum_is_drawn_only_for_the_full_run():
+    assert trajectories.curves_for(["sgd", "nag", "adam"]) == ["sgd", "nag", "adam"]
+    assert "momentum" in trajectories.curves_for(["sgd", "nag", "adam"], everything=True)
+    assert trajectories.curves_for(["ftrl"]) == []
+
+
+def test_trajectories_share_one_legend_and_the_longest_path_lies_underneath():
+    need("matplotlib")
+    fns = trajectories.FUNCTIONS
+    paths = {key: {c: trajectories.trajectory(fn, c, 30).numpy() for c in ("sgd", "nag", "adam", "adadelta")}
+             for key, fn in fns.items()}
+    fig = plots.plot_trajectories(fns, paths, None)
+    axes = panels(fig)
+    assert len(axes) == 2 * len(fns)   # rows: SGD-like, adaptive; columns: the functions
+    assert all(ax.get_legend() is None for ax in axes)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels[:4] == ["sgd", "nag", "adam", "adadelta"]
+    assert any(lab.startswith("start") for lab in labels) and any(lab.startswith("end") for lab in labels)
+    assert "momentum" not in " ".join(labels)
+    assert "sgd, nag, adam and adadelta" in fig._suptitle.get_text()
+    for ax in axes:
+        own = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+        length = {line.get_label(): np.linalg.norm(np.diff(np.column_stack(line.get_data()), axis=0), axis=1).sum()
+                  for line in own}
+        by_z = sorted(own, key=lambda line: line.get_zorder())
+        assert [length[line.get_label()] for line in by_z] == sorted(length.values(), reverse=True)
+        assert [line.get_linewidth() for line in by_z] == sorted((line.get_linewidth() for line in by_z),
+                                                                reverse=True)
+
+
+def test_terminal_table_fits_80_columns_and_keeps_every_setting():
+    need("rich")
+    from rich.console import Console
+    results = [fake(n) for n in ("sgd", "lbsgd", "adamax")]
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(report.rich_table(results))
+    text = console.export_text()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    flat = " ".join(text.split())
+    for r in results:
+        for k, v in r.settings.items():
+            assert f"{k}={v}" in flat
+    assert "adamax [1]" in text and report.format_footnotes(results).startswith("[1] adamax:")
+
+
+def test_make_demo_says_how_to_run_optzoo_next():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    target = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert ".venv/bin/optzoo" in target and "echo" in target
 
 
 def test_console_script_is_declared():

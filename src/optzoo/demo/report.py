@@ -1,10 +1,12 @@
-"""The demo's results table (markdown, so it can be pasted into a README) and its JSON dump."""
+"""The demo's results table: aligned for the terminal (rich), markdown for results.md (to paste into a README),
+and its JSON dump."""
 from __future__ import annotations
 
 import json
 import math
 
-__all__ = ["COLUMNS", "NOTES", "format_table", "format_notes", "format_settings", "to_json"]
+__all__ = ["COLUMNS", "NOTES", "format_table", "format_notes", "format_settings", "format_footnotes", "rich_table",
+           "to_json"]
 
 COLUMNS = ("optimizer", "final train loss", "test accuracy", "ms/step", "state B/param", "settings")
 
@@ -40,6 +42,46 @@ def format_table(results) -> str:
                  _num(r.state_bytes_per_param, ".2f"), format_settings(r.settings))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+#: :data:`COLUMNS` 1-4 as two-line headers; the caption spells them out
+_SHORT = ("final\nloss", "test\nacc.", "ms/\nstep", "state\nB/param")
+_CAPTION = ("final loss: cross-entropy on the whole training set after training; test acc.: accuracy on the "
+            "held-out images; ms/step: median time of trainer.step; state B/param: optimizer state bytes per "
+            "parameter element")
+
+
+def rich_table(results, title: str = ""):
+    """The same rows as :func:`format_table` as a :class:`rich.table.Table`: numbers right-aligned, the settings
+    wrapped at their commas within the console's width; a row with a note in :data:`NOTES` gets a footnote mark."""
+    from rich import box
+    from rich.table import Table
+    from rich.markup import escape
+    table = Table(*COLUMNS[:1], title=title or None, title_justify="left",
+                  caption=_CAPTION, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    for c in _SHORT:   # narrow headers leave the settings room in an 80-column terminal
+        table.add_column(c, justify="right")
+    table.add_column(COLUMNS[-1], overflow="fold")
+    marks = _marks(results)
+    for r in results:
+        name = r.name + (f" [{marks[r.name]}]" if r.name in marks else "")
+        settings = escape(format_settings(r.settings))   # a user's values are not rich markup
+        if r.error:
+            table.add_row(escape(name), f"[red]failed: {escape(r.error)}[/red]", "", "", "", settings)
+            continue
+        table.add_row(escape(name), _num(r.final_loss, ".4f"), _num(r.accuracy, ".3f"), _num(r.ms_per_step, ".3f"),
+                      _num(r.state_bytes_per_param, ".2f"), settings)
+    return table
+
+
+def _marks(results) -> dict:
+    return {n: str(k) for k, n in enumerate((r.name for r in results if r.name in NOTES), 1)}
+
+
+def format_footnotes(results) -> str:
+    """:data:`NOTES` for the rows of :func:`rich_table`, numbered as its marks."""
+    marks = _marks(results)
+    return "\n".join(f"[{k}] {n}: {NOTES[n]}" for n, k in marks.items())
 
 
 def format_notes(results) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import optimizer as _optimizer
 from . import plots, report, trajectories
 from .data import split
 from .train import DigitsMLP, Result, settings_for, train
@@ -29,9 +30,12 @@ class DemoConfig:
 
 def _progress():
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=False)
+    from rich.progress import (BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    # 72 columns: fits an 80-column terminal
+    return Progress(TextColumn("{task.description:<30}"), BarColumn(bar_width=16), TaskProgressColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+                    transient=False)
 
 
 def _failed(name, error):
@@ -42,14 +46,15 @@ def _failed(name, error):
 def _paths(progress, curves, steps):
     """Every function's trajectories for ``curves`` (``steps`` updates, or each function's own number)."""
     fns = trajectories.FUNCTIONS
-    task = progress.add_task("trajectories", total=len(fns) * len(curves))
+    n_steps = {key: fn.steps if steps is None else steps for key, fn in fns.items()}
+    task = progress.add_task("paths", total=sum(n_steps.values()) * len(curves))
     paths = {}
     for key, fn in fns.items():
         paths[key] = {}
         for c in curves:
-            progress.update(task, description=f"trajectories: {fn.name}, {c}")
-            paths[key][c] = trajectories.trajectory(fn, c, fn.steps if steps is None else steps).numpy()
-            progress.advance(task)
+            progress.update(task, description=f"paths: {fn.name}, {c}")
+            paths[key][c] = trajectories.trajectory(fn, c, n_steps[key],
+                                                    on_step=lambda: progress.advance(task)).numpy()
     return paths
 
 
@@ -68,7 +73,8 @@ def run(config: DemoConfig) -> int:
     data = split(config.seed).to(device)
     steps_per_epoch = -(-len(data.x_train) // config.batch_size)
     per_run = config.epochs * steps_per_epoch
-    curves = [c for c, name in trajectories.CURVES.items() if name in config.optimizers]
+    everything = set(_optimizer.list_optimizers()) <= set(config.optimizers)
+    curves = trajectories.curves_for(config.optimizers, everything)
     results, paths = [], {}
     with _progress() as progress:
         task = progress.add_task("training", total=len(config.optimizers) * per_run)
@@ -83,16 +89,19 @@ def run(config: DemoConfig) -> int:
         if curves:
             paths = _paths(progress, curves, config.trajectory_steps)
 
+    from rich.console import Console
+    console = Console(highlight=False)
     n_params = sum(p.numel() for p in DigitsMLP().parameters())
-    print(f"optzoo demo: 8x8 digits, {len(data.x_train)} training / {len(data.x_test)} held-out images; "
-          f"MLP 64-64-10 ({n_params} parameters); {config.epochs} epochs of {steps_per_epoch} batches of "
-          f"{config.batch_size}; seed {config.seed}; device {device} ({torch.get_num_threads()} CPU thread(s)); "
-          f"fused={config.fused}\n")
+    console.print(f"optzoo demo: 8x8 digits, {len(data.x_train)} training / {len(data.x_test)} held-out images; "
+                  f"MLP 64-64-10 ({n_params} parameters); {config.epochs} epochs of {steps_per_epoch} batches of "
+                  f"{config.batch_size}; seed {config.seed}; device {device} ({torch.get_num_threads()} CPU "
+                  f"thread(s)); fused={config.fused}", markup=False)
+    console.print(report.rich_table(results))
+    footnotes = report.format_footnotes(results)
+    if footnotes:
+        console.print(footnotes, markup=False)
     table = report.format_table(results)
     notes = report.format_notes(results)
-    print(table)
-    if notes:
-        print("\n" + notes)
     out = Path(config.out)
     files = [out / "loss.png", out / "results.md", out / "results.json"]
     plots.plot_losses(results, files[0], steps_per_epoch)

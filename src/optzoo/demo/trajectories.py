@@ -12,7 +12,7 @@ import torch
 
 from .. import optimizer as _optimizer
 
-__all__ = ["TestFunction", "FUNCTIONS", "CURVES", "trajectory", "trajectories"]
+__all__ = ["TestFunction", "FUNCTIONS", "CURVES", "curves_for", "trajectory", "trajectories"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,14 @@ def _valley(x, y):
 CURVES = {"sgd": "sgd", "momentum": "sgd", "nag": "nag", "adam": "adam", "rmsprop": "rmsprop",
           "adagrad": "adagrad", "adadelta": "adadelta"}
 
+
+
+def curves_for(names, everything: bool = False) -> list:
+    """The curves to draw for a run of ``names``: those whose optimizer ran, in :data:`CURVES` order; "momentum"
+    (SGD with momentum, not a registered name) only when ``everything`` ran, since nobody asked for it otherwise."""
+    return [c for c, name in CURVES.items() if name in names and (c == name or everything)]
+
+
 FUNCTIONS = {
     "rosenbrock": TestFunction(
         "Rosenbrock", "(1-x)^2 + 100(y-x^2)^2", _rosenbrock, (-1.5, 2.0), (1.0, 1.0), (-2.0, 2.0), (-1.0, 3.0), 1000,
@@ -74,8 +82,9 @@ FUNCTIONS = {
 }
 
 
-def trajectory(fn: TestFunction, curve: str, steps: int, settings: dict | None = None) -> torch.Tensor:
-    """The path of ``curve``'s optimizer on ``fn`` from ``fn.start``: a float64 tensor of shape (steps + 1, 2)."""
+def trajectory(fn: TestFunction, curve: str, steps: int, settings: dict | None = None, on_step=None) -> torch.Tensor:
+    """The path of ``curve``'s optimizer on ``fn`` from ``fn.start``: a float64 tensor of shape (steps + 1, 2).
+    ``on_step()`` is called after every update (progress)."""
     name = CURVES.get(curve, curve)
     opt = _optimizer.create(name, **(fn.settings.get(curve, {}) if settings is None else settings))
     w = torch.tensor([fn.start], dtype=torch.float64)
@@ -86,6 +95,8 @@ def trajectory(fn: TestFunction, curve: str, steps: int, settings: dict | None =
         (grad,) = torch.autograd.grad(fn(p[0, 0], p[0, 1]), p)
         opt.update_multi_precision(0, w, grad, state)
         path.append(w[0].clone())
+        if on_step is not None:
+            on_step()
     return torch.stack(path)
 
 
