@@ -126,9 +126,11 @@ def check_tensor_pair(index, weight, grad) -> None:
         raise TypeError(f"grad for index {index!r} is a {type(grad).__name__}: expected a torch.Tensor")
     if not weight.is_floating_point():
         raise TypeError(f"weight for index {index!r} has dtype {weight.dtype}: expected a floating-point tensor")
+    if grad.layout == torch.sparse_coo:
+        return check_row_sparse(index, weight, grad)
     if grad.layout != torch.strided:
-        raise TypeError(f"grad for index {index!r} has layout {grad.layout}: sparse (row-sparse) gradients "
-                        "are not supported yet; pass a dense gradient (grad.to_dense())")
+        raise TypeError(f"grad for index {index!r} has layout {grad.layout}: expected a dense (strided) gradient "
+                        "or a row-sparse one (torch.sparse_coo with sparse_dim 1)")
     if grad.shape != weight.shape:
         raise ValueError(f"grad for index {index!r} has shape {tuple(grad.shape)}: expected the weight's "
                          f"shape {tuple(weight.shape)}")
@@ -136,6 +138,36 @@ def check_tensor_pair(index, weight, grad) -> None:
         raise TypeError(f"grad for index {index!r} has dtype {grad.dtype}: expected the weight's dtype {weight.dtype}")
     if grad.device != weight.device:
         raise ValueError(f"grad for index {index!r} is on {grad.device}: expected the weight's device {weight.device}")
+
+
+def check_row_sparse(index, weight, grad) -> None:
+    """A row-sparse gradient: a ``torch.sparse_coo`` tensor with ``sparse_dim == 1`` over the rows of a dense
+    weight (what ``nn.Embedding(sparse=True)`` gives), its rows in range, its dense part of the weight's row
+    shape, in the weight's dtype and on its device. Duplicated rows are allowed (they are summed)."""
+    if weight.layout != torch.strided:
+        raise TypeError(f"weight for index {index!r} has layout {weight.layout}: expected a dense (strided) "
+                        "weight for a row-sparse gradient")
+    if grad.sparse_dim() != 1:
+        raise TypeError(f"grad for index {index!r} is sparse with sparse_dim {grad.sparse_dim()}: expected a "
+                         "row-sparse gradient (sparse_dim 1, whole rows of the weight), e.g. from "
+                         "nn.Embedding(sparse=True); pass grad.to_dense() otherwise")
+    if weight.dim() == 0 or tuple(grad.shape[1:]) != tuple(weight.shape[1:]):
+        raise ValueError(f"grad for index {index!r} has rows of shape {tuple(grad.shape[1:])}: expected the "
+                         f"weight's row shape {tuple(weight.shape[1:])} (weight shape {tuple(weight.shape)})")
+    if grad.shape[0] != weight.shape[0]:
+        raise ValueError(f"grad for index {index!r} has shape {tuple(grad.shape)}: expected the weight's "
+                         f"shape {tuple(weight.shape)}")
+    if grad.dtype != weight.dtype:
+        raise TypeError(f"grad for index {index!r} has dtype {grad.dtype}: expected the weight's dtype {weight.dtype}")
+    if grad.device != weight.device:
+        raise ValueError(f"grad for index {index!r} is on {grad.device}: expected the weight's device {weight.device}")
+    rows = grad._indices()[0]
+    if rows.numel():  # torch checks a COO tensor's indices against its size only when asked to
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= weight.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"grad for index {index!r} has row {bad} out of range: expected rows in "
+                             f"[0, {weight.shape[0]}) of the weight")
 
 
 def check_distinct_weights(indices, weights) -> None:

@@ -13,6 +13,10 @@ torch's schedulers (which write ``group['lr']``, and ``group['betas']`` or ``gro
 effect at the next step. ``rescale_grad`` defaults to 1. The math is the MXNet-style optimizer's own:
 each param group drives one instance of it, so both faces give the same numbers.
 
+Row-sparse gradients (``nn.Embedding(sparse=True)``) are taken where the MXNet-style optimizer takes them;
+``lazy`` (alias of the group key ``lazy_update``, default MXNet's choice) picks a lazy update (only the rows the
+gradient touches change) or the standard one, for SGD, Adam and FTRL (opt-in there).
+
 Not accepted here: ``lr_scheduler`` (use torch's schedulers), ``param_idx2name``, ``param_dict`` and
 ``sym`` (use param groups for per-parameter hyperparameters).
 """
@@ -35,6 +39,8 @@ from .optimizer.updater import calls as _calls
 __all__ = ["OptzooOptimizer", "create", "flatten_parameters"]
 
 _TORCH_NAMES = {"learning_rate": "lr", "wd": "weight_decay"}
+#: Short names accepted for group keys that keep their MXNet name: ``lazy`` (row-sparse gradients, lazy or standard).
+_SHORT_NAMES = {"lazy": "lazy_update"}
 _REJECTED = ("lr_scheduler", "param_idx2name", "param_dict", "sym")
 
 
@@ -95,6 +101,11 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         and a repeated parameter would be updated twice by some paths and once by others)."""
         if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (_torch.Tensor, set)):
             param_group = dict(param_group, params=list(param_group.get("params", ())))
+            for short, key in _SHORT_NAMES.items():
+                if short in param_group:
+                    if key in param_group:
+                        raise TypeError(f"param group: got both {short!r} and its alias {key!r}")
+                    param_group[key] = param_group.pop(short)
             first = {}
             for k, p in enumerate(param_group["params"]):
                 k0 = first.setdefault(id(p), k)
@@ -327,9 +338,11 @@ def _to_group_keys(cls_name, kwargs, defaults=None) -> dict:
         if key in _REJECTED:
             raise TypeError(f"{cls_name}(): {key!r} is not supported by the torch face: use param groups and "
                             "torch.optim.lr_scheduler")
-        out_key = _TORCH_NAMES.get(key, key)
+        out_key = _TORCH_NAMES.get(key, _SHORT_NAMES.get(key, key))
         if out_key in out:
-            raise TypeError(f"{cls_name}() got both {key!r} and its alias {out_key!r}")
+            short = {v: k for k, v in _SHORT_NAMES.items()}.get(out_key)
+            name, alias = (out_key, short) if short else (key, out_key)
+            raise TypeError(f"{cls_name}() got both {name!r} and its alias {alias!r}")
         out[out_key] = value
     if "beta1" in out or "beta2" in out or "betas" in out:
         if "betas" in out and ("beta1" in out or "beta2" in out):

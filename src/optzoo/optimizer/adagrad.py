@@ -29,6 +29,10 @@ class AdaGrad(Optimizer):
     Scalars enter as MXNet's NDArray ops see them (:func:`mx_scalar`), square roots are correctly
     rounded (:func:`sqrt_rn`): fp32 results are bit-identical to MXNet's.
 
+    Row-sparse gradients: lazy (MXNet's ``sparse.adagrad_update``), only the gradient's rows of :math:`w` and
+    :math:`h` change; it refuses weight decay, so a row-sparse gradient for an index whose ``wd`` (times its
+    ``wd_mult``) is not 0 is an error, as in MXNet.
+
     Differs from ``torch.optim.Adagrad``: torch adds ``eps`` (default 1e-10) *outside* the square root,
     :math:`G/(\sqrt{h}+\epsilon)`; torch adds ``weight_decay * w`` to the gradient before it is
     accumulated (coupled L2), here :math:`wd\cdot w` is applied after, outside the accumulator; torch's
@@ -51,6 +55,13 @@ class AdaGrad(Optimizer):
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight, dtype=torch.float32)  # history
+
+    def sparse_mode(self, index, multi_precision):
+        wd = self._get_wd(index)
+        if wd != 0:  # MXNet 1.9.1's sparse.adagrad_update refuses weight decay
+            raise ValueError(f"wd for index {index!r} is {wd!r}: AdaGrad's row-sparse update does not support "
+                             "weight decay (MXNet 1.9.1's sparse.adagrad_update), expected 0")
+        return "lazy"
 
     def prepare(self, *, lr, wd, t, index, dtype):
         ct = torch.promote_types(dtype, torch.float32)  # see "State" in the docstring

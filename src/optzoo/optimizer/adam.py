@@ -34,6 +34,13 @@ class Adam(Optimizer):
     computes in fp16, where :math:`\epsilon = 10^{-8}` is 0; in bf16, :math:`\beta_2 = 0.999` would be 1
     and :math:`v` would never move.
 
+    Row-sparse gradients: ``lazy_update=True`` (MXNet's default, also under multi-precision) updates only
+    the gradient's rows of :math:`w`, :math:`m` and :math:`v`, and the count still advances on a call with no
+    rows (the bias correction moves); ``False``: the rule above on every row, :math:`g = 0` on absent ones
+    (so :math:`G = wd\cdot w` there). MXNet's sparse kernels round :math:`(1-\beta_2)(G^2)` where the dense
+    one rounds :math:`((1-\beta_2)G)\,G` (standard always, lazy when clipping); optzoo follows each.
+    Unlike ``torch.optim.SparseAdam``, weight decay and clipping apply.
+
     Differs from ``torch.optim.Adam``: epsilon is added to :math:`\sqrt{v}` *before* bias correction
     (torch adds it to :math:`\sqrt{\hat v}`), and ``wd`` is added to the gradient before clipping.
 
@@ -43,7 +50,8 @@ class Adam(Optimizer):
     beta1 : float in [0, 1), default 0.9
     beta2 : float in [0, 1), default 0.999
     epsilon : float >= 0, default 1e-8
-    lazy_update : bool, default True (only matters for row-sparse gradients)
+    lazy_update : bool, default True
+        Row-sparse gradients only: lazy or standard update, see above.
     **kwargs : the :class:`Optimizer` arguments.
     """
 
@@ -61,6 +69,9 @@ class Adam(Optimizer):
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # mean, var
 
+    def sparse_mode(self, index, multi_precision):
+        return "lazy" if self.lazy_update else "standard"
+
     def prepare(self, *, lr, wd, t, index, dtype):
         lr_t = lr * math.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)  # in double, as MXNet's Python side
         P = functools.partial(mx_param, dtype=compute_dtype(dtype))  # adam_update's float parameters
@@ -69,11 +80,22 @@ class Adam(Optimizer):
         # the weight dtype, bf16(0.999) is 1 but bf16(0.001) is not 0
         return b1, 1 - b1, b2, 1 - b2, P(self.epsilon), P(self.rescale_grad), P(lr_t), P(wd)
 
-    def kernel(self, w, g, state, s, seg=None):
+    def kernel(self, w, g, state, s, seg=None, square_first=False):
         b1, one_minus_b1, b2, one_minus_b2, eps, rg, lr_t, wd = s
         ct = compute_dtype(w.dtype)  # fp32 for fp16/bf16 weights: see the docstring
         w, g, m, v = (x.to(ct) for x in (w, g, *state))
         G = self._clip(g * rg + w * wd)
         m = b1 * m + one_minus_b1 * G
-        v = b2 * v + one_minus_b2 * G * G
+        # MXNet's row-sparse kernels round (1-b2)*(G*G) where the dense one rounds ((1-b2)*G)*G
+        v = b2 * v + (one_minus_b2 * (G * G) if square_first else one_minus_b2 * G * G)
         return w - lr_t * m / (sqrt_rn(v) + eps), (m, v)
+
+    def lazy_rule(self, w, g, state, *, lr, wd, t, index):
+        # AdamDnsRspDnsKernel: the dense arithmetic, except (1-b2)*(G*G) when clipping
+        s = self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=w.dtype)
+        return self.kernel(w, g, state, s, square_first=bool(self.clip_gradient))
+
+    def standard_rule(self, w, g, state, *, lr, wd, t, index):
+        # AdamStdDnsRspDnsKernel: the dense rule, with (1-b2)*(G*G)
+        s = self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=w.dtype)
+        return self.kernel(w, g, state, s, square_first=True)

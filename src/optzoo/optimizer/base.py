@@ -18,7 +18,7 @@ import torch
 
 from .._checks import (check_bool, check_distinct_weights, check_nonnegative, check_number, check_optional_clip,
                        check_positive_int, check_tensor_pair, plain)
-from . import _tree, engine
+from . import _sparse, _tree, engine
 from ._numerics import in_dtype, mx_param
 
 __all__ = ["Optimizer", "LOW_PRECISION"]
@@ -350,6 +350,10 @@ class Optimizer:
         LARS's momentum correction, which MXNet applies to every index of a call); SGD and LARS always
         count the whole call first, as MXNet's aggregated kernels do; other optimizers with unequal counts
         read index by index, in list order.
+
+        A gradient may be row-sparse (``torch.sparse_coo`` with ``sparse_dim == 1`` over the weight's rows,
+        repeated rows summed) where the optimizer's :meth:`sparse_mode` takes it: counted and read as a dense
+        one, then updated lazily (:meth:`lazy_rule`, only its rows) or by the dense rule (:meth:`standard_rule`).
         """
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
         for i, w, g, s in zip(indices, weights, grads, states):
@@ -366,6 +370,8 @@ class Optimizer:
         ``lows``: per index, the fp16/bf16 weight that gets a copy of the updated fp32 master (``weights``),
         or None; gradients may then be in the low dtype (widened where the kernel reads them)."""
         _check_dense(indices, weights, lows)
+        if not all(map(_is, map(_LAYOUT, grads), _repeat(torch.strided))):
+            return self._step_sparse(indices, weights, grads, states, chunks, lows)
         shards = self.__dict__.get("_shards")  # local shards of sharded parameters: sums over every shard
         fast = ((self._fused is not False or bool(shards)) and self._has_fast_path()
                 and len(set(indices)) == len(indices))
@@ -400,6 +406,78 @@ class Optimizer:
             pairs = [(low, w) for low, w in zip(lows or (), weights) if low is not None]
             if pairs:
                 torch._foreach_copy_([low for low, _ in pairs], [w for _, w in pairs])
+
+    # ------------------------------------------------------------------ row-sparse gradients
+    def sparse_mode(self, index, multi_precision):
+        """How a row-sparse gradient updates index ``index`` (``multi_precision``: on an fp32 master copy):
+        ``"lazy"`` (only the gradient's rows of the weight and of every state change, by :meth:`lazy_rule`),
+        ``"standard"`` (the dense rule, absent rows as zero gradient) or None (refused). MXNet 1.9.1's choice
+        per optimizer; may raise a ValueError naming the index for settings MXNet's sparse kernel refuses."""
+        return None
+
+    def lazy_rule(self, weight, grad, state, *, lr, wd, t, index):
+        """The lazy update of the gathered rows (``weight``, ``state``: the gradient's rows; ``grad``: its
+        coalesced values): ``(new_rows, new_state_rows)``. By default the dense rule on those rows, which is
+        MXNet's sparse kernel wherever both compute in the same order (an optimizer overrides it where not)."""
+        return self.rule(weight, grad, state, lr=lr, wd=wd, t=t, index=index)
+
+    def standard_rule(self, weight, grad, state, *, lr, wd, t, index):
+        """The standard update from a row-sparse gradient (``grad``: densified, absent rows 0): by default the
+        dense rule (MXNet's storage fallback); an optimizer overrides it where MXNet's sparse kernel rounds
+        differently."""
+        return self.rule(weight, grad, state, lr=lr, wd=wd, t=t, index=index)
+
+    def _step_sparse(self, indices, weights, grads, states, chunks, lows):
+        """``_step_lists`` with row-sparse gradients among ``grads``: the same counts and reads, every input
+        checked first, then each index by its :meth:`sparse_mode` (dense gradients by the rule), one by one
+        (the fast-path executor takes dense gradients only)."""
+        modes = []
+        for k, (i, g) in enumerate(zip(indices, grads)):
+            if g.layout is torch.strided:
+                modes.append(None)
+                continue
+            mode = self.sparse_mode(i, bool(lows) and lows[k] is not None)
+            if mode not in ("lazy", "standard"):
+                raise TypeError(f"grad for index {i!r} is row-sparse: {type(self).__name__} does not support "
+                                "row-sparse gradients; pass a dense gradient (grad.to_dense())")
+            modes.append(mode)
+        saved = self._bookkeeping()
+        try:
+            check = getattr(self, "_check_indices", None)
+            if check is not None:
+                check(indices)
+            reads = [None] * len(indices)
+            for chunk in (chunks if chunks is not None else [range(len(indices))]):
+                for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
+                    reads[k] = read
+            self._check_reads(indices, reads)
+        except BaseException:
+            self._restore(saved)
+            raise
+        with torch.no_grad():
+            for k, (i, w, g, s, mode, (lr, wd, t)) in enumerate(zip(indices, weights, grads, states, modes, reads)):
+                low = lows[k] if lows else None
+                if mode == "lazy":
+                    rows, values = _sparse.rows_of(g)
+                    if not rows.numel():  # counted, nothing to change
+                        continue
+                    new_w, new_s = self.lazy_rule(w.index_select(0, rows), values.to(w.dtype),
+                                                  _sparse.gather(s, rows), lr=lr, wd=wd, t=t, index=i)
+                    _sparse.scatter_(s, new_s, rows)
+                    if new_w is not None:
+                        w.index_copy_(0, rows, new_w.to(w.dtype))
+                        if low is not None:
+                            low.index_copy_(0, rows, new_w.to(low.dtype))
+                    continue
+                if mode == "standard":  # MXNet's storage fallback: the dense rule on the densified gradient
+                    g = g.coalesce().to_dense()
+                rule = self.standard_rule if mode == "standard" else self.rule
+                new_w, new_s = rule(w, g.to(w.dtype), s, lr=lr, wd=wd, t=t, index=i)
+                _tree.assign(s, new_s)
+                if new_w is not None and new_w is not w:
+                    w.copy_(new_w)
+                if low is not None:
+                    low.copy_(w)
 
     def _check_reads(self, indices, reads):
         """Refuse an index's ``(lr, wd, t)`` (``reads``, in list order) before any tensor changes: a ValueError

@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from .._checks import check_nonnegative
+from .._checks import check_bool, check_nonnegative
 from ._numerics import mx_param, sqrt_rn
 from .base import Optimizer
 from .registry import register
@@ -32,6 +32,12 @@ class Ftrl(Optimizer):
     when stored (MXNet 1.9.1 raises on such mixed dtypes: "Incompatible attr ... expected float64, got
     float32").
 
+    Row-sparse gradients: standard by default, as MXNet 1.9.1 with a dense weight (its storage fallback: every
+    row follows the rule with :math:`G = 0`, so rows never seen become 0 at the first update, and ``wd`` acts
+    everywhere); ``lazy_update=True`` updates only the gradient's rows of :math:`w`, :math:`z` and :math:`n`,
+    the numbers of MXNet's lazy kernel, which it runs only when the weight itself is row_sparse (what CTR
+    models need; also under multi-precision, which MXNet does not offer lazily).
+
     ``learning_rate`` is kept as MXNet keeps it: it is *not* handed to the base class, so with an
     ``lr_scheduler`` the scheduler's ``base_lr`` is left alone (no overwrite, no warning) and the
     scheduler alone sets :math:`lr`; without one, :math:`lr` is ``learning_rate`` (default 0.1).
@@ -48,12 +54,16 @@ class Ftrl(Optimizer):
         :math:`lr` (the paper's :math:`\alpha`); unused when an ``lr_scheduler`` is given.
     beta : float >= 0, default 1
         :math:`\beta`, added to :math:`\sqrt{n}` in the per-coordinate rate.
+    lazy_update : bool, default False
+        Row-sparse gradients only: update only the gradient's rows of :math:`w`, :math:`z` and :math:`n`
+        (see "Row-sparse gradients" above). Not an MXNet argument (optzoo's opt-in).
     **kwargs : the :class:`Optimizer` arguments.
     """
 
     state_names = ("z", "n")  # the state's tensors, as the docstring names them
 
-    def __init__(self, lamda1=0.01, learning_rate=0.1, beta=1, **kwargs):
+    def __init__(self, lamda1=0.01, learning_rate=0.1, beta=1, lazy_update=False, **kwargs):
+        lazy_update = check_bool("lazy_update", lazy_update)
         learning_rate = check_nonnegative("learning_rate", learning_rate,
                                           allow_none=kwargs.get("lr_scheduler") is not None)
         lamda1 = check_nonnegative("lamda1", lamda1)
@@ -61,6 +71,10 @@ class Ftrl(Optimizer):
         super().__init__(**kwargs)  # not learning_rate: MXNet leaves a scheduler's base_lr untouched
         self.lamda1, self.beta = lamda1, beta
         self.lr = learning_rate
+        self.lazy_update = lazy_update
+
+    def sparse_mode(self, index, multi_precision):
+        return "lazy" if self.lazy_update else "standard"
 
     def create_state(self, index, weight):
         f32 = torch.float32

@@ -40,6 +40,10 @@ class GroupAdaGrad(Optimizer):
     such mixed dtypes); for fp16/bf16 weights ``lr`` and :math:`\epsilon` are held in fp32, not in the
     weight dtype (an :math:`\epsilon` below 6e-8 is 0 in fp16: a row of zero gradients would give 0/0).
 
+    Row-sparse gradients: lazy (MXNet's ``GroupAdagradDnsRspKernel``), only the gradient's rows of :math:`w`
+    and :math:`h` change; the row sums there are plain running sums in the weight dtype (no Kahan), as that
+    kernel takes them.
+
     torch.optim has no row-wise AdaGrad. Compared with ``torch.optim.Adagrad``: one accumulator per
     row (the mean of the row's squared gradients) instead of one per element; ``eps`` inside the
     square root (torch: outside, default 1e-10); no weight decay, ``lr_decay`` or
@@ -78,6 +82,20 @@ class GroupAdaGrad(Optimizer):
             if wd != 0:
                 raise ValueError(f"wd for index {index!r} is {wd!r} (wd={self.wd!r} times its wd_mult): "
                                  "GroupAdaGrad does not support weight decay, expected 0")
+
+    def sparse_mode(self, index, multi_precision):
+        return "lazy"
+
+    def lazy_rule(self, w, g, h, *, lr, wd, t, index):
+        # MXNet's GroupAdagradDnsRspKernel: a plain running sum of the row's squares (no Kahan), then
+        # w - (lr*G)/sqrt(h + eps) in the weight dtype
+        rg, lr, eps = self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=w.dtype)
+        G = self._clip(g * rg)
+        ssq = torch.zeros_like(G[:, :1])
+        for j in range(G.shape[1]):
+            ssq = ssq + G[:, j:j + 1] * G[:, j:j + 1]
+        h = (h + ssq / G.shape[1]).to(h.dtype)
+        return w - lr * G / sqrt_rn(h + eps), h
 
     def prepare(self, *, lr, wd, t, index, dtype):
         D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))  # see "State" in the docstring

@@ -53,6 +53,9 @@ class LARS(Optimizer):
 
     State: as :class:`SGD`, ``mom`` or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
 
+    Row-sparse gradients are refused for now (MXNet 1.9.1 takes the trust ratio over the whole weight in Python,
+    then a lazy ``sgd(_mom)_update``; its numbers are recorded in ``tests/fixtures/sparse.*``).
+
     torch.optim has no LARS.
 
     Parameters

@@ -46,6 +46,9 @@ class LBSGD(Optimizer):
     ``prepare`` (the count and the warmup multiplier) + ``kernel`` (the SGD step), which the executor runs
     like any other optimizer's; accumulating settings run the rule tensor by tensor.
 
+    Row-sparse gradients (``batch_scale = 1`` with a schedule warmup only; accumulating settings refuse them):
+    lazy, as MXNet's ``sgd(_mom)_update`` with its default ``lazy_update``, also under multi-precision.
+
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
     torch.optim has no LBSGD (``torch.optim.SGD`` with gradient accumulation and a warmup scheduler
@@ -93,6 +96,11 @@ class LBSGD(Optimizer):
         self.num_epochs = num_epochs
         self.init_updates = self.begin_epoch * self.updates_per_epoch
         self.cumgrads = {}
+
+    def sparse_mode(self, index, multi_precision):
+        # MXNet: sgd(_mom)_update's lazy row-sparse kernels, also under multi-precision; optzoo's accumulator
+        # holds dense gradients only, so accumulating settings refuse row-sparse ones
+        return "lazy" if self._has_fast_path() else None
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None

@@ -29,6 +29,10 @@ class NAG(Optimizer):
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
 
+    Row-sparse gradients: lazy for ``momentum == 0`` in fp32 (MXNet calls ``sgd_update``, lazy by default:
+    only the gradient's rows change), otherwise standard (``nag_mom_update`` and the ``mp_*`` kernels fall
+    back to the dense rule, :math:`g = 0` on absent rows).
+
     Differs from ``torch.optim.SGD(nesterov=True)``: the buffer holds the lr-scaled, negated velocity
     (torch keeps ``buf = μ·buf + g`` and steps ``lr·(g + μ·buf)``), and weight decay is never clipped.
 
@@ -49,6 +53,10 @@ class NAG(Optimizer):
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def sparse_mode(self, index, multi_precision):
+        # momentum 0 calls sgd_update (lazy by default); nag_mom_update and the mp kernels fall back to dense
+        return "lazy" if self.momentum == 0.0 and not multi_precision else "standard"
 
     def prepare(self, *, lr, wd, t, index, dtype):
         lr, wd, mu = (mx_param(x, dtype) for x in (lr, wd, self.momentum))  # the kernels' float parameters

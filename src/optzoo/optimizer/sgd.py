@@ -23,12 +23,19 @@ class SGD(Optimizer):
 
     Differs from ``torch.optim.SGD``: the buffer holds the *lr-scaled, negated* velocity, so a change of
     learning rate acts only on new gradients (torch keeps ``buf = μ·buf + g`` and multiplies by the current
-    lr); weight decay is never clipped. ``lazy_update`` only matters for row-sparse gradients.
+    lr); weight decay is never clipped.
+
+    Row-sparse gradients (``lazy_update``, MXNet's choice): lazy in fp32, only the gradient's rows of
+    :math:`w` and :math:`mom` change (absent rows get no weight decay or momentum); standard with
+    ``lazy_update=False`` and under multi-precision (MXNet's ``mp_*`` kernels have no sparse path): the rule
+    above with :math:`g = 0` on absent rows. Without momentum both take ``sgd_update``'s rounding,
+    :math:`(1 - lr\,wd)\,w - lr\,G` (the dense path follows ``multi_sgd_update``'s, one ulp apart).
 
     Parameters
     ----------
     momentum : float in [0, 1), default 0
     lazy_update : bool, default True
+        Row-sparse gradients only: lazy (fp32) or standard update, see above.
     **kwargs : the :class:`Optimizer` arguments (``learning_rate`` defaults to 0.01).
     """
 
@@ -48,6 +55,21 @@ class SGD(Optimizer):
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
+
+    def sparse_mode(self, index, multi_precision):
+        # MXNet's mp_sgd(_mom)_update has no row-sparse kernel: its storage fallback is the dense rule
+        return "lazy" if self.lazy_update and not multi_precision else "standard"
+
+    def lazy_rule(self, w, g, mom, *, lr, wd, t, index):
+        if mom is not None:  # sgd_mom_update's row-sparse kernels round as the dense one
+            return self.rule(w, g, mom, lr=lr, wd=wd, t=t, index=index)
+        # sgd_update (not multi_sgd_update, whose rounding the dense rule follows): (1 - lr*wd)*w - lr*G, the
+        # factor and lr*rg rounded to the weight dtype first
+        lr, wd, rg = (mx_param(x, w.dtype) for x in (lr, wd, self.rescale_grad))
+        step = lr * self._clip(rg * g) if self.clip_gradient else in_dtype(lr * rg, w.dtype) * g
+        return (1 - in_dtype(lr * wd, w.dtype)) * w - step, None
+
+    standard_rule = lazy_rule  # on the densified gradient: sgd_update's w *= (1 - lr*wd), then -= lr*G
 
     def prepare(self, *, lr, wd, t, index, dtype):
         # MXNet's Updater always takes multi_sgd(_mom)_update, which reads lr and wd from a float list
