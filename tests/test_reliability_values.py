@@ -15,6 +15,7 @@ import torch
 from optzoo import lr_scheduler as lrs
 from optzoo import optimizer
 from optzoo.optimizer import registry
+from optzoo.optimizer.base import _CACHES
 from specs import SPECS
 
 NAMES = [spec.name for spec in SPECS]
@@ -67,7 +68,7 @@ def _snapshot(opt, weights, states):
                 walk(x)
     walk(states)
     return ([_bits(w) for w in weights], flat, copy.deepcopy(opt._all_index_update_counts), opt.num_update,
-            copy.deepcopy({k: v for k, v in _hyperparameters(opt).items() if k not in ("_prepared", "_scratch")}))
+            copy.deepcopy({k: v for k, v in _hyperparameters(opt).items() if k not in _CACHES}))
 
 
 def _same(a, b):

@@ -652,7 +652,19 @@ class Optimizer:
         if owner is not None and expected_owner is not None and owner != expected_owner:
             raise TypeError(f"state for index {index!r} was created by {owner}: expected a state created by "
                             f"{expected_owner} (this {type(self).__name__})")
-        expected = self.create_state(index, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+        # what create_state makes for this weight (on the meta device: no memory), remembered per index, shape,
+        # dtype and the settings that change a state's layout (a meta tensor op costs ~60 us)
+        specs = self.__dict__.setdefault("_state_specs", {})
+        key = (index, tuple(weight.shape), weight.dtype, getattr(self, "momentum", None),
+               getattr(self, "centered", None))
+        try:
+            expected = specs.get(key)
+        except TypeError:  # an unhashable index: not remembered
+            key, expected = None, None
+        if expected is None:
+            expected = self.create_state(index, torch.empty(weight.shape, dtype=weight.dtype, device="meta"))
+            if key is not None and expected is not None:
+                specs[key] = expected
         if not _tree.same_structure(expected, state, weight.device):
             raise TypeError(f"state for index {index!r} is {_tree.describe(state)}: expected "
                             f"{_tree.describe(expected)} on {weight.device}, as {type(self).__name__}"
@@ -678,7 +690,8 @@ class Optimizer:
 _SCHEDULER_VARS = object()
 
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
-_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch"})
+_CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch",
+                     "_state_specs", "_scalar_tensors"})
 
 
 def _plain_arg(value):

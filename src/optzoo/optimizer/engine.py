@@ -229,6 +229,18 @@ def _signature(tree):
     return tuple(_signature(t) for t in tree)
 
 
+#: Distinct scalar tuples whose tensors an optimizer keeps (a schedule makes a new one every step; the oldest go).
+_SCALARS_KEPT = 64
+
+
+def _scalar_cache(opt):
+    """The optimizer's kept kernel scalars as 0-d tensors (see :func:`_as_tensors`), bounded."""
+    cache = opt.__dict__.setdefault("_scalar_tensors", {})
+    while len(cache) > _SCALARS_KEPT:
+        cache.pop(next(iter(cache)))
+    return cache
+
+
 def _as_tensors(s, dtype, device, cache):
     """Kernel scalars as 0-d tensors (one compiled graph for every value), made once per distinct tuple: in
     fp32 for fp16/bf16 kernels (a 0-d tensor takes the dtype of the tensors it meets, as a Python scalar
@@ -282,7 +294,7 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
     # each weight's pack: (dtype, device, layout); with C-level maps, as there may be thousands of weights
     kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
     layouts = {kind: layout_of(opt, weights[kinds.index(kind)]) for kind in set(kinds)}
-    cache = {}
+    cache = _scalar_cache(opt)
     numels = list(map(torch.Tensor.numel, weights))
     targets = {(dtype, device, lay) for (dtype, device, _), lay in layouts.items()}
     if len(targets) == 1 and max(numels) < LARGE and (len(weights) > 1 or fused):
@@ -515,8 +527,12 @@ def adjacent(trees):
             flat = _flatten([leaves[m][k] for m in members])
             offset = 0
             for m in members:
-                n = leaves[m][k].numel()
-                out[m][k] = flat[offset:offset + n].view(leaves[m][k].shape)
+                old = leaves[m][k]
+                n = old.numel()
+                out[m][k] = flat[offset:offset + n].view(old.shape)
+                owner = getattr(old, _tree._OWNER, None)  # the mark of the optimizer that made the state
+                if owner is not None:
+                    setattr(out[m][k], _tree._OWNER, owner)
                 offset += n
     return [_rebuild(t, iter(ls)) for t, ls in zip(trees, out)]
 

@@ -14,7 +14,7 @@ import torch
 
 from .. import _io
 from .._checks import check_tensor_pair
-from . import _tree
+from . import _tree, engine
 from .base import _CACHES, Optimizer
 from .registry import get_record, records
 
@@ -74,11 +74,13 @@ class Updater:
         context, contexts = opt._current_context, set(opt._all_index_update_counts)
         try:
             opt._set_current_context(_device_id(weights[0]))
-            for i, w in zip(indices, weights):
-                if i not in self.states:
-                    self.states[i] = opt.create_state_multi_precision(i, w)
+            new = [(i, w) for i, w in zip(indices, weights) if i not in self.states]
+            if new:  # made together, small ones end to end in one buffer (the executor's packs use them in place)
+                for (i, _), st in zip(new, engine.adjacent([opt.create_state_multi_precision(i, w) for i, w in new])):
+                    self.states[i] = st
                     self.states_synced[i] = True
-                elif not self.states_synced[i]:
+            for i, w in zip(indices, weights):
+                if not self.states_synced[i]:
                     self.states[i] = _tree.to_device(self.states[i], w.device)
                     self.states_synced[i] = True
             opt._update_calls(calls(opt, list(range(len(indices))), weights), indices, weights, grads,
