@@ -83,6 +83,8 @@ def main(argv=None):
         n = sum(p.numel() for p in net.parameters())
         sent = state.bytes_sent / steps if state is not None else 4.0 * n
         print(f"bytes per step per worker: {sent:.0f} ({args.hook}; fp32 all-reduce: {4 * n})", flush=True)
+    del ddp  # DDP's reducer goes before its process group (else a worker may abort at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
