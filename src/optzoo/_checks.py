@@ -134,6 +134,10 @@ def check_tensor_pair(index, weight, grad) -> None:
     if grad.shape != weight.shape:
         raise ValueError(f"grad for index {index!r} has shape {tuple(grad.shape)}: expected the weight's "
                          f"shape {tuple(weight.shape)}")
+    _check_dtype_device(index, weight, grad)
+
+
+def _check_dtype_device(index, weight, grad) -> None:
     if grad.dtype != weight.dtype:
         raise TypeError(f"grad for index {index!r} has dtype {grad.dtype}: expected the weight's dtype {weight.dtype}")
     if grad.device != weight.device:
@@ -157,10 +161,7 @@ def check_row_sparse(index, weight, grad) -> None:
     if grad.shape[0] != weight.shape[0]:
         raise ValueError(f"grad for index {index!r} has shape {tuple(grad.shape)}: expected the weight's "
                          f"shape {tuple(weight.shape)}")
-    if grad.dtype != weight.dtype:
-        raise TypeError(f"grad for index {index!r} has dtype {grad.dtype}: expected the weight's dtype {weight.dtype}")
-    if grad.device != weight.device:
-        raise ValueError(f"grad for index {index!r} is on {grad.device}: expected the weight's device {weight.device}")
+    _check_dtype_device(index, weight, grad)
     rows = grad._indices()[0]
     if rows.numel():  # torch checks a COO tensor's indices against its size only when asked to
         lo, hi = int(rows.min()), int(rows.max())

@@ -377,14 +377,7 @@ class Optimizer:
                 and len(set(indices)) == len(indices))
         saved = self._bookkeeping()
         try:
-            check = getattr(self, "_check_indices", None)  # per-update checks (GroupAdaGrad's effective wd)
-            if check is not None:
-                check(indices)
-            reads = [None] * len(indices)
-            for chunk in (chunks if chunks is not None else [range(len(indices))]):
-                for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
-                    reads[k] = read
-            self._check_reads(indices, reads)
+            reads = self._reads_for(indices, chunks)
             if fast:
                 scalars = self._prepare_all(indices, weights, reads)
                 if self._kernel_noise:  # the draws, in index order, as each index's last scalar
@@ -443,14 +436,7 @@ class Optimizer:
             modes.append(mode)
         saved = self._bookkeeping()
         try:
-            check = getattr(self, "_check_indices", None)
-            if check is not None:
-                check(indices)
-            reads = [None] * len(indices)
-            for chunk in (chunks if chunks is not None else [range(len(indices))]):
-                for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
-                    reads[k] = read
-            self._check_reads(indices, reads)
+            reads = self._reads_for(indices, chunks)
         except BaseException:
             self._restore(saved)
             raise
@@ -482,6 +468,20 @@ class Optimizer:
     def _check_reads(self, indices, reads):
         """Refuse an index's ``(lr, wd, t)`` (``reads``, in list order) before any tensor changes: a ValueError
         naming the index and the value (SGLD: a negative effective lr). Counting and reading are undone."""
+
+    def _reads_for(self, indices, chunks):
+        """The per-update checks (GroupAdaGrad's effective wd), then every index counted and read, MXNet call by
+        call (``chunks``; None: one call), then the checks of what was read (SGLD's effective lr). The caller
+        restores the bookkeeping if this raises."""
+        check = getattr(self, "_check_indices", None)
+        if check is not None:
+            check(indices)
+        reads = [None] * len(indices)
+        for chunk in (chunks if chunks is not None else [range(len(indices))]):
+            for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
+                reads[k] = read
+        self._check_reads(indices, reads)
+        return reads
 
     def _prepare_all(self, indices, weights, reads):
         """``prepare`` for every index, in index order; computed once per distinct ``(lr, wd, t, dtype)``
