@@ -2,8 +2,9 @@
 
 ``fixtures/sparse.{json,npz}`` (``record_sparse.py``) hold MXNet's updates of a dense weight from
 ``row_sparse_array`` gradients: several steps over random row subsets, an empty one and a full one, for
-the optimizers with a lazy or standard choice (SGD, NAG, Adam, AdaGrad, GroupAdaGrad, FTRL), fp32 and fp16
-with ``multi_precision``. MXNet is not needed here.
+the optimizers with a lazy or standard choice (SGD, NAG, Adam, AdaGrad, GroupAdaGrad, FTRL, LARS, LBSGD) and
+those MXNet updates the standard way (RMSProp, AdaDelta, Signum, Adamax, Nadam, FTML), fp32 and fp16 with
+``multi_precision``. MXNet is not needed here.
 """
 from __future__ import annotations
 
@@ -127,7 +128,8 @@ MXNET_REFUSES = sorted(k for k, c in CASES.items() if "mxnet_error" in c)
 def test_recorded_cases_are_all_covered():
     assert MXNET_REFUSES == ["adagrad_wd"]
     assert {CASES[k]["optimizer"] for k in GOOD} >= {"sgd", "nag", "adam", "adagrad", "groupadagrad", "ftrl",
-                                                     "lars", "lbsgd"}
+                                                     "lars", "lbsgd", "rmsprop", "adadelta", "signum",
+                                                     "adamax", "nadam", "ftml"}
 
 
 def _snapshot(opt, w, state):
@@ -199,7 +201,7 @@ def test_sparse_weight_is_refused():
     assert opt.num_update == 0 and not state.any()
 
 
-@pytest.mark.parametrize("name", ["rmsprop", "adadelta", "signum", "nadam", "ftml", "lamb", "lars"])
+@pytest.mark.parametrize("name", ["lamb", "lars"])
 def test_optimizers_without_sparse_support_refuse_by_index(name):
     opt = optzoo.create(name)
     w = torch.ones(SHAPE)

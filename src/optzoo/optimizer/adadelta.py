@@ -40,6 +40,10 @@ class AdaDelta(Optimizer):
     1.0), adds ``weight_decay * w`` to the gradient before the accumulators (coupled L2), and defaults to
     ``eps=1e-6``.
 
+    Row-sparse gradients: standard, as MXNet 1.9.1 updates a dense weight from one (its storage fallback
+    through MXNet's NDArray ops), fp32 and multi-precision alike: the rule above with :math:`g = 0` on absent
+    rows.
+
     Parameters
     ----------
     rho : float in [0, 1), default 0.9
@@ -55,6 +59,9 @@ class AdaDelta(Optimizer):
         epsilon = check_nonnegative("epsilon", epsilon)
         super().__init__(**kwargs)
         self.rho, self.epsilon = rho, epsilon
+
+    def sparse_mode(self, index, multi_precision):
+        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight, dtype=torch.float32),   # acc_g

@@ -37,6 +37,10 @@ class Adamax(Optimizer):
     maximum, :math:`u \leftarrow \max(\beta_2 u, |G| + \epsilon)`; here ``wd`` is added to the
     gradient before clipping.
 
+    Row-sparse gradients: standard, as MXNet 1.9.1 updates a dense weight from one (its storage fallback
+    through MXNet's NDArray ops), fp32 and multi-precision alike: the rule above with :math:`g = 0` on absent
+    rows.
+
     Parameters
     ----------
     learning_rate : float, default 0.002
@@ -52,6 +56,9 @@ class Adamax(Optimizer):
         beta2 = check_unit_interval("beta2", beta2)
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.beta1, self.beta2 = beta1, beta2
+
+    def sparse_mode(self, index, multi_precision):
+        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, u

@@ -39,6 +39,10 @@ class FTML(Optimizer):
     step's :math:`d_t` uses the current one), so the weight's previous value enters only through the
     :math:`(d_t - \beta_1 d)\,w` term.
 
+    Row-sparse gradients: standard, as MXNet 1.9.1 updates a dense weight from one (its storage fallback
+    through MXNet's ``ftml_update``), fp32 and multi-precision alike: the rule above with :math:`g = 0` on
+    absent rows.
+
     Parameters
     ----------
     beta1 : float in [0, 1), default 0.6
@@ -55,6 +59,9 @@ class FTML(Optimizer):
         epsilon = check_nonnegative("epsilon", epsilon)
         super().__init__(**kwargs)
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+
+    def sparse_mode(self, index, multi_precision):
+        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(weight))  # d, v, z

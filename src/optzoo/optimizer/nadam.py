@@ -45,6 +45,10 @@ class Nadam(Optimizer):
     parameters; torch calls :math:`\psi` ``momentum_decay`` and defaults to ``lr=0.002``; here ``wd``
     is added to the gradient before clipping.
 
+    Row-sparse gradients: standard, as MXNet 1.9.1 updates a dense weight from one (its storage fallback
+    through MXNet's NDArray ops), fp32 and multi-precision alike: the rule above with :math:`g = 0` on absent
+    rows.
+
     Parameters
     ----------
     learning_rate : float, default 0.001
@@ -72,6 +76,9 @@ class Nadam(Optimizer):
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
         self.schedule_decay = schedule_decay
         self.m_schedule = 1.0
+
+    def sparse_mode(self, index, multi_precision):
+        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
 
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v

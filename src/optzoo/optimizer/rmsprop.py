@@ -45,6 +45,10 @@ class RMSProp(Optimizer):
     here exists only when centered and holds the lr-scaled step, so a change of learning rate acts only
     on new gradients; torch has no ``clip_weights`` and does not clip gradients.
 
+    Row-sparse gradients: standard, as MXNet 1.9.1 updates a dense weight from one (its storage fallback
+    through MXNet's ``rmsprop(alex)_update``), fp32 and multi-precision alike: the rule above with :math:`g =
+    0` on absent rows.
+
     Parameters
     ----------
     learning_rate : float, default 0.001
@@ -72,6 +76,9 @@ class RMSProp(Optimizer):
         self.gamma1, self.gamma2, self.epsilon = gamma1, gamma2, epsilon
         self.centered = centered
         self.clip_weights = clip_weights
+
+    def sparse_mode(self, index, multi_precision):
+        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
 
     def create_state(self, index, weight):
         def zeros():

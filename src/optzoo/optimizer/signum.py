@@ -43,6 +43,10 @@ class Signum(Optimizer):
 
     torch.optim has no sign-based optimizer.
 
+    Row-sparse gradients: standard, as MXNet 1.9.1 updates a dense weight from one (its storage fallback
+    through MXNet's ``signum_update`` / ``signsgd_update``), fp32 and multi-precision alike: the rule above
+    with :math:`g = 0` on absent rows.
+
     Parameters
     ----------
     learning_rate : float, default 0.01
@@ -59,6 +63,9 @@ class Signum(Optimizer):
         wd_lh = check_nonnegative("wd_lh", wd_lh)
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.momentum, self.wd_lh = momentum, wd_lh
+
+    def sparse_mode(self, index, multi_precision):
+        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
 
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
