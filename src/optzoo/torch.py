@@ -239,19 +239,18 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             if layout is None:
                 layout = layouts[key] = _layout(inner, w)
             step = st.get("step")
-            if step is None:  # a new state of an unsharded parameter: made below, with the others
+            fresh = step is None
+            if fresh:  # a new state (an unsharded parameter's is made below, with the others)
                 if sharded:
                     new = _named(layout, inner.create_state_multi_precision(i, w))
                     st.update({k: _like(v, p) for k, v in new.items()})
-                    tree = _tree_of(layout, {n: st[n].to_local() for n in layout.names})
                 else:
                     created.append((len(trees), layout, st, inner.create_state_multi_precision(i, w)))
-                    tree = None
                 step = st["step"] = inner.begin_num_update
-            elif sharded:
+            if sharded:
                 tree = _tree_of(layout, {n: st[n].to_local() for n in layout.names})
             else:
-                tree = _tree_of(layout, st)
+                tree = None if fresh else _tree_of(layout, st)
             counts[i] = step if type(step) is int else int(step)
             weights.append(w)
             local_grads.append(g)

@@ -351,23 +351,25 @@ def norm_of(x, seg=None):
     sum is a normal fp32 number. Where it underflowed (below 2^-126: a tensor of ~1e-24 values) or overflowed
     (inf, of finite values), the root of the sum of fp64 squares, rounded to fp32: the norm itself is
     representable, and a lost one would turn the trust ratio into 1 or 0 (MXNet's scaled ``norm`` keeps it)."""
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and (seg is None or seg is ROWS):
-        s32 = sum_sq_of(x, seg)  # eager: MXNet's sequential sums; the wide ones only when needed (a Python branch)
-        bad = (s32 < _NORMAL32) | (s32 == math.inf)
-        if not bool(bad.any()) or not bool(x.ne(0).any()):
+    eager = x.device.type == "cpu" and not torch.compiler.is_compiling() and (seg is None or seg is ROWS)
+    if eager:  # MXNet's sequential sums; the wide ones only when needed (a Python branch)
+        s32 = sum_sq_of(x, seg)
+        if not bool(_lost(s32).any()) or not bool(x.ne(0).any()):
             return sqrt_rn(s32)
-        x64 = x.to(torch.float64)
-        s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
-    else:  # compiled, on a device, or a shard: sum_sq_of's fp64 sums, computed once for both roots
-        x64 = x.to(torch.float64)
-        s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
+    x64 = x.to(torch.float64)
+    s64 = (x64 * x64).sum(1, keepdim=True) if seg is ROWS else (x64 * x64).sum()
+    if not eager:  # compiled, on a device, or a shard: sum_sq_of's fp64 sums, computed once for both roots
         if isinstance(seg, Shards):
             import torch.distributed as dist
             for group in seg.groups:
                 dist.all_reduce(s64, group=group)
         s32 = s64.to(torch.float32)
-        bad = (s32 < _NORMAL32) | (s32 == math.inf)
-    return torch.where(bad, s64.sqrt().to(torch.float32), sqrt_rn(s32))
+    return torch.where(_lost(s32), s64.sqrt().to(torch.float32), sqrt_rn(s32))
+
+
+def _lost(s32):
+    """Where an fp32 sum of squares lost the norm: underflowed below the normal range, or overflowed."""
+    return (s32 < _NORMAL32) | (s32 == math.inf)
 
 
 # ------------------------------------------------------------------------------------------ counter-based noise

@@ -391,11 +391,8 @@ class Optimizer:
                            [shards.get(i) for i in indices] if shards else None, lows)
             return
         with torch.no_grad():
-            for i, w, g, s, (lr, wd, t) in zip(indices, weights, grads, states, reads):
-                new_w, new_s = self.rule(w, g.to(w.dtype), s, lr=lr, wd=wd, t=t, index=i)
-                _tree.assign(s, new_s)
-                if new_w is not None and new_w is not w:
-                    w.copy_(new_w)
+            for i, w, g, s, read in zip(indices, weights, grads, states, reads):
+                self._apply(self.rule, i, w, g, s, read)
             pairs = [(low, w) for low, w in zip(lows or (), weights) if low is not None]
             if pairs:
                 torch._foreach_copy_([low for low, _ in pairs], [w for _, w in pairs])
@@ -457,13 +454,18 @@ class Optimizer:
                     continue
                 if mode == "standard":  # MXNet's storage fallback: the dense rule on the densified gradient
                     g = g.coalesce().to_dense()
-                rule = self.standard_rule if mode == "standard" else self.rule
-                new_w, new_s = rule(w, g.to(w.dtype), s, lr=lr, wd=wd, t=t, index=i)
-                _tree.assign(s, new_s)
-                if new_w is not None and new_w is not w:
-                    w.copy_(new_w)
+                self._apply(self.standard_rule if mode == "standard" else self.rule, i, w, g, s, (lr, wd, t))
                 if low is not None:
                     low.copy_(w)
+
+    def _apply(self, rule, index, weight, grad, state, read):
+        """One index by ``rule`` (the reference path): the new state assigned into ``state``, the new weight
+        copied into ``weight``, in place."""
+        lr, wd, t = read
+        new_w, new_s = rule(weight, grad.to(weight.dtype), state, lr=lr, wd=wd, t=t, index=index)
+        _tree.assign(state, new_s)
+        if new_w is not None and new_w is not weight:
+            weight.copy_(new_w)
 
     def _check_reads(self, indices, reads):
         """Refuse an index's ``(lr, wd, t)`` (``reads``, in list order) before any tensor changes: a ValueError

@@ -233,10 +233,11 @@ def _signature(tree):
 _SCALARS_KEPT = 64
 
 
-def _scalar_cache(opt):
-    """The optimizer's kept kernel scalars as 0-d tensors (see :func:`_as_tensors`), bounded."""
-    cache = opt.__dict__.setdefault("_scalar_tensors", {})
-    while len(cache) > _SCALARS_KEPT:
+def _kept(opt, attr, limit):
+    """A cache the optimizer keeps between steps (``opt.<attr>``, a dict), its oldest entries dropped beyond
+    ``limit`` (entries are used in insertion order; a user moves one to the end to keep it)."""
+    cache = opt.__dict__.setdefault(attr, {})
+    while len(cache) > limit:
         cache.pop(next(iter(cache)))
     return cache
 
@@ -294,7 +295,7 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
     # each weight's pack: (dtype, device, layout); with C-level maps, as there may be thousands of weights
     kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
     layouts = {kind: layout_of(opt, weights[kinds.index(kind)]) for kind in set(kinds)}
-    cache = _scalar_cache(opt)
+    cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
     numels = list(map(torch.Tensor.numel, weights))
     targets = {(dtype, device, lay) for (dtype, device, _), lay in layouts.items()}
     if len(targets) == 1 and max(numels) < LARGE and (len(weights) > 1 or fused):
@@ -308,7 +309,7 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
             if n >= LARGE and _run_one(opt, fused, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k],
                                        cache, lows[k]):
                 continue
-            dtype, device, dim = kinds[k]
+            dtype, device, _ = kinds[k]
             packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
         for (_, _, lay), members in packs.items():
             if len(members) == 1 and not fused:
@@ -446,9 +447,7 @@ def _scratch(opt, weights):
         total = sum(t.numel() for t in weights)
         w_buf, g_buf = (torch.empty(total, dtype=w0.dtype, device=w0.device) for _ in range(2))
         got = (w_buf, _unflatten(w_buf, weights), g_buf, _unflatten(g_buf, weights))
-        while len(cache) >= _SCRATCH_KEPT:
-            cache.pop(next(iter(cache)))
-    cache[key] = got  # most recently used last
+    _kept(opt, "_scratch", _SCRATCH_KEPT - 1)[key] = got  # most recently used last
     return got
 
 
@@ -463,23 +462,22 @@ def _joined(tensors):
         if not base.is_contiguous() or first.dtype != base.dtype or \
                 not all(map(operator.is_, map(_BASE, tensors), itertools.repeat(base))):
             return None
-        origin = base.storage_offset()
-    else:  # one storage: the first and last tensors share it and the others lie end to end between them
-        if last.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or \
-                not all(map(operator.is_, map(_DTYPE, tensors), itertools.repeat(first.dtype))) or \
-                not all(map(torch.Tensor.is_contiguous, tensors)):
-            return None
-        size, start = first.element_size(), first.data_ptr()
-        ends = list(itertools.accumulate(map(torch.Tensor.numel, tensors), initial=first.storage_offset()))
-        if list(map(torch.Tensor.data_ptr, tensors)) != [start + (e - ends[0]) * size for e in ends[:-1]]:
-            return None
-        return first.new_empty(0).set_(first.untyped_storage(), ends[0], (ends[-1] - ends[0],))
+    elif last.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or \
+            not all(map(operator.is_, map(_DTYPE, tensors), itertools.repeat(first.dtype))):
+        return None  # not one storage (or not one dtype)
     if not all(map(torch.Tensor.is_contiguous, tensors)):
         return None
     ends = list(itertools.accumulate(map(torch.Tensor.numel, tensors), initial=first.storage_offset()))
-    if list(map(torch.Tensor.storage_offset, tensors)) != ends[:-1]:
+    if base is not None:
+        if list(map(torch.Tensor.storage_offset, tensors)) != ends[:-1]:
+            return None
+        origin = base.storage_offset()
+        return base.view(-1)[ends[0] - origin:ends[-1] - origin]
+    # one storage: the first and last tensors share it, the others must lie end to end between them in memory
+    size, start = first.element_size(), first.data_ptr()
+    if list(map(torch.Tensor.data_ptr, tensors)) != [start + (e - ends[0]) * size for e in ends[:-1]]:
         return None
-    return base.view(-1)[ends[0] - origin:ends[-1] - origin]
+    return first.new_empty(0).set_(first.untyped_storage(), ends[0], (ends[-1] - ends[0],))
 
 
 _BASE = operator.attrgetter("_base")
