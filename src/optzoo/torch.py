@@ -15,7 +15,7 @@ each param group drives one instance of it, so both faces give the same numbers.
 
 Row-sparse gradients (``nn.Embedding(sparse=True)``) are taken where the MXNet-style optimizer takes them;
 ``lazy`` (alias of the group key ``lazy_update``, default MXNet's choice) picks a lazy update (only the rows the
-gradient touches change) or the standard one, for SGD, Adam and FTRL (opt-in there).
+gradient touches change) or the standard one, for SGD, Adam, LARS and FTRL (opt-in there).
 
 Not accepted here: ``lr_scheduler`` (use torch's schedulers), ``param_idx2name``, ``param_dict`` and
 ``sym`` (use param groups for per-parameter hyperparameters).

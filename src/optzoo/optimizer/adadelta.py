@@ -60,9 +60,6 @@ class AdaDelta(Optimizer):
         super().__init__(**kwargs)
         self.rho, self.epsilon = rho, epsilon
 
-    def sparse_mode(self, index, multi_precision):
-        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
-
     def create_state(self, index, weight):
         return (torch.zeros_like(weight, dtype=torch.float32),   # acc_g
                 torch.zeros_like(weight, dtype=torch.float32))   # acc_delta

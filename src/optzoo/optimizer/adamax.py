@@ -57,9 +57,6 @@ class Adamax(Optimizer):
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.beta1, self.beta2 = beta1, beta2
 
-    def sparse_mode(self, index, multi_precision):
-        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
-
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, u
 

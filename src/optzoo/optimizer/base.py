@@ -402,14 +402,24 @@ class Optimizer:
         """How a row-sparse gradient updates index ``index`` (``multi_precision``: on an fp32 master copy):
         ``"lazy"`` (only the gradient's rows of the weight and of every state change, by :meth:`lazy_rule`),
         ``"standard"`` (the dense rule, absent rows as zero gradient) or None (refused). MXNet 1.9.1's choice
-        per optimizer; may raise a ValueError naming the index for settings MXNet's sparse kernel refuses."""
-        return None
+        per optimizer; may raise a ValueError naming the index for settings MXNet's sparse kernel refuses.
+        By default ``"standard"``: MXNet's storage fallback, which runs every dense kernel on the densified
+        gradient; an optimizer with a lazy (row-sparse) kernel overrides this, and the registry lists it as
+        ``"sparse"``."""
+        return "standard"
 
     def lazy_rule(self, weight, grad, state, *, lr, wd, t, index):
         """The lazy update of the gathered rows (``weight``, ``state``: the gradient's rows; ``grad``: its
         coalesced values): ``(new_rows, new_state_rows)``. By default the dense rule on those rows, which is
         MXNet's sparse kernel wherever both compute in the same order (an optimizer overrides it where not)."""
         return self.rule(weight, grad, state, lr=lr, wd=wd, t=t, index=index)
+
+    def sparse_lr(self, index, weight, values, lr, wd):
+        """The learning rate of a row-sparse update of index ``index``: ``lr`` (read as for a dense gradient)
+        by default. An optimizer whose rate depends on the whole weight (LARS's trust ratio) computes it here
+        from ``weight`` (the whole weight as the caller holds it: the low-precision one under
+        multi-precision) and ``values`` (the gradient's coalesced rows)."""
+        return lr
 
     def standard_rule(self, weight, grad, state, *, lr, wd, t, index):
         """The standard update from a row-sparse gradient (``grad``: densified, absent rows 0): by default the
@@ -440,8 +450,10 @@ class Optimizer:
         with torch.no_grad():
             for k, (i, w, g, s, mode, (lr, wd, t)) in enumerate(zip(indices, weights, grads, states, modes, reads)):
                 low = lows[k] if lows else None
-                if mode == "lazy":
+                if mode is not None:
                     rows, values = _sparse.rows_of(g)
+                    lr = self.sparse_lr(i, w if low is None else low, values, lr, wd)
+                if mode == "lazy":
                     if not rows.numel():  # counted, nothing to change
                         continue
                     new_w, new_s = self.lazy_rule(w.index_select(0, rows), values.to(w.dtype),
@@ -453,7 +465,8 @@ class Optimizer:
                             low.index_copy_(0, rows, new_w.to(low.dtype))
                     continue
                 if mode == "standard":  # MXNet's storage fallback: the dense rule on the densified gradient
-                    g = g.coalesce().to_dense()
+                    g = torch.sparse_coo_tensor(rows[None], values, g.shape, is_coalesced=True,
+                                                check_invariants=False).to_dense()
                 self._apply(self.standard_rule if mode == "standard" else self.rule, i, w, g, s, (lr, wd, t))
                 if low is not None:
                     low.copy_(w)

@@ -60,9 +60,6 @@ class FTML(Optimizer):
         super().__init__(**kwargs)
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
 
-    def sparse_mode(self, index, multi_precision):
-        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
-
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight), torch.zeros_like(weight))  # d, v, z
 

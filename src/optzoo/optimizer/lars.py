@@ -53,8 +53,12 @@ class LARS(Optimizer):
 
     State: as :class:`SGD`, ``mom`` or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
 
-    Row-sparse gradients are refused for now (MXNet 1.9.1 takes the trust ratio over the whole weight in Python,
-    then a lazy ``sgd(_mom)_update``; its numbers are recorded in ``tests/fixtures/sparse.*``).
+    Row-sparse gradients take MXNet's non-aggregated path (``_get_lars``): :math:`\lambda` from the fp32 norms
+    of the *whole* weight (the fp16 one under multi-precision) and of :math:`rg\cdot g`'s rows, computed in
+    double, :math:`lr' = \lambda\cdot lr` rounded to fp32 once; then SGD's row-sparse step with :math:`lr'` and
+    :math:`\mu'`: lazy (``lazy_update``, only the gradient's rows of ``w`` and ``mom``) or standard, and
+    standard under multi-precision (``mp_sgd(_mom)_update`` has no sparse kernel). MXNet's ``norm`` sums
+    scaled squares where optzoo sums plain fp32 squares: :math:`\lambda` may differ in its last bit.
 
     torch.optim has no LARS.
 
@@ -125,15 +129,44 @@ class LARS(Optimizer):
                self.rescale_grad)
         return self._memo(key, lambda: self._prepare(lr, wd, last_lr, cur_lr, scaled, dtype))
 
-    def _prepare(self, lr, wd, last_lr, cur_lr, scaled, dtype):
-        mu = self.momentum
+    def _momentum(self, last_lr, cur_lr):
+        """:math:`\\mu'`, the corrected momentum of a call whose global lr pair is ``(last_lr, cur_lr)``."""
         if self.momentum_correction and last_lr != 0:
-            mu = mu * (cur_lr / last_lr)
+            return self.momentum * (cur_lr / last_lr)
+        return self.momentum
+
+    def _prepare(self, lr, wd, last_lr, cur_lr, scaled, dtype):
+        mu = self._momentum(last_lr, cur_lr)
         # MXNet hands lr and wd to multi_lars and the SGD kernel as fp32 arrays; multi_lars is fp32 math
         lr, wd = in_dtype(lr, torch.float32), in_dtype(wd, torch.float32)
         eta, eps, rg32 = mx_float(self.eta), mx_float(self.eps), mx_float(self.rescale_grad)
         return (mx_param(mu, dtype), lr, wd, in_dtype(lr * eta, torch.float32), eps, rg32,
                 mx_param(self.rescale_grad, dtype), scaled)
+
+    # ------------------------------------------------------------------ row-sparse gradients
+    def sparse_mode(self, index, multi_precision):
+        return "lazy" if self.lazy_update and not multi_precision else "standard"
+
+    def sparse_lr(self, index, weight, values, lr, wd):
+        # MXNet's _get_lars: fp32 norms (values scaled by rg in fp32), the ratio in double, then lr * lars
+        if self.idx2name.get(index, str(index)).endswith(_NO_LARS):
+            return lr
+        nw = float(norm_of(weight.to(torch.float32)))
+        ng = float(norm_of(values.to(torch.float32) * mx_float(self.rescale_grad)))
+        return lr * (self.eta * nw / (ng + wd * nw + self.eps)) if nw > 0.0 and ng > 0.0 else lr
+
+    def lazy_rule(self, w, g, mom, *, lr, wd, t, index):
+        """SGD's step with ``lr`` (already :math:`lr'`) as MXNet's sgd_update / sgd_mom_update compute it, on the
+        gradient's rows (lazy) or on the densified gradient (standard; the same rounding)."""
+        mu = mx_param(self._momentum(*self._lr_pairs.pop(index, (self.last_lr, self.cur_lr))), w.dtype)
+        lr, wd, rg = (mx_param(x, w.dtype) for x in (lr, wd, self.rescale_grad))
+        step = lr * self._clip(rg * g) if self.clip_gradient else in_dtype(lr * rg, w.dtype) * g
+        if mom is None:  # sgd_update: (1 - lr*wd)*w - lr*G
+            return (1 - in_dtype(lr * wd, w.dtype)) * w - step, None
+        d = mu * mom - in_dtype(lr * wd, w.dtype) * w - step  # sgd_mom_update: mom <- mu*mom - lr*wd*w - lr*G
+        return w + d, d
+
+    standard_rule = lazy_rule
 
     def kernel(self, w, g, mom, s, seg=None):
         mu, lr, wd, lr_eta, eps, rg32, rg, scaled = s

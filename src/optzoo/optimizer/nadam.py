@@ -77,9 +77,6 @@ class Nadam(Optimizer):
         self.schedule_decay = schedule_decay
         self.m_schedule = 1.0
 
-    def sparse_mode(self, index, multi_precision):
-        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
-
     def create_state(self, index, weight):
         return (torch.zeros_like(weight), torch.zeros_like(weight))  # m, v
 

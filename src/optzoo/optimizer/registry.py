@@ -59,8 +59,10 @@ def register(klass=None, *, name=None, aliases=(), description=None):
             if _NAMES[canonical] == canonical:
                 for alias in _RECORDS[canonical].aliases:
                     _NAMES.pop(alias, None)
+        # "sparse": the class takes row-sparse gradients (it says how, by overriding sparse_mode)
+        sparse = {"sparse"} if cls.sparse_mode is not Optimizer.sparse_mode else set()
         record = OptimizerRecord(canonical, cls, tuple(a.lower() for a in aliases),
-                                 description or _first_line(cls.__doc__), frozenset(cls.capabilities))
+                                 description or _first_line(cls.__doc__), frozenset(cls.capabilities) | sparse)
         _RECORDS[canonical] = record
         for key in (canonical, *record.aliases):
             _NAMES[key] = canonical

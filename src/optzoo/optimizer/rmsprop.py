@@ -77,9 +77,6 @@ class RMSProp(Optimizer):
         self.centered = centered
         self.clip_weights = clip_weights
 
-    def sparse_mode(self, index, multi_precision):
-        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
-
     def create_state(self, index, weight):
         def zeros():
             return torch.zeros_like(weight, dtype=torch.float32)

@@ -64,9 +64,6 @@ class Signum(Optimizer):
         super().__init__(learning_rate=learning_rate, **kwargs)
         self.momentum, self.wd_lh = momentum, wd_lh
 
-    def sparse_mode(self, index, multi_precision):
-        return "standard"  # MXNet 1.9.1: the dense rule on the densified gradient, fp32 and mp alike
-
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
