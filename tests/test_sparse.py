@@ -335,7 +335,8 @@ def _mxnet_style(name, kwargs, steps=3):
 
 FACES = [("sgd", {"momentum": 0.9, "wd": 0.1}), ("sgd", {"momentum": 0.9, "wd": 0.1, "lazy_update": False}),
          ("adam", {"wd": 0.1}), ("adam", {"wd": 0.1, "lazy_update": False}), ("adagrad", {}),
-         ("ftrl", {"lazy_update": True}), ("ftrl", {}), ("nag", {"momentum": 0.9})]
+         ("ftrl", {"lazy_update": True}), ("ftrl", {}), ("nag", {"momentum": 0.9}),
+         ("lars", {"momentum": 0.9, "wd": 0.1, "eta": 0.5}), ("lamb", {"wd": 0.1}), ("rmsprop", {"centered": True})]
 
 
 @pytest.mark.parametrize("name,kwargs", FACES)
