@@ -273,8 +273,8 @@ class Trainer:
         live = [i for i, p in enumerate(self._params) if p.requires_grad]
         fresh = [self._params[i].grad is not None and (self._fresh[i] or self._params[i].grad is not self._seen_grad[i])
                  for i in live]
-        if self._kvstore is not None:
-            fresh = self._kvstore.agree(fresh)
+        if self._kvstore is not None:  # and, in the same exchange, which gradients are row-sparse anywhere
+            fresh = self._kvstore.agree_grads(fresh, live, [self._params[i].grad for i in live])
         stale = [self._names[i] for i, f in zip(live, fresh) if not f]
         if stale and not ignore_stale_grad:
             warnings.warn(f"Gradient of Parameter(s) {', '.join(map(repr, stale))} has not been updated by "

@@ -4,8 +4,9 @@ A store moves gradients (and, for ``dist_async``, weights) between the processes
 talks to it only through this interface:
 
 - synchronous stores (``dist_sync``, ``update_on_kvstore=False``): ``init`` makes every rank's parameters
-  rank 0's, then every step ``allreduce_grads`` sums the gradients in place (the local optimizer then runs
-  identically on every rank);
+  rank 0's, then every step ``agree_grads`` settles which gradients are fresh (and which are row-sparse) on
+  any worker and ``allreduce_grads`` sums the gradients in place (the local optimizer then runs identically
+  on every rank);
 - ``dist_async`` (``update_on_kvstore=True``): ``set_optimizer`` hands the optimizer to the server,
   ``init`` registers the parameters there and pulls them, and every step ``pushpull`` pushes the
   gradients, lets the server update, and pulls the new weights into the parameters in place.
@@ -71,6 +72,12 @@ class KVStore:
         """Per-parameter flags ORed over the workers that step together (sync stores: which gradients are
         fresh on any worker, so that every worker updates the same parameters). Default: unchanged."""
         return list(flags)
+
+    def agree_grads(self, flags: list[bool], indices: list[int], grads: list) -> list[bool]:
+        """:meth:`agree` for the parameters ``indices`` whose gradients (``p.grad``, None allowed) are
+        ``grads``: a store may settle other per-parameter facts in the same exchange (``dist_sync``: which
+        gradients are row-sparse on any worker). Default: ``agree(flags)``."""
+        return self.agree(flags)
 
     def barrier(self) -> None:
         """Wait for every worker (sync stores; default: nothing to wait for)."""

@@ -17,6 +17,18 @@ that is the single-process DCASGD, and the per-worker rule gives the same number
 strict alternation. A worker that pulls right after its own push and nobody else pushed in between has
 :math:`w = w_{bak}(m)`: no delay, no compensation. Other optimizers run unchanged on the server.
 
+Row-sparse gradients (``torch.sparse_coo``, ``sparse_dim == 1`` over a dense weight's rows, as
+``nn.Embedding(sparse=True)`` gives) travel as rows: the worker pushes the coalesced row ids and rows it
+touched; the server applies the optimizer's sparse rule (lazy where the optimizer is lazy: only those rows of
+the weight and of its state change; standard: the dense rule on the densified gradient, every row) and
+returns **those rows only** of the new weight, which the worker writes into its parameter. Rows the worker
+did not touch are not pulled: they keep the values it last pulled, stale wherever another worker's push or a
+standard (non-lazy) update moved them on the server since; :meth:`DistAsync.row_sparse_pull` pulls chosen
+rows (e.g. the rows the next batch looks up, as MXNet's ``row_sparse_pull``) and :meth:`DistAsync.pull`
+whole weights. A row-sparse gradient the server's optimizer refuses (its ``sparse_mode``: AdaGrad with weight
+decay, as MXNet's; a custom optimizer without a sparse rule) is refused, naming the parameter, before anything
+changes. DCASGD (standard: every row) compensates against the rows the worker holds (see :mod:`.ps`).
+
 Transport: TensorPipe RPC (TCP). Every call has a timeout; a server that is gone or silent raises
 :class:`DistributedError` naming rank 0 instead of hanging.
 """
@@ -32,6 +44,7 @@ from .. import _io
 from ..optimizer.updater import dump_optimizer
 from . import ps
 from ._group import timeout_seconds
+from ._rows import local_rows
 from ._rpc import _connect, _env_int, _resolve_ranks
 from .base import DistributedError, KVStore
 from .ps import _CLOSE_GRACE, _ERRORS, _STATES_FORMAT, SERVER, ParameterServer, _serve_call, _worker_name
@@ -88,7 +101,9 @@ class DistAsync(KVStore):
         Rendezvous URL (``tcp://host:port``); default ``env://`` (``MASTER_ADDR``/``MASTER_PORT``).
 
     ``rank`` is the worker rank (process rank - 1) and ``num_workers`` the number of workers, as MXNet's.
-    Counters: ``pushes_sent`` and ``bytes_sent`` (gradient payload) here, the server's via :meth:`server_stats`.
+    Counters: ``pushes_sent`` and ``bytes_sent`` (gradient payload: ``n * element_size`` for a dense gradient
+    of ``n`` elements; ``(8 + row_bytes) * k`` for a row-sparse one touching ``k`` distinct rows, int64 ids
+    and rows) here, the server's via :meth:`server_stats`.
     """
 
     type = "dist_async"
@@ -148,7 +163,20 @@ class DistAsync(KVStore):
         return [self._names[i] for i in indices]
 
     def pull(self, indices, params):
+        """Pull the server's whole weights of ``indices`` into ``params`` in place."""
         _copy_into(params, self._call("pull", self._keys(indices)))
+
+    def row_sparse_pull(self, indices, params, row_ids):
+        """Pull only the rows ``row_ids[k]`` (1-D integer tensors) of the server's weights into ``params[k]``
+        in place (MXNet's ``row_sparse_pull``): e.g. the rows the next batch looks up."""
+        names = self._keys(indices)
+        rows = []
+        for n, p, r in zip(names, params, row_ids):
+            r = torch.as_tensor(r).detach().reshape(-1).to("cpu", torch.int64)
+            if p.dim() < 1 or (r.numel() and not (0 <= int(r.min()) and int(r.max()) < p.shape[0])):
+                raise ValueError(f"row_sparse_pull: rows of {n!r} must lie in [0, {p.shape[0] if p.dim() else 0})")
+            rows.append(r)
+        _copy_into(params, self._call("pull_rows", names, rows), rows)
 
     def allreduce_grads(self, indices, params):
         raise NotImplementedError("dist_async updates on the kvstore (server): use pushpull, not allreduce_grads")
@@ -160,15 +188,26 @@ class DistAsync(KVStore):
         missing = [n for n, p in zip(names, params) if p.grad is None]
         if missing:
             raise ValueError(f"dist_async pushpull: parameters {missing} have no gradient (.grad is None)")
-        grads = [p.grad.detach().cpu().clone() for p in params]
+        grads, rows = [], []
+        for n, p in zip(names, params):
+            g = p.grad.detach()
+            if g.layout is torch.strided:
+                grads.append(g.cpu().clone())
+                rows.append(None)
+                continue
+            ids, values = local_rows(p, n)  # only the touched rows travel (checked before anything is sent)
+            ids, values = ids.cpu().clone(), values.cpu().clone()
+            grads.append(("rows", ids, values))
+            rows.append(ids)
         lr, mults = None, None
         opt = self._optimizer
         if opt is not None:
             lr = opt.lr if opt.lr_scheduler is None else None
             mults = [_mults_of(opt, i) for i in indices]
         self.pushes_sent += 1
-        self.bytes_sent += sum(g.numel() * g.element_size() for g in grads)
-        _copy_into(params, self._call("push", names, grads, float(rescale_grad), lr, mults))
+        self.bytes_sent += sum(g[1].numel() * 8 + g[2].numel() * g[2].element_size() if isinstance(g, tuple)
+                               else g.numel() * g.element_size() for g in grads)
+        _copy_into(params, self._call("push", names, grads, float(rescale_grad), lr, mults), rows)
 
     def server_stats(self) -> dict:
         """The server's counters (see :func:`run_server`)."""
@@ -210,7 +249,13 @@ def _mults_of(opt, index):
     return None if info is None else (float(info.lr_mult), float(info.wd_mult))
 
 
-def _copy_into(params, values):
+def _copy_into(params, values, rows=None):
+    """Write pulled weights into ``params`` in place; where ``rows[k]`` is given, ``values[k]`` holds only
+    those rows."""
     with torch.no_grad():
-        for p, v in zip(params, values):
-            p.detach().copy_(v)
+        for k, (p, v) in enumerate(zip(params, values)):
+            r = None if rows is None else rows[k]
+            if r is None:
+                p.detach().copy_(v)
+            elif r.numel():
+                p.detach().index_copy_(0, r.to(p.device), v.to(p.device, p.dtype))

@@ -10,10 +10,19 @@ MXNet's 2-bit codes.
 Gradients of one device and dtype are flattened into buckets of at most ``bucket_bytes`` (25 MB, as DDP)
 and each bucket is one collective; when the gradients already lie back to back in memory (the Trainer's
 fast path keeps them in one flat buffer) the bucket is reduced in place without a copy.
+
+Row-sparse gradients (``torch.sparse_coo`` with ``sparse_dim == 1`` over a dense weight's rows, as
+``nn.Embedding(sparse=True)`` gives) are summed without densifying them: the workers all-gather their row
+counts, then their row ids and rows (each padded to the largest count), and every worker builds the same
+coalesced sum (repeated rows added, sorted); the optimizer then applies its lazy or standard sparse rule to
+it, identically everywhere. Whether a gradient is row-sparse is agreed by all workers first (with the
+fresh flags, :meth:`DistSync.agree_grads`): a gradient row-sparse on one worker and absent on another is an
+empty row set there; one that is dense on any worker is densified on the others and summed densely.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -21,6 +30,7 @@ import torch.distributed as dist
 from . import compression as _comp
 from . import signs as _signs
 from ._group import Collectives, timeout_seconds
+from ._rows import SPARSE as _SPARSE, layout_code as _layout_code, local_rows as _local_rows
 from .base import DistributedError, KVStore
 
 __all__ = ["DistSync", "BUCKET_BYTES"]
@@ -47,8 +57,16 @@ class DistSync(KVStore):
 
     ``bytes_sent`` counts the payload bytes this worker contributes to the step collectives (gradient
     sums, sign bits, 2-bit codes): ``4n`` per step for ``n`` fp32 gradient elements, ``ceil(n/8)`` for
-    signs, ``4 ceil(n/16)`` for 2-bit codes (per bucket). ``control_bytes`` counts the rest (the initial
-    broadcast and consistency check, one byte per parameter per step to agree on which gradients are fresh).
+    signs, ``4 ceil(n/16)`` for 2-bit codes (per bucket). A row-sparse gradient of a ``(V, d)`` fp32 weight
+    costs ``(8 + 4d) * K`` per step, ``K`` the largest number of distinct rows any worker touched in that
+    step (every worker pads its int64 row ids and its rows to ``K`` for the all-gather): proportional to the
+    rows touched, never to ``V``. ``control_bytes`` counts the rest (the initial broadcast and consistency
+    check; per step, two bytes per parameter to agree on which gradients are fresh and which are row-sparse
+    on any worker, and eight bytes per row-sparse parameter for its row count).
+
+    Row-sparse gradients cannot be 2-bit compressed or sign-voted (as MXNet 1.9.1, whose gradient
+    compression takes dense gradients only): every worker raises the same ValueError naming the parameter,
+    before anything changes.
     """
 
     update_on_kvstore = False
@@ -66,6 +84,8 @@ class DistSync(KVStore):
         self.control_bytes = 0
         self._residuals = {}
         self._net = None
+        self._names = None
+        self._layouts = None  # index -> agreed layout code, from the last agree_grads
 
     # ------------------------------------------------------------------ group
     @property
@@ -88,6 +108,7 @@ class DistSync(KVStore):
         if len(types) != 1:
             raise ValueError(f"{self.type}: parameters on device types {sorted(types)}: expected one device type")
         net = self._connect(types.pop())
+        self._names = list(names)
         device = self._control_device = params[0].device
         digest = hashlib.sha256(repr([(n, tuple(p.shape), str(p.dtype)) for n, p in zip(names, params)]).encode())
         mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.uint8, device=device)
@@ -108,6 +129,7 @@ class DistSync(KVStore):
     # ------------------------------------------------------------------ step collectives
     def agree(self, flags):
         """Per-parameter flags ORed over all workers (which gradients are fresh anywhere)."""
+        self._layouts = None
         if self._net is None or not flags:
             return list(flags)
         t = torch.tensor([bool(f) for f in flags], dtype=torch.uint8, device=self._control_device)
@@ -115,13 +137,67 @@ class DistSync(KVStore):
         self.control_bytes += t.numel()
         return [bool(f) for f in t.tolist()]
 
-    def allreduce_grads(self, indices, params):
-        """Sum ``p.grad`` over all workers in place (a missing gradient counts as zeros and is created)."""
+    def agree_grads(self, flags, indices, grads):
+        """:meth:`agree`, and in the same collective which of ``grads`` (of the parameters ``indices``) are
+        row-sparse or dense on any worker, kept for the next :meth:`allreduce_grads` (or sign vote)."""
+        self._layouts = None
+        if self._net is None or not flags:
+            return list(flags)
+        n = len(flags)
+        t = torch.tensor([bool(f) for f in flags] + [_layout_code(g) for g in grads], dtype=torch.uint8,
+                         device=self._control_device)
+        self._net.call("agreeing on fresh gradients", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        self.control_bytes += t.numel()
+        codes = t.tolist()
+        self._layouts = dict(zip(indices, codes[n:]))
+        return [bool(f) for f in codes[:n]]
+
+    def _agreed_layouts(self, net, indices, params):
+        """Per parameter, the layout code agreed over the workers (max: dense > row-sparse > no gradient):
+        the one :meth:`agree_grads` kept for these indices, else agreed now (one collective)."""
+        memo, self._layouts = self._layouts, None
+        if memo is not None and all(i in memo for i in indices):
+            return [memo[i] for i in indices]
+        t = torch.tensor([_layout_code(p.grad) for p in params], dtype=torch.uint8, device=self._control_device)
+        net.call("agreeing on gradient layouts", dist.all_reduce, t, op=dist.ReduceOp.MAX)
+        self.control_bytes += t.numel()
+        return t.tolist()
+
+    def refuse_sparse(self, indices, params, what):
+        """Raise the same ValueError on every worker when a gradient of ``params`` is row-sparse on any
+        worker (``what`` cannot take it); nothing changes."""
         net = self._require()
+        for i, code in zip(indices, self._agreed_layouts(net, indices, params)):
+            if code == _SPARSE:
+                raise ValueError(f"{self.type}: the gradient of parameter {self._name(i)!r} is row-sparse (on at "
+                                 f"least one worker): {what} takes dense gradients only; use a dense gradient "
+                                 "(nn.Embedding(sparse=False)) for it")
+
+    def allreduce_grads(self, indices, params):
+        """Sum ``p.grad`` over all workers in place (a missing gradient counts as zeros and is created).
+
+        A gradient row-sparse on any worker (and dense on none) is summed as rows (see the module
+        docstring): ``p.grad`` becomes the coalesced row-sparse sum, the same on every worker."""
+        net = self._require()
+        layouts = self._agreed_layouts(net, indices, params)
+        sparse = [k for k, code in enumerate(layouts) if code == _SPARSE]
+        if sparse and self.compression is not None:
+            raise ValueError(f"{self.type}: the gradient of parameter {self._name(indices[sparse[0]])!r} is "
+                             "row-sparse (on at least one worker): 2-bit compression (compression_params) takes "
+                             "dense gradients only, as MXNet 1.9.1's; use a dense gradient (nn.Embedding("
+                             "sparse=False)) for it or drop compression_params")
+        if sparse:
+            self._allreduce_sparse(net, [indices[k] for k in sparse], [params[k] for k in sparse])
+            keep = [k for k in range(len(indices)) if layouts[k] != _SPARSE]
+            indices, params = [indices[k] for k in keep], [params[k] for k in keep]
+            if not params:
+                return
         grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+            elif p.grad.layout is not torch.strided:  # dense on another worker: summed densely
+                p.grad = p.grad.coalesce().to_dense()
             grads.append(p.grad)
         if self.compression is not None:
             pos = {id(g): i for i, g in zip(indices, grads)}
@@ -134,6 +210,72 @@ class DistSync(KVStore):
                 net.call("summing gradients", dist.all_reduce, flat)
                 self.bytes_sent += flat.numel() * flat.element_size()
                 copy_back()
+
+    def _allreduce_sparse(self, net, indices, params):
+        """Sum the row-sparse gradients of ``params`` over the workers: row counts, then row ids (one
+        all-gather for every parameter) and rows (one per dtype), each worker's padded to the largest count;
+        every worker concatenates them in rank order and coalesces (repeated rows summed)."""
+        local, error = [], None
+        for i, p in zip(indices, params):
+            try:
+                local.append(_local_rows(p, self._name(i)))
+            except (TypeError, ValueError) as exc:
+                local.append(None)
+                error = error or exc
+        counts = torch.tensor([-1 if x is None else x[0].numel() for x in local], dtype=torch.int64,
+                              device=self._control_device)
+        every = counts.new_empty(net.size * counts.numel())
+        net.call("gathering row counts", _all_gather, every, counts)
+        self.control_bytes += counts.numel() * counts.element_size()
+        if error is not None:  # every other worker raises too (below), naming this one: nothing was summed
+            raise error
+        every = every.view(net.size, -1)
+        bad = sorted({r for r, k in (every < 0).nonzero().tolist()})
+        if bad:
+            k = int((every < 0).any(0).nonzero()[0])
+            raise DistributedError(f"{self.type}: rank(s) {bad} refused the row-sparse gradient of "
+                                   f"{self._name(indices[k])!r} (their error says why); no gradient was summed", bad)
+        counts = every.tolist()                      # counts[r][k]: rows of worker r for parameter k
+        tops = [max(c[k] for c in counts) for k in range(len(params))]
+        device = params[0].device
+        id_at, row_at, widths, sizes = [], [], [], {}
+        for p, top in zip(params, tops):             # where parameter k lies in the id and row payloads
+            id_at.append(sum(tops[:len(id_at)]))
+            widths.append(math.prod(p.shape[1:]))
+            row_at.append(sizes.get(p.dtype, 0))
+            sizes[p.dtype] = row_at[-1] + top * widths[-1]
+        with torch.no_grad():
+            ids = torch.zeros(sum(tops), dtype=torch.int64, device=device)
+            rows = {dtype: torch.zeros(n, dtype=dtype, device=device) for dtype, n in sizes.items()}
+            for k, (p, (row_ids, values)) in enumerate(zip(params, local)):
+                ids[id_at[k]:id_at[k] + row_ids.numel()] = row_ids
+                rows[p.dtype][row_at[k]:row_at[k] + values.numel()] = values.reshape(-1)
+            all_ids, all_rows = ids.new_empty(0), {}
+            if ids.numel():
+                all_ids = ids.new_empty(net.size * ids.numel())
+                net.call("gathering row ids", _all_gather, all_ids, ids)
+                self.bytes_sent += ids.numel() * ids.element_size()
+                all_ids = all_ids.view(net.size, -1)
+            for dtype, flat in rows.items():
+                if flat.numel():
+                    out = flat.new_empty(net.size * flat.numel())
+                    net.call("gathering rows", _all_gather, out, flat)
+                    self.bytes_sent += flat.numel() * flat.element_size()
+                    all_rows[dtype] = out.view(net.size, -1)
+            for k, p in enumerate(params):
+                if tops[k] == 0:  # no worker touched a row: an empty row set
+                    row_ids, values = local[k]
+                else:  # rank order, so that every worker builds the same tensor
+                    c = [counts[r][k] for r in range(net.size)]
+                    row_ids = torch.cat([all_ids[r, id_at[k]:id_at[k] + c[r]] for r in range(net.size)])
+                    values = torch.cat([all_rows[p.dtype][r, row_at[k]:row_at[k] + c[r] * widths[k]]
+                                        for r in range(net.size)]).view(-1, *p.shape[1:])
+                p.grad = torch.sparse_coo_tensor(row_ids.unsqueeze(0), values, p.shape,
+                                                 check_invariants=False).coalesce()
+
+    def _name(self, index):
+        names = self._names
+        return names[index] if names is not None and 0 <= index < len(names) else f"#{index}"
 
     def _allreduce_2bit(self, net, indices, grads):
         th = self.compression.threshold

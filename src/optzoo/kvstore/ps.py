@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
+import torch
+
 from ..optimizer.dcasgd import DCASGD
 from ..optimizer.updater import Updater, dump_optimizer, load_optimizer
 
@@ -94,11 +96,18 @@ class ParameterServer:
             return opt._split_mp(self.updater.states[i])[0]
         return w
 
-    def _pulled(self, worker, names):
-        out = [self.weights[n].clone() for n in names]
-        if self._keeps_backups():
-            for n in names:
-                self.backups[(worker, n)] = self._master(n).clone()
+    def _pulled(self, worker, names, rows=None):
+        """The weights of ``names`` for ``worker`` (only the rows ``rows[k]`` where given and not None)."""
+        rows = rows or [None] * len(names)
+        out = [self.weights[n].clone() if r is None else self.weights[n].index_select(0, r)
+               for n, r in zip(names, rows)]
+        if self._keeps_backups():  # what the worker now holds: only the pulled rows are new where rows are given
+            for n, r in zip(names, rows):
+                bak = self.backups.get((worker, n))
+                if r is None or bak is None:
+                    self.backups[(worker, n)] = self._master(n).clone()
+                elif r.numel():
+                    bak.index_copy_(0, r, self._master(n).index_select(0, r))
         self.stats[worker]["pulls"] += 1
         return out
 
@@ -150,11 +159,36 @@ class ParameterServer:
             self._check_names(names)
             return self._pulled(worker, names)
 
+    def pull_rows(self, worker, names, rows):
+        """The rows ``rows[k]`` (int64) of each weight ``names[k]`` (``DistAsync.row_sparse_pull``)."""
+        self._seen(worker)
+        with self.lock:
+            self._check_names(names)
+            for n, r in zip(names, rows):
+                self._check_rows(worker, n, r)
+            return self._pulled(worker, names, list(rows))
+
+    def _check_rows(self, worker, name, ids, values=None):
+        w = self.weights[name]
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 1 and ids.dtype == torch.int64) or w.dim() < 1:
+            raise ValueError(f"{_who(worker)}: the row ids of {name!r} must be a 1-D int64 tensor over the rows of "
+                             f"its weight of shape {tuple(w.shape)}")
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < w.shape[0]):
+            raise ValueError(f"{_who(worker)}: row ids of {name!r} outside [0, {w.shape[0]})")
+        if values is not None and (not isinstance(values, torch.Tensor)
+                                   or tuple(values.shape) != (ids.numel(), *w.shape[1:])):
+            raise ValueError(f"{_who(worker)}: the rows of {name!r} have shape "
+                             f"{tuple(getattr(values, 'shape', ()))}: expected {(ids.numel(), *w.shape[1:])}")
+
     def push(self, worker, names, grads, rescale_grad, lr=None, mults=None):
         """Apply one optimizer update with ``worker``'s gradients, then return the new weights (its pull).
 
         ``lr`` (the worker's base learning rate, when it has no scheduler) and ``mults`` (per name
         ``(lr_mult, wd_mult)``) travel with the push so that the worker's settings stay live.
+
+        A gradient is a dense tensor of the weight's shape, or ``('rows', ids, rows)`` for a row-sparse one
+        (int64 row ids, their rows): the optimizer's sparse rule applies, and only those rows of the new
+        weight come back.
         """
         self._seen(worker)
         with self.lock:
@@ -162,9 +196,15 @@ class ParameterServer:
             if self.updater is None:
                 raise ValueError("push before set_optimizer: the server has no optimizer")
             self._check_names(names)
-            for n, g in zip(names, grads):
+            rows = [None] * len(names)
+            for k, (n, g) in enumerate(zip(names, grads)):
                 w = self.weights[n]
-                if g.shape != w.shape:
+                if isinstance(g, tuple):  # ('rows', ids, values): a row-sparse gradient's touched rows
+                    if len(g) != 3 or g[0] != "rows":
+                        raise ValueError(f"{_who(worker)}: gradient of {n!r} is a malformed row-sparse push")
+                    self._check_rows(worker, n, g[1], g[2])
+                    rows[k] = g[1]
+                elif g.shape != w.shape:
                     raise ValueError(f"{_who(worker)}: gradient of {n!r} has shape {tuple(g.shape)}: expected "
                                      f"{tuple(w.shape)}")
             opt = self.optimizer
@@ -175,11 +215,19 @@ class ParameterServer:
                 opt.param_dict = {self.index[n]: _Mults(*m) for n, m in zip(names, mults) if m is not None}
             indices = [self.index[n] for n in names]
             weights = [self.weights[n] for n in names]
+            for n, i, w, r in zip(names, indices, weights, rows):  # refused before anything changes
+                if r is not None and opt.sparse_mode(i, bool(opt._mp(w))) not in ("lazy", "standard"):
+                    raise TypeError(f"{_who(worker)} pushed a row-sparse gradient of {n!r}: "
+                                    f"{type(opt).__name__} does not support row-sparse gradients; use a dense "
+                                    "gradient (nn.Embedding(sparse=False)) for it")
+            grads = [g.to(w.dtype) if r is None else
+                     torch.sparse_coo_tensor(g[1].unsqueeze(0), g[2].to(w.dtype), w.shape, check_invariants=False)
+                     for g, w, r in zip(grads, weights, rows)]
             if isinstance(opt, DCASGD):
                 self._compensate_against(worker, names, indices, weights)
-            self.updater(indices, [g.to(w.dtype) for g, w in zip(grads, weights)], weights)
+            self.updater(indices, grads, weights)
             self.stats[worker]["updates_applied"] += 1
-            return self._pulled(worker, names)
+            return self._pulled(worker, names, rows)
 
     def _compensate_against(self, worker, names, indices, weights):
         """DCASGD: make ``w_prev`` of each state the weight this worker last pulled (its backup)."""

@@ -56,6 +56,9 @@ def vote_update(kv, updater, params, indices) -> None:
     ``indices``): each worker's local ``direction`` (its own momentum), the majority vote of the workers'
     signs through ``kv.vote``, then ``apply_vote`` with the optimizer's own decay terms."""
     opt, states, synced = updater.optimizer, updater.states, updater.states_synced
+    refuse = getattr(kv, "refuse_sparse", None)
+    if refuse is not None:  # the same error on every worker, before anything changes
+        refuse(indices, params, f"{type(opt).__name__}'s sign vote")
     for i, p in zip(indices, params):
         if p.grad is None:  # fresh on another worker only: this one votes with a zero gradient
             p.grad = torch.zeros_like(p)
