@@ -3,6 +3,8 @@
 The end-to-end run and the pictures need the ``demo`` extra (matplotlib, pillow, rich), which ``make setup``
 installs; outside CI they are skipped when it is missing, in CI (``CI`` set) a missing extra fails.
 """
+import copy
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -191,7 +193,8 @@ def test_demo_end_to_end(tmp_path):
     rows = parse_table((out / "results.md").read_text())
     assert list(rows) == ["sgd", "adam"]
     # the terminal's table is aligned: the numbers of both rows end in the same column
-    lines = {line.split()[0]: line for line in r.stdout.splitlines() if line.split()[:1] in (["sgd"], ["adam"])}
+    digits = r.stdout.split("\nsparse example")[0]   # the sparse example's table has an adam row too
+    lines = {line.split()[0]: line for line in digits.splitlines() if line.split()[:1] in (["sgd"], ["adam"])}
     assert set(lines) == {"sgd", "adam"}
     for column in ("final train loss", "test accuracy", "ms/step"):
         ends = {n: lines[n].index(rows[n][column]) + len(rows[n][column]) for n in lines}
@@ -220,6 +223,14 @@ def test_demo_end_to_end(tmp_path):
     for rgb in [(31, 119, 180), (214, 39, 40)]:
         assert has_color(loss, rgb) and has_color(traj, rgb)
     assert not has_color(traj, (255, 127, 14))   # "momentum" (orange) was not asked for
+    # the sparse example, at its full size, for the one of FTRL, Adam, AdaGrad asked for
+    assert "sparse example: click-through model" in r.stdout
+    md = (out / "sparse.md").read_text()
+    assert [[c.strip() for c in line.split("|")[1:3]] for line in md.splitlines()
+            if line.startswith("| ") and "gradient" not in line] == [["adam", "sparse"], ["", "dense"]]
+    assert [row["gradient"] for row in blob["sparse"]["results"]] == ["sparse", "dense"]
+    assert blob["sparse"]["config"]["rows"] == 2 ** 20
+    assert image.imread(out / "sparse.png").shape[:2] == plots.SPARSE_PX[::-1]
 
 
 # ---------------------------------------------------------------------------------------------- pictures
@@ -360,3 +371,275 @@ def test_console_script_is_declared():
             pytest.fail("the optzoo console script is not installed")
         pytest.skip("optzoo is not pip-installed here")
     assert [ep.value for ep in eps] == ["optzoo.cli:main"]
+
+
+# ---------------------------------------------------------------------------------------------- sparse example
+from optzoo.demo import sparse  # noqa: E402
+
+#: small, and a batch that learns in a few steps
+SMALL = sparse.SparseConfig(rows=2 ** 14, dim=8, hidden=16, batch=512, steps=12, n_test=4096)
+
+
+def mueller_hash(field, value, rows):
+    """hash_rows in plain Python ints: two rounds of x = ((x >> 16) ^ x) * 0x45d9f3b mod 2^32, then a xorshift."""
+    x = (field << 20) | value
+    for _ in range(2):
+        x = (((x >> 16) ^ x) * 0x45D9F3B) % 2 ** 32
+    return ((x >> 16) ^ x) % rows
+
+
+def test_hash_rows_is_the_32_bit_integer_hash():
+    field = torch.tensor([0, 0, 1, 7, 7, 3])
+    value = torch.tensor([0, 1, 0, 199_999, 5, 2 ** 20 - 1])
+    got = sparse.hash_rows(field, value, 2 ** 20).tolist()
+    assert got == [mueller_hash(f, v, 2 ** 20) for f, v in zip(field.tolist(), value.tolist())]
+    assert got[0] == 0 and len(set(got[1:])) == 5   # 0 hashes to 0; the others spread
+
+
+def test_ctr_data_is_seeded_and_has_a_signal():
+    a, b, c = sparse.make_data(SMALL, 0), sparse.make_data(SMALL, 0), sparse.make_data(SMALL, 1)
+    assert a.x_train.shape == (SMALL.n_train, len(sparse.FIELDS)) and a.x_train.dtype == torch.int64
+    assert a.x_test.shape == (SMALL.n_test, len(sparse.FIELDS)) and a.y_test.dtype == torch.float32
+    assert int(a.x_train.min()) >= 0 and int(a.x_train.max()) < SMALL.rows
+    for x, y in zip((a.x_train, a.y_train, a.x_test, a.p_test), (b.x_train, b.y_train, b.x_test, b.p_test)):
+        assert torch.equal(x, y)
+    assert not torch.equal(a.x_train, c.x_train)
+    assert set(a.y_train.unique().tolist()) == {0.0, 1.0}
+    assert 0.15 < float(a.y_train.mean()) < 0.35   # logit -1.6 plus noise: a click rate near 0.25
+    # the labels follow the hidden probabilities: their mean agrees within 4 standard errors
+    n = len(a.y_train)
+    assert abs(float(a.y_train.mean() - a.p_train.mean())) < 4 * math.sqrt(0.25 / n)
+    # the hidden model beats the constant click rate by far: there is something to learn
+    assert a.bayes_logloss < a.base_logloss - 0.08
+    # a field's column holds at most its vocabulary's number of rows: hour 24, weekday 7, device 12
+    for f, (_, vocab) in enumerate(sparse.FIELDS[:3]):
+        assert len(torch.cat([a.x_train[:, f], a.x_test[:, f]]).unique()) <= vocab
+    # Zipf-like: the most frequent user is far more frequent than a uniform one would be (1 / 200,000)
+    users = torch.cat([a.x_train[:, 7], a.x_test[:, 7]])
+    assert users.bincount().max() > 100 * len(users) / 200_000
+
+
+def test_auc_is_the_pairwise_probability():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 7, (300,), generator=g).double()   # many ties
+    y = (torch.rand(300, generator=g) < 0.3).float()
+    pos, neg = scores[y == 1].tolist(), scores[y == 0].tolist()
+    pairs = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg)
+    assert sparse.auc(scores, y) == pytest.approx(pairs / (len(pos) * len(neg)), rel=1e-12)
+    assert sparse.auc(torch.tensor([0.1, 0.2, 0.9]), torch.tensor([0.0, 0.0, 1.0])) == 1.0
+    assert math.isnan(sparse.auc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 1.0])))
+    assert sparse.logloss(torch.zeros(5), torch.tensor([0.0, 1, 1, 0, 1])) == pytest.approx(math.log(2), rel=1e-15)
+
+
+def grads_of(model, x, y):
+    model.zero_grad(set_to_none=True)
+    torch.nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+    return model.embedding.weight.grad
+
+
+def twin_models(config=SMALL, seed=0):
+    init = sparse.initial_model(config, seed)
+    a, b = copy.deepcopy(init), copy.deepcopy(init)
+    a.embedding.sparse, b.embedding.sparse = True, False
+    return init, a, b
+
+
+def a_batch(rows, n=64, fields=8, seed=0):
+    """A batch that uses exactly ``rows`` (a 1-D tensor of table rows), each at least once."""
+    g = torch.Generator().manual_seed(seed)
+    x = rows[torch.randint(0, len(rows), (n, fields), generator=g)]
+    x.view(-1)[:len(rows)] = rows
+    return x, (torch.rand(n, generator=g) < 0.3).float()
+
+
+def test_sparse_adagrad_step_is_the_dense_step_and_the_closed_form():
+    init, sp, de = twin_models()
+    touched = torch.arange(100, 400, 3)
+    x, y = a_batch(touched)
+    gs, gd = grads_of(sp, x, y), grads_of(de, x, y)
+    assert gs.is_sparse and not gd.is_sparse
+    torch.testing.assert_close(gs.coalesce().to_dense(), gd, rtol=1e-6, atol=1e-9)
+    lr, eps = 0.05, 1e-7
+    opts = [optzoo.torch.AdaGrad(m.parameters(), lr=lr, eps=eps) for m in (sp, de)]
+    for opt in opts:
+        opt.step()
+    w0 = init.embedding.weight.detach().double()
+    g = gd.double()
+    expected = w0 - lr * g / torch.sqrt(g * g + eps)   # h = g^2 after the first step
+    untouched = torch.ones(SMALL.rows, dtype=torch.bool)
+    untouched[touched] = False
+    for m in (sp, de):
+        w = m.embedding.weight.detach()
+        torch.testing.assert_close(w.double(), expected, rtol=2e-6, atol=1e-7)
+        assert torch.equal(w[untouched], init.embedding.weight[untouched])
+    # the two updates agree to the last bit: the lazy update is the dense one where the gradient is 0 (and torch's
+    # sparse and dense backward sum a row's gradient in the same order, checked above to 1e-6 only)
+    assert torch.equal(sp.embedding.weight, de.embedding.weight)
+    assert not torch.equal(sp.embedding.weight[touched], init.embedding.weight[touched])
+
+
+def test_lazy_adam_leaves_rows_the_batch_missed_and_dense_adam_moves_them():
+    init, sp, de = twin_models()
+    first, second = torch.arange(0, 50), torch.arange(50, 120)
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    opts = [optzoo.torch.Adam(m.parameters(), lr=lr) for m in (sp, de)]
+    after, grads = [], []
+    for x, y in (a_batch(first, seed=1), a_batch(second, seed=2)):
+        grads.append([grads_of(m, x, y) for m in (sp, de)])
+        for opt in opts:
+            opt.step()
+        after.append([m.embedding.weight.detach().clone() for m in (sp, de)])
+    w0 = init.embedding.weight.detach()
+    never = torch.arange(120, SMALL.rows)
+    (s1, d1), (s2, d2) = after
+    # step 1: m = v = 0 on the rows it did not touch, so neither update moves them
+    for w in (s1, d1):
+        assert torch.equal(w[50:], w0[50:])
+        assert (w[:50] != w0[:50]).all()
+    # step 2: lazy leaves the first batch's rows as step 1 left them; dense keeps moving them (momentum)
+    assert torch.equal(s2[first], s1[first])
+    assert (d2[first] != d1[first]).all()
+    assert torch.equal(s2[never], w0[never]) and torch.equal(d2[never], w0[never])
+    # the second batch's rows: Adam's first step from m = v = 0, at count 2 (the count advances for the whole
+    # parameter), w - lr sqrt(1 - b2^2) / (1 - b1^2) * m / (sqrt(v) + eps), m = (1 - b1) g, v = (1 - b2) g^2
+    g = grads[1][0].coalesce().to_dense()[second].double()
+    expected = s1[second].double() - lr * math.sqrt(1 - b2 ** 2) / (1 - b1 ** 2) * (1 - b1) * g / (
+        torch.sqrt((1 - b2) * g * g) + eps)
+    # (the updates are ~7e-3; 1e-7: the optimizer sums the uncoalesced gradient's duplicates in its own order, which
+    # moves a gradient that nearly cancels, where sqrt(v) is near eps)
+    torch.testing.assert_close(s2[second].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_lazy_ftrl_first_step_by_hand():
+    init, sp, de = twin_models()
+    touched = torch.arange(7, 700, 7)
+    x, y = a_batch(touched, seed=4)
+    lr, beta = 0.1, 0.001
+    opts = [optzoo.torch.Ftrl(m.parameters(), lr=lr, lamda1=0.0, beta=beta, lazy=True) for m in (sp, de)]
+    gd = grads_of(de, x, y).double()
+    grads_of(sp, x, y)
+    for opt in opts:
+        opt.step()
+    w0 = init.embedding.weight.detach().double()
+    # from z = n = 0: z = G - |G| w0 / lr, n = G^2, w = -z / ((beta + |G|) / lr) where z != 0
+    G = gd[touched]
+    z = G - G.abs() * w0[touched] / lr
+    expected = -z / ((beta + G.abs()) / lr) * (z != 0)
+    for m in (sp, de):
+        torch.testing.assert_close(m.embedding.weight.detach()[touched].double(), expected, rtol=1e-5, atol=1e-7)
+    untouched = torch.ones(SMALL.rows, dtype=torch.bool)
+    untouched[touched] = False
+    # lazy: the rows the batch missed keep their initial weights; dense: z = 0 there, so FTRL sets them to 0
+    assert torch.equal(sp.embedding.weight[untouched], init.embedding.weight[untouched])
+    assert bool((de.embedding.weight[untouched] == 0).all())
+
+
+def test_sparse_example_runs_and_adagrad_agrees_with_its_dense_twin():
+    data, runs, max_diff = sparse.run_example(config=SMALL)
+    assert [(r.name, r.sparse) for r in runs] == [(n, s) for n in sparse.OPTIMIZERS for s in (True, False)]
+    for r in runs:
+        assert not r.error, r.error
+        assert len(r.losses) == SMALL.steps and all(map(math.isfinite, r.losses))
+        assert r.settings == sparse.SETTINGS[r.name]
+        assert r.ms_update > 0 and r.ms_step >= r.ms_update
+        # every optimizer learns something: below the constant click rate's held-out loss
+        assert r.test_loss < data.base_logloss, (r.name, r.sparse, r.test_loss, data.base_logloss)
+        assert 0.5 < r.test_auc <= 1.0
+    by = {(r.name, r.sparse): r for r in runs}
+    # AdaGrad: the lazy update is the dense one (wd = 0); the same numbers up to the order in which the two
+    # backward passes sum a row's gradient (bit-identical with torch 2.13 on the CPU)
+    assert max_diff["adagrad"] <= 1e-6
+    assert by["adagrad", True].losses == pytest.approx(by["adagrad", False].losses, rel=1e-6)
+    assert by["adagrad", True].test_loss == pytest.approx(by["adagrad", False].test_loss, rel=1e-6)
+    # FTRL and Adam: the dense update moves rows the batch missed; the tables differ
+    assert max_diff["ftrl"] > 1e-3 and max_diff["adam"] > 1e-3
+    assert by["adam", True].losses[0] == by["adam", False].losses[0]   # same start, same first batch
+    assert by["adam", True].losses[-1] != by["adam", False].losses[-1]
+
+
+def fake_runs():
+    rows = []
+    for k, name in enumerate(sparse.OPTIMIZERS):
+        for is_sparse in (True, False):
+            ms = 2.0 + k if is_sparse else 40.0 + k
+            rows.append(sparse.Run(name, is_sparse, dict(sparse.SETTINGS[name]), [0.7, 0.5, 0.45], 0.44, 0.46, 0.8,
+                                   ms * 0.6, ms))
+    return rows
+
+
+def test_sparse_table_rows_and_json():
+    runs = fake_runs()
+    runs[3] = dataclasses.replace(runs[3], error="RuntimeError: no", losses=[], ms_step=float("nan"))
+    speedups = {n: sparse.speedup(runs, n) for n in sparse.OPTIMIZERS}
+    assert speedups["ftrl"] == pytest.approx(20.0) and math.isnan(speedups["adam"])
+    lines = report.format_sparse_table(runs, speedups).splitlines()
+    assert lines[0] == "| " + " | ".join(report.SPARSE_COLUMNS) + " |"
+    assert lines[2] == ("| ftrl | sparse | 0.4400 | 0.4600 | 0.800 | 1.20 | 2.00 | 20.0x | "
+                        "lr=0.1, lamda1=0.0, beta=0.001, lazy=True |")
+    assert lines[3] == "|  | dense | 0.4400 | 0.4600 | 0.800 | 24.00 | 40.00 |  |  |"
+    assert lines[5] == "|  | dense | failed: RuntimeError: no |  |  |  |  |  |  |"
+    assert all(line.count("|") == len(report.SPARSE_COLUMNS) + 1 for line in lines)
+    blob = report.sparse_to_json(runs, speedups, {"ftrl": 0.25, "adagrad": 0.0}, {"rows": 4}, {"base_logloss": 0.5})
+    json.dumps(blob)   # plain JSON: NaN became None
+    assert blob["speedup"] == {"ftrl": 20.0, "adam": None, "adagrad": pytest.approx(42.0 / 4.0)}
+    assert blob["results"][3]["error"] == "RuntimeError: no" and blob["results"][3]["ms_per_step"] is None
+    assert report.format_sparse_notes({"ftrl": 0.25, "adagrad": 0.0}).endswith("ftrl 0.25, adagrad 0 (bit-identical)")
+
+
+def test_sparse_plot_draws_every_run():
+    need("matplotlib")
+    fig = plots.plot_sparse(fake_runs(), None, bayes_logloss=0.36, base_logloss=0.52, samples_per_step=2048)
+    ax, bx = panels(fig)
+    labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert labels == [f"{n}, {k}" for n in sparse.OPTIMIZERS for k in ("sparse", "dense")]
+    for line in ax.get_lines():
+        if line.get_label().endswith("dense"):
+            assert line.get_linestyle() not in ("-", "solid")
+    assert ax.get_xlabel() == "training samples seen"
+    assert {round(y, 6) for line in ax.get_lines() if line.get_label().startswith("_")
+            for y in line.get_ydata()} >= {0.36, 0.52}
+    heights = sorted(round(p.get_height(), 6) for p in bx.patches)
+    # a bar per run (the whole step) and its optimizer.step() part
+    assert heights == sorted([2.0, 1.2, 40.0, 24.0, 3.0, 1.8, 41.0, 24.6, 4.0, 2.4, 42.0, 25.2])
+    texts = [t.get_text() for t in bx.texts]
+    assert "20.0x" in texts and "10.5x" in texts
+
+
+def test_demo_run_with_a_tiny_sparse_example(tmp_path, capsys):
+    need("matplotlib"), need("PIL"), need("rich")
+    from matplotlib import image
+    from optzoo.demo.run import DemoConfig, run
+    threads = torch.get_num_threads()
+    try:
+        status = run(DemoConfig(optimizers=["adagrad", "ftrl"], epochs=1, trajectory_steps=2, out=tmp_path,
+                                sparse_size=sparse.TINY))
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "sparse example: click-through model" in out and "largest |difference|" in out
+    md = (tmp_path / "sparse.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("| ")]
+    assert [r[:2] for r in rows[1:]] == [["ftrl", "sparse"], ["", "dense"], ["adagrad", "sparse"], ["", "dense"]]
+    assert rows[3][2:5] == rows[4][2:5]   # adagrad: the same losses and AUC sparse and dense
+    assert list(parse_table((tmp_path / "results.md").read_text())) == ["adagrad", "ftrl"]   # its own file
+    blob = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in blob["results"]] == ["adagrad", "ftrl"]
+    assert [(r["optimizer"], r["gradient"]) for r in blob["sparse"]["results"]] == [
+        ("ftrl", "sparse"), ("ftrl", "dense"), ("adagrad", "sparse"), ("adagrad", "dense")]
+    assert blob["sparse"]["config"]["rows"] == sparse.TINY.rows
+    assert blob["sparse"]["max_table_difference"]["adagrad"] == 0
+    assert blob["sparse"]["bayes_logloss"] < blob["sparse"]["base_logloss"]
+    assert image.imread(tmp_path / "sparse.png").shape[:2] == plots.SPARSE_PX[::-1]
+
+
+def test_demo_run_without_a_sparse_optimizer_says_so(tmp_path, capsys):
+    need("matplotlib"), need("PIL"), need("rich")
+    from optzoo.demo.run import DemoConfig, run
+    threads = torch.get_num_threads()
+    try:
+        assert run(DemoConfig(optimizers=["sgd"], epochs=1, trajectory_steps=2, out=tmp_path)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "(no sparse example: it runs ftrl, adam, adagrad)" in capsys.readouterr().out
+    assert not (tmp_path / "sparse.md").exists() and "sparse" not in json.loads((tmp_path / "results.json").read_text())

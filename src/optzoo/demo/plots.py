@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 __all__ = ["FAMILIES", "family_of", "color_of", "loss_px", "trajectories_px", "LOSS_PX", "TRAJECTORIES_PX",
-           "plot_losses", "plot_trajectories", "smooth"]
+           "SPARSE_PX", "plot_losses", "plot_trajectories", "plot_sparse", "smooth"]
 
 _DPI = 100
 
@@ -90,6 +90,8 @@ def trajectories_px(n_rows: int) -> tuple:
 
 LOSS_PX = loss_px(len(FAMILIES))
 TRAJECTORIES_PX = trajectories_px(2)
+#: (width, height) of sparse.png
+SPARSE_PX = (1200, 520)
 
 
 def _figure(px):
@@ -276,6 +278,75 @@ def plot_trajectories(functions, paths, path=None):
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     fig.subplots_adjust(left=0.05, right=0.99, bottom=70 / fig.bbox.height, top=1 - 80 / fig.bbox.height,
                         wspace=0.15, hspace=0.12)
+    if path is not None:
+        _save(fig, path)
+    return fig
+
+
+def plot_sparse(runs, path=None, *, bayes_logloss=None, base_logloss=None, samples_per_step: int = 1, title=""):
+    """The sparse example (:mod:`.sparse`) in two panels. Left: each run's batch logloss per step, an optimizer's
+    sparse run solid, its dense run dashed (same colour), with the hidden model's and the constant click rate's
+    held-out logloss as grey lines. Right: the median ms per training step, sparse and dense bars side by side per
+    optimizer, the ``optimizer.step()`` part darker, the speed-up (dense / sparse) written above. A run that
+    failed has no line and no bar. Returns the figure; saves it to ``path`` when given."""
+    from matplotlib.patches import Patch
+    fig = _figure(SPARSE_PX)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    names = list(dict.fromkeys(r.name for r in runs))
+    unknown = [n for n in names if n not in _COLORS]
+    for r in runs:
+        if r.error or not r.losses:
+            continue
+        x = np.arange(1, len(r.losses) + 1) * samples_per_step
+        # the dense line dashed on top of the solid sparse one: where they agree (AdaGrad) both still show
+        ax.plot(x, r.losses, color=color_of(r.name, unknown), lw=2.2 if r.sparse else 1.3,
+                ls="-" if r.sparse else (0, (4, 3)), marker="o" if r.sparse else None, ms=3.5,
+                alpha=0.75 if r.sparse else 1.0, zorder=2 if r.sparse else 3,
+                label=f"{r.name}, {'sparse' if r.sparse else 'dense'}")
+    for level, text in ((bayes_logloss, "hidden model"), (base_logloss, "constant click rate")):
+        if level is not None and math.isfinite(level):
+            ax.axhline(level, color="0.55", lw=1, ls=":", zorder=1)
+            ax.text(1.0, level, f"{text} (held out) ", transform=ax.get_yaxis_transform(), ha="right",
+                    va="bottom", fontsize=8, color="0.35")
+    ax.set_xlabel("training samples seen" if samples_per_step > 1 else "step")
+    ax.set_ylabel("batch logloss (binary cross-entropy)")
+    ax.set_title("training loss: sparse (solid) and dense (dashed) gradient", fontsize=11, loc="left")
+    ax.grid(True, alpha=0.3)
+    if ax.get_lines():
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.9, ncol=2)
+    by = {(r.name, r.sparse): r for r in runs if not r.error}
+    width, tops = 0.38, []
+    for i, n in enumerate(names):
+        color = color_of(n, unknown)
+        for j, sparse in enumerate((True, False)):
+            r = by.get((n, sparse))
+            if r is None or not math.isfinite(r.ms_step):
+                continue
+            xpos = i + (j - 0.5) * width
+            bx.bar(xpos, r.ms_step, width, color=color, alpha=0.45 if sparse else 0.25, edgecolor=color,
+                   hatch=None if sparse else "//")
+            if math.isfinite(r.ms_update):
+                bx.bar(xpos, min(r.ms_update, r.ms_step), width, color=color, alpha=0.9, edgecolor=color)
+            tops.append(r.ms_step)
+        s, d = by.get((n, True)), by.get((n, False))
+        for r in (s, d):
+            if r is not None and math.isfinite(r.ms_step):
+                bx.text(i + (-0.5 if r is s else 0.5) * width, r.ms_step, f"{r.ms_step:.1f}", ha="center",
+                        va="bottom", fontsize=8)
+        if s is not None and d is not None and s.ms_step > 0 and math.isfinite(d.ms_step / s.ms_step):
+            bx.text(i, max(s.ms_step, d.ms_step) + 0.09 * max(tops), f"{d.ms_step / s.ms_step:.1f}x",
+                    ha="center", va="bottom", fontsize=9, fontweight="bold")
+    bx.set_xticks(range(len(names)), [f"{n}\nsparse | dense" for n in names], fontsize=9)
+    bx.set_ylim(0, 1.45 * max(tops, default=1.0))
+    bx.set_ylabel("ms per training step (median)")
+    bx.set_title("time per step (bold: dense / sparse)", fontsize=11, loc="left")
+    bx.grid(True, axis="y", alpha=0.3)
+    bx.legend(handles=[Patch(facecolor="0.35", label="optimizer.step()"),
+                       Patch(facecolor="0.85", edgecolor="0.4",
+                             label="forward, backward, zero_grad(); dense: hatched")],
+              loc="upper left", fontsize=8, framealpha=0.9)
+    fig.suptitle(title or "optzoo demo: the sparse example", fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.14, top=0.84, wspace=0.18)
     if path is not None:
         _save(fig, path)
     return fig

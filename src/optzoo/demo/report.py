@@ -6,7 +6,8 @@ import json
 import math
 
 __all__ = ["COLUMNS", "NOTES", "format_table", "format_notes", "format_settings", "format_footnotes", "rich_table",
-           "to_json"]
+           "to_json", "SPARSE_COLUMNS", "format_sparse_table", "sparse_rich_table", "sparse_caption",
+           "format_sparse_settings", "format_sparse_notes", "sparse_to_json"]
 
 COLUMNS = ("optimizer", "final train loss", "test accuracy", "ms/step", "state B/param", "settings")
 
@@ -89,11 +90,101 @@ def format_notes(results) -> str:
     return "\n".join(f"- {n}: {NOTES[n]}" for n in names if n in NOTES)
 
 
-def to_json(results, config: dict) -> str:
+def to_json(results, config: dict, extra: dict | None = None) -> str:
+    """``{"config": ..., "results": [a row per optimizer]}`` plus ``extra``'s keys (the sparse example's
+    ``"sparse"``)."""
     def clean(x):
         return x if not isinstance(x, float) else float(f"{x:.6g}") if math.isfinite(x) else None
     rows = [{"optimizer": r.name, "settings": r.settings, "final_train_loss": clean(r.final_loss),
              "test_accuracy": clean(r.accuracy), "ms_per_step": clean(r.ms_per_step),
              "state_bytes_per_param": clean(r.state_bytes_per_param), "error": r.error or None, "losses": [clean(v) for v in r.losses]}
             for r in results]
-    return json.dumps({"config": config, "results": rows})
+    return json.dumps({"config": config, "results": rows, **(extra or {})})
+
+
+# ---------------------------------------------------------------------------------------------- sparse example
+#: the sparse example's table (:mod:`.sparse`): two rows per optimizer, its sparse and its dense run
+SPARSE_COLUMNS = ("optimizer", "gradient", "train loss", "test loss", "test AUC", "update ms", "step ms", "speed-up",
+                  "settings")
+_SPARSE_SHORT = ("train\nloss", "test\nloss", "test\nAUC", "update\nms", "step\nms", "speed-\nup")
+
+
+def _sparse_cells(runs, speedups):
+    """``(name, gradient, numbers..., speed-up, settings, error)`` per run; the name, speed-up and settings only
+    on an optimizer's first row."""
+    seen = set()
+    for r in runs:
+        first = r.name not in seen
+        seen.add(r.name)
+        x = speedups.get(r.name, float("nan")) if r.sparse else float("nan")
+        numbers = (_num(r.train_loss, ".4f"), _num(r.test_loss, ".4f"), _num(r.test_auc, ".3f"),
+                   _num(r.ms_update, ".2f"), _num(r.ms_step, ".2f"))
+        yield (r.name if first else "", "sparse" if r.sparse else "dense", *numbers,
+               f"{x:.1f}x" if math.isfinite(x) else "", format_settings(r.settings) if first else "", r.error)
+
+
+def format_sparse_table(runs, speedups: dict) -> str:
+    """The sparse example as markdown (``sparse.md``): :data:`SPARSE_COLUMNS`, a row per run."""
+    lines = ["| " + " | ".join(SPARSE_COLUMNS) + " |", "|" + "---|" * len(SPARSE_COLUMNS)]
+    for *cells, settings, error in _sparse_cells(runs, speedups):
+        if error:
+            cells = [*cells[:2], f"failed: {error}", *[""] * 5]
+        lines.append("| " + " | ".join([*cells, settings]) + " |")
+    return "\n".join(lines)
+
+
+def sparse_caption(bayes_logloss: float, base_logloss: float, n_test: int) -> str:
+    """What the sparse table's columns are, and the two losses that frame the test loss."""
+    return (f"loss: logloss (binary cross-entropy) after one pass; test: {n_test:,} held-out samples, where the "
+            f"hidden model that drew the labels scores {bayes_logloss:.4f} and a constant click rate "
+            f"{base_logloss:.4f}; update ms: median time of optimizer.step(); step ms: forward, backward, step() "
+            "and zero_grad(); speed-up: dense step ms / sparse step ms. sparse: the table's gradient is row-sparse "
+            "and FTRL (lazy=True), Adam (lazy by default) and AdaGrad update only the batch's rows; dense: the "
+            "same model with a dense gradient, every row updated. A lazy update is not the dense rule for FTRL "
+            "and Adam (the dense one moves rows the batch did not touch), so their losses differ; for AdaGrad "
+            "(wd = 0) it is the same update.")
+
+
+def sparse_rich_table(runs, speedups: dict, caption: str = "", title: str = ""):
+    """:func:`format_sparse_table`'s rows but the settings (:func:`format_sparse_settings`) as a
+    :class:`rich.table.Table`, numbers right-aligned."""
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+    table = Table(*SPARSE_COLUMNS[:2], title=title or None, title_justify="left", caption=caption or None,
+                  caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
+    for c in _SPARSE_SHORT:
+        table.add_column(c, justify="right")
+    for *cells, _, error in _sparse_cells(runs, speedups):
+        if error:
+            table.add_row(*map(escape, cells[:2]), f"[red]failed: {escape(error)}[/red]", "", "", "", "", "")
+            continue
+        table.add_row(*map(escape, cells))
+    return table
+
+
+def format_sparse_settings(runs) -> str:
+    """The sparse example's hyperparameters, one optimizer after the other."""
+    settings = {r.name: r.settings for r in runs}
+    return "settings: " + "; ".join(f"{n} {format_settings(s)}" for n, s in settings.items())
+
+
+def format_sparse_notes(max_diff: dict) -> str:
+    """One line: per optimizer, the largest difference between the sparse and the dense run's trained tables."""
+    if not max_diff:
+        return ""
+    parts = [f"{n} {v:.3g}" + (" (bit-identical)" if v == 0 else "") for n, v in max_diff.items()]
+    return "largest |difference| between the tables trained sparse and dense: " + ", ".join(parts)
+
+
+def sparse_to_json(runs, speedups: dict, max_diff: dict, config: dict, references: dict) -> dict:
+    """The sparse example for ``results.json`` (its ``"sparse"`` key)."""
+    def clean(x):
+        return x if not isinstance(x, float) else float(f"{x:.6g}") if math.isfinite(x) else None
+    rows = [{"optimizer": r.name, "gradient": "sparse" if r.sparse else "dense", "settings": r.settings,
+             "train_logloss": clean(r.train_loss), "test_logloss": clean(r.test_loss), "test_auc": clean(r.test_auc),
+             "ms_per_update": clean(r.ms_update), "ms_per_step": clean(r.ms_step), "error": r.error or None,
+             "losses": [clean(v) for v in r.losses]} for r in runs]
+    return {"config": config, **{k: clean(v) for k, v in references.items()}, "results": rows,
+            "speedup": {k: clean(v) for k, v in speedups.items()},
+            "max_table_difference": {k: clean(v) for k, v in max_diff.items()}}

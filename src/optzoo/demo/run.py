@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import optimizer as _optimizer
-from . import plots, report, trajectories
+from . import plots, report, sparse, trajectories
 from .data import split
 from .train import DigitsMLP, Result, settings_for, train
 
@@ -26,6 +26,8 @@ class DemoConfig:
     device: str = "cpu"
     fused: object = None
     trajectory_steps: int | None = None   # None: each function's own number of steps
+    #: the sparse example's size (None: no sparse example); it runs the requested ones of sparse.OPTIMIZERS
+    sparse_size: sparse.SparseConfig | None = dataclasses.field(default_factory=sparse.SparseConfig)
 
 
 def _progress():
@@ -58,11 +60,28 @@ def _paths(progress, curves, steps):
     return paths
 
 
+def _sparse(progress, names, size, seed, device):
+    """The sparse example for ``names`` (a sparse and a dense run each): ``(data, runs, max_diff)``."""
+    task = progress.add_task("sparse example", total=2 * len(names) * size.steps)
+    started = []
+
+    def on_run(name, is_sparse):   # also right after a run that failed part-way
+        progress.update(task, description=f"sparse: {name}, {'sparse' if is_sparse else 'dense'}",
+                        completed=len(started) * size.steps)
+        started.append(name)
+    result = sparse.run_example(names, size, seed=seed, device=device, on_step=lambda: progress.advance(task),
+                                on_run=on_run)
+    progress.update(task, completed=2 * len(names) * size.steps)
+    return result
+
+
 def run(config: DemoConfig) -> int:
-    """Train every requested optimizer, print the table, write loss.png, trajectories.png, results.md/json.
+    """Train every requested optimizer, print the table, write loss.png, trajectories.png, results.md/json; then
+    the sparse example (:mod:`.sparse`) for the requested ones of FTRL, Adam, AdaGrad: its table, sparse.png,
+    sparse.md and the ``"sparse"`` key of results.json.
 
     On the CPU it sets torch's thread count to 1 for the process (it is meant to run as ``optzoo demo``).
-    Returns the exit status: 1 if an optimizer failed to train (its row says why), else 0.
+    Returns the exit status: 1 if an optimizer failed to train (its row says why, in either table), else 0.
     """
     start = time.perf_counter()
     device = torch.device(config.device)
@@ -88,6 +107,10 @@ def run(config: DemoConfig) -> int:
             progress.update(task, completed=len(results) * per_run)
         if curves:
             paths = _paths(progress, curves, config.trajectory_steps)
+        sparse_names = [n for n in sparse.OPTIMIZERS if n in config.optimizers] if config.sparse_size else []
+        if sparse_names:
+            # the seed draws the data, the initial weights; the batches are the data's order
+            ctr, sparse_runs, max_diff = _sparse(progress, sparse_names, config.sparse_size, config.seed, device)
 
     from rich.console import Console
     console = Console(highlight=False)
@@ -111,7 +134,46 @@ def run(config: DemoConfig) -> int:
     else:
         print(f"\n(no trajectories: they are drawn for {', '.join(sorted(set(trajectories.CURVES.values())))})")
     files[-2].write_text(table + "\n" + (f"\n{notes}\n" if notes else ""))
-    files[-1].write_text(report.to_json(results, {k: str(v) for k, v in dataclasses.asdict(config).items()}))
+    extra, failed = {}, any(r.error for r in results)
+    if sparse_names:
+        extra["sparse"] = _report_sparse(console, out, files, config, ctr, sparse_runs, max_diff)
+        failed = failed or any(r.error for r in sparse_runs)
+    else:
+        print(f"\n(no sparse example: it runs {', '.join(sparse.OPTIMIZERS)})")
+    files[-1].write_text(report.to_json(results, {k: str(v) for k, v in dataclasses.asdict(config).items()}, extra))
     print(f"\nwrote {', '.join(map(str, files))} in {time.perf_counter() - start:.1f} s")
-    return 1 if any(r.error for r in results) else 0
+    return 1 if failed else 0
+
+
+def _report_sparse(console, out, files, config, ctr, runs, max_diff) -> dict:
+    """Print the sparse example's table, write sparse.png and sparse.md (listed in ``files`` before the
+    results); returns its part of results.json."""
+    size = config.sparse_size
+    names = list(dict.fromkeys(r.name for r in runs))
+    speedups = {n: sparse.speedup(runs, n) for n in names}
+    n_params = size.rows * size.dim + sum(p.numel() for p in sparse.CTRModel(1, size.dim, size.hidden, False).mlp
+                                          .parameters())
+    what = (f"{len(sparse.FIELDS)} hashed fields -> {size.rows:,} x {size.dim} embedding bag -> MLP "
+            f"{size.dim}-{size.hidden}-1 ({n_params:,} parameters); one pass of {size.steps} steps of {size.batch} "
+            f"samples")
+    console.print(f"\nsparse example: click-through model on generated data, {what}; a batch touches "
+                  f"{ctr.rows_per_batch(size.batch):,.0f} rows on average; seed {config.seed}", markup=False)
+    caption = report.sparse_caption(ctr.bayes_logloss, ctr.base_logloss, len(ctr.y_test))
+    console.print(report.sparse_rich_table(runs, speedups, caption))
+    notes = report.format_sparse_notes(max_diff)
+    console.print(report.format_sparse_settings(runs) + (f"\n{notes}" if notes else ""), markup=False)
+    png, md = out / "sparse.png", out / "sparse.md"
+    plots.plot_sparse(runs, png, bayes_logloss=ctr.bayes_logloss, base_logloss=ctr.base_logloss,
+                      samples_per_step=size.batch,
+                      title=f"optzoo demo, the sparse example: {', '.join(names)} with a row-sparse gradient "
+                            f"(lazy update) and with the dense gradient of the same model\n"
+                            f"a click-through model on generated data: {len(sparse.FIELDS)} hashed fields, a "
+                            f"{size.rows:,} x {size.dim} embedding bag, an MLP {size.dim}-{size.hidden}-1; "
+                            f"{size.steps} steps of {size.batch} samples")
+    md.write_text(f"Sparse example: {what}.\n\n{report.format_sparse_table(runs, speedups)}\n\n{caption}\n"
+                  + (f"\n{notes}\n" if notes else ""))
+    files[-2:-2] = [png, md]
+    return report.sparse_to_json(runs, speedups, max_diff, dataclasses.asdict(size),
+                                 {"bayes_logloss": ctr.bayes_logloss, "base_logloss": ctr.base_logloss,
+                                  "n_test": len(ctr.y_test)})
 
