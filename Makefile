@@ -19,7 +19,8 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q tests
 
-# Every optimizer on the 8x8 digits (table on stdout) and the pictures, in demo-out/ (10-20 s on 2 cores).
+# Every optimizer on the 8x8 digits, then the sparse click-through example (tables on stdout) and the pictures,
+# in demo-out/ (about 35 s on 2 cores).
 demo: setup
 	$(PY) -m optzoo demo --out demo-out
 	@echo

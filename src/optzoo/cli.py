@@ -28,10 +28,12 @@ _DEMO_EXTRA = ("optzoo demo needs matplotlib, pillow and rich (the 'demo' extra)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optzoo", description="MXNet 1.9.1's optimizers on PyTorch tensors.")
     sub = p.add_subparsers(dest="command", metavar="{demo,list,bench,import-mxnet}")
-    demo = sub.add_parser("demo", help="train a small network on the 8x8 digits with every optimizer; "
-                                       "table and pictures",
+    demo = sub.add_parser("demo", help="train a small network on the 8x8 digits with every optimizer, and a "
+                                       "click-through model with row-sparse gradients; tables and pictures",
                           description="Train a 64-64-10 MLP on the 8x8 digits (shipped with optzoo) with each "
-                                      "optimizer through optzoo.Trainer; print a table and write PNGs.")
+                                      "optimizer through optzoo.Trainer, then a hashed-embedding click-through "
+                                      "model on generated data with FTRL, Adam and AdaGrad, sparse against dense "
+                                      "gradients; print tables and write PNGs.")
     demo.add_argument("--optimizers", default=None, metavar="NAMES",
                       help="comma-separated registered names (default: all; see `optzoo list`)")
     demo.add_argument("--epochs", default="20", metavar="N", help="passes over the training images (default 20)")
