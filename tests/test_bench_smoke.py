@@ -95,8 +95,9 @@ def test_smoke_run(tmp_path, capsys):
     assert {(p["class"], p["variant"]) for p in peers.values()} == {("Adam", "fused"), ("SGD", "fused")}
     _check_positive(data["triad"]["start"], ["gbps", "ms"])
     _check_positive(data["triad"]["end"], ["gbps", "ms"])
-    # (i), (ii): GB/s vs Adam and time vs peer for each row; (iii): time vs Adam; loaded, fused=None: time vs Adam
-    assert data["targets"]["checks"] == len(optimizers) * len(modes) * (2 * 2 + 1) + len(optimizers)
+    # (i), (ii): GB/s vs Adam and time vs peer for each row; (iii): time vs Adam; loaded, fused=None: time vs Adam;
+    # embedding: x dense and x peer time for each of its optimizers requested (adam, sgd)
+    assert data["targets"]["checks"] == len(optimizers) * len(modes) * (2 * 2 + 1) + len(optimizers) * 3
     assert data["bytes_per_element"] == {"adam": {"float32": 28, "float16_mp": 30},
                                          "sgd": {"float32": 20, "float16_mp": 22}}
     md = (tmp_path / "latest.md").read_text()
@@ -114,6 +115,36 @@ def test_smoke_run(tmp_path, capsys):
     data["copy"] = T.copy_bandwidth("cpu", nbytes=1 << 20, repeat=2)
     assert "device: cuda (H100, 79.2 GiB, 132 SMs, CUDA 13.0); copy dst.copy_(src), 1 MiB" in R.text_report(data)
     assert "- device: cuda (H100" in R.markdown_report(data)
+
+
+def test_embedding_workload(tmp_path, capsys):
+    """The row-sparse workload: per optimizer the lazy step, the dense step of the same table, torch's sparse peer
+    (none for FTRL), and what one lazy step allocates (far below the table, as tests/test_sparse_cost.py checks)."""
+    argv = ["--workloads", "embedding", "--scale", "1e-3", "--repeat", "2", "--out", str(tmp_path), "--mxnet", "none",
+            "--quiet"]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "latest.json").read_text())
+    e = data["embedding"]
+    assert (e["rows"], e["dim"], e["touched"], e["table_bytes"]) == (10_000, 64, 4, 10_000 * 64 * 4)
+    assert data["workloads"] == {} and data["rows"] == []
+    rows = {r["optimizer"]: r for r in e["results"]}
+    assert list(rows) == ["sgd", "adam", "adagrad", "ftrl"]
+    for label, r in rows.items():
+        assert "error" not in r and r["finite"] is True, r
+        _check_positive(r, ["ms", "first_ms", "dense_ms", "vs_dense"])
+        assert 0 < r["alloc"]["peak"] < e["table_bytes"] / 10, r
+        if label == "ftrl":
+            assert r["peer"] is None and "vs_peer" not in r
+        else:
+            _check_positive(r, ["peer_ms", "vs_peer"])
+    assert [r["peer"] for r in rows.values()] == ["torch.optim.SGD", "torch.optim.SparseAdam", "torch.optim.Adagrad",
+                                                  None]
+    assert data["targets"]["checks"] == 4 + 3  # x dense for each, x peer time where torch has a peer
+    md = (tmp_path / "latest.md").read_text()
+    assert f"## {e['describe']}" in md and "| sgd |" in md and "SparseAdam" in md
+    assert "x dense" in capsys.readouterr().out
+    assert bench.main(["--render", str(tmp_path / "latest.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "latest.md").read_text() == md
 
 
 def test_bad_arguments():

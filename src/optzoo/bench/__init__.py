@@ -8,7 +8,9 @@ same workloads in a subprocess when its Python is found. Each measurement: gradi
 ``step()`` timed alone (state creation; compilation for ``fused=True``), ``--warmup`` untimed steps,
 then the median of up to ``--repeat`` timed steps (see :func:`optzoo.bench.timing.time_steps` for how
 ``--budget`` bounds slow ones). Results: a table on stdout, ``latest.json`` and ``latest.md`` under ``--out``.
-The ``loaded`` workload runs with a busy process on every core (:mod:`optzoo.bench.load`); ``--first-call``
+The ``loaded`` workload runs with a busy process on every core (:mod:`optzoo.bench.load`); ``embedding`` times
+lazy steps on a row-sparse gradient against the dense step and torch's sparse optimizers
+(:mod:`optzoo.bench.sparse`); ``--first-call``
 times each optimizer's first step in fresh processes instead, cold and warm (:mod:`optzoo.bench.first_call`).
 Everything goes through public entry points: ``optzoo.torch.create(...)`` and ``opt.step()``.
 
@@ -16,6 +18,7 @@ Everything goes through public entry points: ``optzoo.torch.create(...)`` and ``
     python -m optzoo.bench --workloads single --optimizers adam,sgd:momentum=0.5 --fused none,true,false
     python -m optzoo.bench --scale 1e-3 --no-peers --mxnet none --out /tmp/bench
     python -m optzoo.bench --workloads loaded --optimizers adam,sgd          # the shared machine
+    python -m optzoo.bench --workloads embedding --mxnet none               # lazy steps on a 10M x 64 table
     python -m optzoo.bench --first-call --optimizers adam,lamb                # compilation, cold and warm
     python -m optzoo.bench --device cuda --workloads single --mxnet none
 """
@@ -41,6 +44,7 @@ from .. import torch as _face
 from ..optimizer import registry
 from . import first_call as _first_call
 from . import peers as _peers
+from . import sparse as _sparse
 from .load import busy_cores
 from .report import evaluate_targets, mode_name, text_report, update_readme, write_results
 from ._steps import time_paired
@@ -51,13 +55,15 @@ from .workloads import WORKLOADS, bytes_moved, bytes_per_element, make_workload,
 __all__ = ["main", "run", "parse_args"]
 
 _MODES = {"none": None, "true": True, "false": False}
+#: every ``--workloads`` key: the dense ones (:mod:`optzoo.bench.workloads`), then the row-sparse embedding
+_KEYS = WORKLOADS + (_sparse.KEY,)
 _ROOT = Path(__file__).resolve().parents[3]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m optzoo.bench", description=__doc__.splitlines()[0].strip("`: "),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    p.add_argument("--workloads", default=",".join(_KEYS), help=f"comma-separated, of {', '.join(_KEYS)}")
     p.add_argument("--optimizers", default=None,
                    help="comma-separated registered names, each optionally name:key=value[:key=value] "
                         "(MXNet hyperparameter names); default: every registered optimizer")
@@ -95,8 +101,8 @@ def parse_args(argv=None):
     try:
         args.workload_keys = [w.strip() for w in args.workloads.split(",") if w.strip()]
         for key in args.workload_keys:
-            if key not in WORKLOADS:
-                raise ValueError(f"--workloads: {key!r} is unknown: expected some of {', '.join(WORKLOADS)}")
+            if key not in _KEYS:
+                raise ValueError(f"--workloads: {key!r} is unknown: expected some of {', '.join(_KEYS)}")
         args.modes = _parse_modes(args.fused, "--fused")
         args.loaded_modes = _parse_modes(args.loaded_fused, "--loaded-fused")
         if args.load_processes is not None and args.load_processes < 0:
@@ -423,7 +429,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    workloads = [make_workload(k, args.scale) for k in args.workload_keys]
+    workloads = [make_workload(k, args.scale) for k in args.workload_keys if k != _sparse.KEY]
     triad_numel = make_workload("single", args.scale).numel
     results = {"schema": "optzoo.bench/1", "started": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": machine_info(), "device": device_info(args.device),
@@ -458,11 +464,13 @@ def run(args) -> dict:
         results["rows"] += rows
         del data
         gc.collect()
+    if _sparse.KEY in args.workload_keys:  # its own rows (lazy vs dense vs torch's sparse optimizers): no MXNet side
+        results["embedding"] = _sparse.run(args, log=lambda text: _log(args, text))
     results["mxnet"] = {"status": "skipped (--no-peers)"} if args.no_peers else _run_mxnet(args, workloads,
                                                                                            results["rows"])
     results["triad"]["end"] = triad(triad_numel, repeat=args.repeat, budget=args.budget, device=args.device)
     results["load_average"]["end"] = load_average()
-    results["targets"] = evaluate_targets(results["rows"])
+    results["targets"] = evaluate_targets(results["rows"] + results.get("embedding", {}).get("results", []))
     results["total_s"] = time.perf_counter() - start
     return results
 

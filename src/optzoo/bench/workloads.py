@@ -12,6 +12,9 @@ fp16        (iv) (i) in fp16, ``multi_precision=True`` (fp32 master)    16,777,2
 loaded      (v) (i) with a CPU-bound process on every core alongside    16,777,216    fp32
 ==========  ==========================================================  ============  =====
 
+The row-sparse workload ``embedding`` ((vi): a 10,000,000 x 64 fp32 table, 4,096 rows touched per step) has its
+own measurement, lazy step against dense step and torch's sparse optimizers: :mod:`optzoo.bench.sparse`.
+
 ``loaded`` is the "shared machine": the same tensor as (i), measured while :func:`optzoo.bench.load.busy_cores`
 keeps one busy-loop process per core running, torch's fused Adam measured under the same load beside it.
 

@@ -148,10 +148,12 @@ class LARS(Optimizer):
         return "lazy" if self.lazy_update and not multi_precision else "standard"
 
     def sparse_lr(self, index, weight, values, lr, wd):
-        # MXNet's _get_lars: fp32 norms (values scaled by rg in fp32), the ratio in double, then lr * lars
+        # MXNet's _get_lars: fp32 norms (values scaled by rg in fp32), the ratio in double, then lr * lars. The
+        # whole weight's norm is a reduction over the table (as MXNet's): no table-sized temporary (a lazy step
+        # allocates only its rows), so not norm_of's sequential sums, whose order MXNet's norm does not keep either
         if self.idx2name.get(index, str(index)).endswith(_NO_LARS):
             return lr
-        nw = float(norm_of(weight.to(torch.float32)))
+        nw = float(torch.linalg.vector_norm(weight, dtype=torch.float32))
         ng = float(norm_of(values.to(torch.float32) * mx_float(self.rescale_grad)))
         return lr * (self.eta * nw / (ng + wd * nw + self.eps)) if nw > 0.0 and ng > 0.0 else lr
 
