@@ -81,6 +81,15 @@ def test_compiled_tensors_in_place_match_the_reference_path(spec):
 
 
 @pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # "compiling the fused optimizer kernel failed"
+def test_compiled_kernels_clip_without_falling_back(spec):
+    """clip_gradient in a compiled kernel: its bound is a constant made before the kernel runs (parsed while
+    dynamo traced, it failed to compile, and every clipping kernel ran eagerly)."""
+    variant = {**spec.variants[-1], "clip_gradient": 0.3}
+    assert_match(run_face(spec, variant, False), run_face(spec, variant, True), compiled_rtol(spec))
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS])
 def test_default_path_compiles_large_tensors_and_large_packs(spec, monkeypatch):
     """fused=None with a low threshold: the [3, 4] tensors count as large (compiled, in place), and the
     pack of the small ones as large (compiled over the pack): the reference path's numbers."""

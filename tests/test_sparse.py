@@ -372,3 +372,38 @@ def test_torch_face_lazy_group_option():
     assert not torch.equal(emb.detach()[untouched], before[untouched])  # standard: weight decay on every row
     with pytest.raises(TypeError, match="both 'lazy_update' and its alias 'lazy'"):
         optzoo.torch.Adam(m.parameters(), lazy=True, lazy_update=True)
+
+
+# ------------------------------------------------------------------------------------- the compiled lazy step
+#: Large row sets run gather, lazy kernel and scatter as one compiled loop (engine.execute_rows); the reference
+#: (fused=False) runs the same lazy kernel eagerly. Each case compiles once (a few seconds).
+COMPILED_LAZY = [("sgd", {"momentum": 0.9, "wd": 0.1}), ("sgd", {"wd": 0.1, "clip_gradient": 0.3}),
+                 ("adam", {"wd": 0.1}), ("adam", {"clip_gradient": 0.3}), ("adagrad", {}),
+                 ("ftrl", {"lazy_update": True, "wd": 0.1}), ("nag", {}),
+                 ("adam", {"wd": 0.1, "multi_precision": True, "dtype": torch.float16})]
+
+
+@pytest.mark.parametrize("name,kwargs", COMPILED_LAZY)
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # "compiling the fused optimizer kernel failed"
+def test_the_compiled_lazy_step_is_the_reference_bit_for_bit(name, kwargs):
+    from optzoo.optimizer import engine
+    kwargs = dict(kwargs)
+    dtype = kwargs.pop("dtype", torch.float32)
+    shape, gen = (3000, 32), torch.Generator().manual_seed(11)
+    w0 = torch.randn(shape, generator=gen).to(dtype)
+    runs = {}
+    for fused in (None, False):
+        opt = optzoo.create(name, learning_rate=0.1, rescale_grad=0.5, **kwargs)
+        opt._fused = fused
+        assert opt.sparse_mode(0, opt.multi_precision) == "lazy" and opt._compiles_lazy() is (fused is None)
+        w = w0.clone()
+        state = opt.create_state_multi_precision(0, w)
+        for step in range(3):
+            rows = torch.randperm(shape[0], generator=torch.Generator().manual_seed(step))[:2500]
+            values = torch.randn(len(rows), shape[1], generator=torch.Generator().manual_seed(step)).to(dtype)
+            assert values.numel() >= engine.LARGE  # the compiled path's size
+            g = torch.sparse_coo_tensor(rows[None], values, shape, check_invariants=False)
+            opt.update_multi_precision(0, w, g, state)
+        runs[fused] = [w, *_leaves(state)]
+    for a, b in zip(runs[None], runs[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

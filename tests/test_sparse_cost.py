@@ -40,17 +40,17 @@ def _name(case):
     return case.split("-")[0]
 
 
-def _data(seed=0):
+def _data(seed=0, rows=ROWS, touched=TOUCHED):
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(ROWS, generator=gen)[:TOUCHED]  # unsorted: the step coalesces
-    grad = torch.sparse_coo_tensor(rows[None], torch.randn(TOUCHED, DIM, generator=gen), (ROWS, DIM),
+    ids = torch.randperm(rows, generator=gen)[:touched]  # unsorted: the step coalesces
+    grad = torch.sparse_coo_tensor(ids[None], torch.randn(touched, DIM, generator=gen), (rows, DIM),
                                    check_invariants=False)
-    return torch.randn(ROWS, DIM, generator=gen) * 0.1, grad
+    return torch.randn(rows, DIM, generator=gen) * 0.1, grad
 
 
-def _torch_step(name, kwargs):
+def _torch_step(name, kwargs, **size):
     """``optzoo.torch``'s optimizer over one table, its first step done (state creation allocates dense states)."""
-    weight, grad = _data()
+    weight, grad = _data(**size)
     p = torch.nn.Parameter(weight)
     p.grad = grad
     opt = optzoo_torch.create(name, [p], **kwargs)
@@ -85,6 +85,20 @@ def test_a_lazy_step_allocates_no_table_sized_tensor(case, face):
     assert 0 < seen["largest"] < LIMIT, seen    # something is allocated (the rows), nothing near the table's size
     assert seen["peak"] < LIMIT, seen
     assert seen["numpy_peak"] < LIMIT, seen
+
+
+@pytest.mark.parametrize("name,kwargs", [("sgd", {"momentum": 0.9}), ("adam", {}), ("adagrad", {}),
+                                         ("ftrl", {"lazy_update": True})])
+def test_a_compiled_lazy_step_allocates_only_its_rows(name, kwargs):
+    # 4,096 rows of 16 reach the executor's compiled size (gather, kernel and scatter in one compiled loop)
+    rows, touched = 10 * ROWS, 4096
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compiler failure would run the eager step instead
+        seen = allocations(_torch_step(name, kwargs, rows=rows, touched=touched))
+    assert seen["largest"] < rows * DIM * 4 // 100 and seen["peak"] < rows * DIM * 4 // 100, seen
+    from optzoo.optimizer import engine
+    assert any(key[1] == "lazy" and key[0] is type(registry.create(name, **kwargs)) and fn is not None
+               for key, fn in engine._COMPILED.items())  # it ran compiled
 
 
 @pytest.mark.parametrize("face", FACES)

@@ -45,9 +45,9 @@ kernel's. Two chained ones (``(1 - beta1^t) / lr``) are rounded between the step
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
-import struct
 from fractions import Fraction
 
 import numpy as np
@@ -81,11 +81,13 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ parsing
 def _round_f32(x: float) -> float:
-    try:
-        return struct.unpack("f", struct.pack("f", x))[0]
-    except OverflowError:  # rounds to +-inf
-        return math.copysign(math.inf, x)
+    # the C cast (round to nearest even; +-inf beyond the largest fp32), by ctypes rather than struct: where
+    # dynamo (torch 2.13) traces it (the frames a constant function, assume_constant_result below, calls while
+    # it runs), its struct polyfill recursed without end; ctypes is a clean graph break
+    return _c_float(x).value
 
+
+_c_float = ctypes.c_float
 
 def _dmlc_parse(x: float, rnd) -> float:
     """dmlc-core's ``ParseFloat`` (strtonum.h) applied to Python's ``str(x)``.

@@ -90,10 +90,9 @@ class Adam(Optimizer):
         v = b2 * v + (one_minus_b2 * (G * G) if square_first else one_minus_b2 * G * G)
         return w - lr_t * m / (sqrt_rn(v) + eps), (m, v)
 
-    def lazy_rule(self, w, g, state, *, lr, wd, t, index):
+    def lazy_kernel(self, w, g, state, s, seg=None):
         # AdamDnsRspDnsKernel: the dense arithmetic, except (1-b2)*(G*G) when clipping
-        s = self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=w.dtype)
-        return self.kernel(w, g, state, s, square_first=bool(self.clip_gradient))
+        return self.kernel(w, g, state, s, seg, square_first=bool(self.clip_gradient))
 
     def standard_rule(self, w, g, state, *, lr, wd, t, index):
         # AdamStdDnsRspDnsKernel: the dense rule, with (1-b2)*(G*G)

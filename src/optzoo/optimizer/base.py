@@ -25,6 +25,7 @@ __all__ = ["Optimizer", "LOW_PRECISION"]
 
 #: dtypes that get an fp32 master copy under ``multi_precision=True`` (MXNet: fp16 only).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class Optimizer:
@@ -73,7 +74,8 @@ class Optimizer:
     #: sums (``sum_sq_of``), so packed parameters run as rows of equal-sized parameters (LARS, LAMB).
     _segment_kernel = False
     #: The kernel takes what ``_draw(weight, lr)`` gives (a noise key or tensor), per index in index order, as its
-    #: last scalar (SGLD), so that every path makes the same draws.
+    #: last scalar (SGLD), so that every path makes the same draws; ``_draw_all(weights, lrs, indices)`` makes a
+    #: list's draws, the same as ``_draw`` index by index.
     _kernel_noise = False
     #: A list is read index by index even when the counts agree (LBSGD reads its lr before counting).
     _reads_per_index = False
@@ -247,9 +249,18 @@ class Optimizer:
         ``c`` is the value MXNet's kernels clip to: an fp32 operator parameter in the tensor's dtype.
         """
         if self.clip_gradient:
-            c = mx_param(self.clip_gradient, x.dtype)
+            c = self._clip_bounds()[x.dtype]
             return x.clamp(-c, c)
         return x
+
+    def _clip_bounds(self):
+        """``c`` per floating dtype, made once per ``clip_gradient`` value and outside compiled kernels (the
+        executor calls this first), which read it as a constant: parsing it while dynamo traces breaks the
+        graph (torch 2.13)."""
+        memo = self.__dict__.get("_clip_memo")
+        if memo is None or memo[0] != self.clip_gradient:
+            memo = self._clip_memo = (self.clip_gradient, {dt: mx_param(self.clip_gradient, dt) for dt in _FLOATS})
+        return memo[1]
 
     def _rescaled_clipped(self, g, scale=None):
         """``clip(rg * g)``: MXNet's kernels always rescale first, then clip.
@@ -381,8 +392,8 @@ class Optimizer:
             if fast:
                 scalars = self._prepare_all(indices, weights, reads)
                 if self._kernel_noise:  # the draws, in index order, as each index's last scalar
-                    scalars = [tuple(s) + (self._draw(w, lr, i),)
-                               for s, i, w, (lr, _, _) in zip(scalars, indices, weights, reads)]
+                    draws = self._draw_all(weights, [lr for lr, _, _ in reads], indices)
+                    scalars = [tuple(s) + (d,) for s, d in zip(scalars, draws)]
         except BaseException:
             self._restore(saved)
             raise
@@ -410,9 +421,24 @@ class Optimizer:
 
     def lazy_rule(self, weight, grad, state, *, lr, wd, t, index):
         """The lazy update of the gathered rows (``weight``, ``state``: the gradient's rows; ``grad``: its
-        coalesced values): ``(new_rows, new_state_rows)``. By default the dense rule on those rows, which is
-        MXNet's sparse kernel wherever both compute in the same order (an optimizer overrides it where not)."""
-        return self.rule(weight, grad, state, lr=lr, wd=wd, t=t, index=index)
+        coalesced values): ``(new_rows, new_state_rows)``. By default :meth:`lazy_kernel` with
+        :meth:`lazy_prepare`'s scalars (the dense rule on those rows unless the optimizer says otherwise); an
+        optimizer without that split (or whose lazy update needs more than the rows) overrides this."""
+        if not type(self).has_kernel():
+            return self.rule(weight, grad, state, lr=lr, wd=wd, t=t, index=index)
+        s = self.lazy_prepare(lr=lr, wd=wd, t=t, index=index, dtype=weight.dtype)
+        return self.lazy_kernel(weight, grad, state, s)
+
+    def lazy_prepare(self, *, lr, wd, t, index, dtype):
+        """The scalars of a lazy update: :meth:`prepare`'s by default (MXNet's sparse kernel computes as the
+        dense one); an optimizer whose row-sparse kernel reads other parameters overrides it."""
+        return self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=dtype)
+
+    def lazy_kernel(self, w, g, state, s, seg=None):
+        """The lazy update of the gathered rows from :meth:`lazy_prepare`'s scalars: :meth:`kernel` by default
+        (an optimizer overrides it where MXNet's row-sparse kernel rounds differently). Pure tensor code, as
+        ``kernel``: the executor compiles it with the gather and the scatter around it for large row sets."""
+        return self.kernel(w, g, state, s, seg)
 
     def sparse_lr(self, index, weight, values, lr, wd):
         """The learning rate of a row-sparse update of index ``index``: ``lr`` (read as for a dense gradient)
@@ -456,6 +482,10 @@ class Optimizer:
                 if mode == "lazy":
                     if not rows.numel():  # counted, nothing to change
                         continue
+                    if values.numel() >= engine.LARGE and self._compiles_lazy():  # gather, kernel, scatter: one loop
+                        s_lazy = self.lazy_prepare(lr=lr, wd=wd, t=t, index=i, dtype=w.dtype)
+                        engine.execute_rows(self, w, rows, values, s, s_lazy, low)
+                        continue
                     new_w, new_s = self.lazy_rule(w.index_select(0, rows), values.to(w.dtype),
                                                   _sparse.gather(s, rows), lr=lr, wd=wd, t=t, index=i)
                     _sparse.scatter_(s, new_s, rows)
@@ -470,6 +500,14 @@ class Optimizer:
                 self._apply(self.standard_rule if mode == "standard" else self.rule, i, w, g, s, (lr, wd, t))
                 if low is not None:
                     low.copy_(w)
+
+    def _compiles_lazy(self):
+        """Whether a lazy update may run compiled (:func:`engine.execute_rows`): the class's lazy update is
+        its ``lazy_prepare`` + ``lazy_kernel`` split (not an overridden ``lazy_rule``), the fast path is on
+        for these settings, and ``fused=False`` (the reference path) was not asked for."""
+        cls = type(self)
+        return (self._fused is not False and cls.lazy_rule is Optimizer.lazy_rule and cls.has_kernel()
+                and self._has_fast_path())
 
     def _apply(self, rule, index, weight, grad, state, read):
         """One index by ``rule`` (the reference path): the new state assigned into ``state``, the new weight
@@ -706,7 +744,7 @@ _SCHEDULER_VARS = object()
 
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch",
-                     "_state_specs", "_scalar_tensors"})
+                     "_state_specs", "_scalar_tensors", "_clip_memo"})
 
 
 def _plain_arg(value):

@@ -44,6 +44,9 @@ __all__ = ["LARGE", "Segments", "adjacent", "execute", "layout_of"]
 LARGE = 1 << 16
 #: Fewer small tensors than this are updated one by one, eagerly (a pack's copies cost more).
 PACK_MIN = 4
+#: A pack of at most this many runs of equal-sized parameters runs run by run (``[k, n]`` views, per-parameter
+#: scalars as ``[k, 1]`` columns) where an elementwise kernel has per-parameter scalars; more are spread per element.
+RUNS_AS_ROWS = 8
 #: A pack this large (elements) runs compiled: one parallel loop instead of one parallel region per eager op,
 #: each a barrier that waits for a descheduled thread when the machine is shared.
 PACK_COMPILED = 1 << 12
@@ -109,6 +112,46 @@ def _fused_step(opt, w, g, inner, s, seg, low=None):
         low.copy_(w)
 
 
+def _lazy_step(opt, w, rows, values, inner, s, seg=None, low=None):
+    """One lazy update in place: the gradient's ``rows`` of the weight and of every state gathered, the lazy
+    kernel on them with the gradient's ``values``, the rows written back (one loop when compiled; nothing of
+    the table's size is allocated)."""
+    new_w, new_s = type(opt).lazy_kernel(opt, w.index_select(0, rows), values.to(w.dtype), _gather(inner, rows),
+                                         s, seg)
+    _scatter(inner, new_s, rows)
+    new_w = new_w.to(w.dtype)
+    w.index_copy_(0, rows, new_w)
+    if low is not None:
+        low.index_copy_(0, rows, new_w.to(low.dtype))
+
+
+def _gather(tree, rows):
+    if isinstance(tree, torch.Tensor):
+        return tree.index_select(0, rows)
+    if isinstance(tree, tuple):
+        return tuple(_gather(x, rows) for x in tree)
+    return tree
+
+
+def _scatter(dst, src, rows):
+    if isinstance(dst, torch.Tensor):
+        dst.index_copy_(0, rows, src.to(dst.dtype))
+    elif isinstance(dst, tuple):
+        for d, x in zip(dst, src):
+            _scatter(d, x, rows)
+
+
+def execute_rows(opt, w, rows, values, inner, s, low=None):
+    """The lazy update of ``w``'s ``rows`` (unique, from a coalesced row-sparse gradient with ``values``) and
+    of the same rows of its state ``inner``, with ``opt.lazy_kernel`` and ``lazy_prepare``'s scalars ``s``,
+    compiled (the gather, kernel and scatter as one loop) where a compiler works, else eagerly."""
+    leaves = _tree.leaves(inner)
+    ts = _as_tensors(s, _scalar_dtype(w, leaves), w.device, _kept(opt, "_scalar_tensors", _SCALARS_KEPT))
+    key = (type(opt), "lazy", w.dtype, w.device.type, w.dim(), _signature(inner), low is not None and low.dtype)
+    with torch.no_grad():
+        _run(True, key, opt, w, rows, values, inner, ts, None, low, step=_lazy_step)
+
+
 def _write(dst, src):
     """``_tree.assign`` in a form dynamo traces (no identity tests on tuples)."""
     if isinstance(dst, torch.Tensor):
@@ -142,13 +185,13 @@ class _NoOuterLoopFusion:
 _COMPILED = {}  # key -> compiled step; None where compiling failed (eager from then on)
 
 
-def _compiled(key):
-    """The compiled step for ``key`` (optimizer class, layout, dtypes): a copy of :func:`_fused_step` with a
-    code object of its own, so each key has dynamo's own cache and recompile limit."""
+def _compiled(key, step=_fused_step):
+    """The compiled ``step`` (:func:`_fused_step`, or :func:`_lazy_step`) for ``key`` (optimizer class, layout,
+    dtypes): a copy of it with a code object of its own, so each key has dynamo's own cache and recompile limit."""
     fn = _COMPILED.get(key)
     if fn is None:
-        code = _fused_step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
-        step = types.FunctionType(code, _fused_step.__globals__, code.co_name, _fused_step.__defaults__)
+        code = step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
+        step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__)
         # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does (bit-exact); only there:
         # with dynamic shapes it costs fp32 kernels ~1.8x (measured, Adam on one 16M tensor)
         options = {"emulate_precision_casts": True} if key[2] in (torch.float16, torch.bfloat16) else {}
@@ -162,24 +205,26 @@ def _compiled(key):
     return fn
 
 
-def _run(compiled, key, *args):
-    """The step, compiled if asked and possible; where compiling fails (no C compiler, an unsupported
+def _run(compiled, key, *args, step=_fused_step):
+    """The ``step``, compiled if asked and possible; where compiling fails (no C compiler, an unsupported
     platform, a compiler bug) it warns once and that kernel runs eagerly from then on."""
     if not compiled or _COMPILED.get(key, True) is None:
-        _fused_step(*args)
+        step(*args)
         return
+    if args[0].clip_gradient:
+        args[0]._clip_bounds()  # made here, read as constants by the compiled kernel
     try:
         if key[1] == "rows":
             with _NoOuterLoopFusion():
-                _compiled(key)(*args)
+                _compiled(key, step)(*args)
         else:
-            _compiled(key)(*args)
+            _compiled(key, step)(*args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
         warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); running the eager kernels instead",
                       RuntimeWarning, stacklevel=5)
-        _fused_step(*args)
+        step(*args)
 
 
 def layout_of(opt, weight):
@@ -365,15 +410,16 @@ def _map(tree, fn):
 def _columns(per):
     """Per-index tuples as columns: a column's single value where it agrees across the indices, else the
     list of values (always for tensors and noise keys, which belong to their index)."""
-    if all(p is per[0] for p in per):  # prepare's one tuple for every index (the common case)
-        return list(per[0])
+    first = per[0]
+    if all(map(operator.is_, per, itertools.repeat(first))):  # prepare's one tuple for every index (the common case)
+        return list(first)
     cols = []
     for col in zip(*per):
         first = col[0]
         if isinstance(first, (torch.Tensor, Key)):
             cols.append(list(col))
-        else:
-            cols.append(first if all(c == first for c in col) else list(col))
+        else:  # tuple.count compares in C (identity first, then ==): ~20x a generator's comparisons
+            cols.append(first if col.count(first) == len(col) else list(col))
     return cols
 
 
@@ -410,11 +456,17 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows):
     g = g.to(w.dtype)
     inner, copied = _joined_tree(states)
     sdt = _scalar_dtype(w, _tree.leaves(inner))
-    cols = [_per_element(c, segs) for c in _columns(scalars)]
+    cols = _columns(scalars)
     compiled = bool(fused) or segs.total >= PACK_COMPILED
     if layout in ("norms", "rows"):
         _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)
+    elif len(segs.runs) <= RUNS_AS_ROWS and any(isinstance(c, list) and not isinstance(c[0], torch.Tensor)
+                                                 for c in cols):
+        # per-index scalars (Nadam's schedule, SGLD's keys) of a few runs of equal-sized parameters: [k, 1]
+        # columns over [k, n] views, where spreading them costs a per-element tensor written and read per scalar
+        _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)
     else:
+        cols = [_per_element(c, segs) for c in cols]
         s = tuple(segs.spread(c, sdt) if isinstance(c, list) else c for c in cols)
         if compiled:
             s = _as_tensors(s, sdt, w.device, cache) if not any(isinstance(x, torch.Tensor) for x in s) else \
@@ -545,22 +597,30 @@ def _rebuild(tree, leaves):
 
 
 def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
-    """A kernel with per-tensor (or per-row) reductions, run by run: ``[rows, n]`` views whose rows are the
-    parameters (or, with per-row states, their rows), per-parameter scalars as ``[rows, 1]`` columns."""
+    """A kernel run by run: ``[rows, n]`` views whose rows are the parameters (or, with per-row states, their
+    rows), per-parameter scalars as ``[rows, 1]`` columns. Kernels with per-tensor (per-row) reductions take
+    their sums as row sums; elementwise ones (``layout`` ``"elementwise"``) run so where per-parameter scalars
+    would otherwise be spread per element. A column of noise keys holds ``key - offset`` (the parameter's place
+    in the pack), to which each run adds its own offset: the kernel adds the element's place in the run."""
     device = w.device
     as_tensor = functools.partial(torch.tensor, dtype=sdt, device=device)
-    cols = [as_tensor(c).view(-1, 1) if isinstance(c, list) else c for c in cols]
+    keys = [isinstance(c, list) and isinstance(c[0], Key) for c in cols]
+    cols = [torch.tensor([k - o for k, o in zip(c, segs.offsets)], dtype=torch.int64, device=device).view(-1, 1)
+            if key else _per_element(c, segs) if isinstance(c, list) and isinstance(c[0], torch.Tensor)
+            else as_tensor(c).view(-1, 1) if isinstance(c, list) else c for c, key in zip(cols, keys)]
+    kind = "elementwise" if layout == "elementwise" else "rows"
     for first, stop, offset, nrows, size, row in segs.runs:
         if size == 0 or nrows == 0:
             continue
-        s = tuple(segs.per_row(c, first, stop) if isinstance(c, torch.Tensor) and c.dim() == 2 else
+        s = tuple(segs.per_row(c, first, stop) + offset if key else
+                  segs.per_row(c, first, stop) if isinstance(c, torch.Tensor) and c.dim() == 2 else
                   c[offset:offset + nrows * size].view(nrows, size) if isinstance(c, torch.Tensor) and c.dim() == 1
-                  else c for c in cols)
+                  else c for c, key in zip(cols, keys))
         if compiled:
             s = tuple(_scalar_tensor(x, sdt, device) for x in s)
         run_w = w[offset:offset + nrows * size].view(nrows, size)
         run_inner = _run_views(inner, segs, offset, nrows, size, row)
-        _run(compiled, _key(opt, "rows", run_w, run_inner, s), opt, run_w,
+        _run(compiled, _key(opt, kind, run_w, run_inner, s), opt, run_w,
              g[offset:offset + nrows * size].view(nrows, size), run_inner, s, ROWS)
 
 

@@ -1,6 +1,9 @@
 """LARS: layer-wise adaptive rate scaling on top of SGD (MXNet ``lars``)."""
 from __future__ import annotations
 
+import itertools
+import operator
+
 import torch
 
 from .._checks import check_bool, check_nonnegative, check_unit_interval
@@ -10,6 +13,8 @@ from .registry import register
 
 #: Parameters whose name ends like this keep the plain learning rate (biases, BatchNorm gamma/beta).
 _NO_LARS = ("gamma", "beta", "bias")
+_SCALED = {True: 0.0, False: 1.0}  # whether a name ends in _NO_LARS -> the kernel's ``scaled``
+_DTYPE = operator.attrgetter("dtype")
 
 
 @register
@@ -119,15 +124,42 @@ class LARS(Optimizer):
             self._lr_pairs.update(dict.fromkeys(indices, (self.last_lr, lr)))
         return self._multiplied(lr, indices, "lr_mult", self.lr_mult)
 
+    def _reads_for(self, indices, chunks):
+        # Without a scheduler every call reads the same lr, so that the calls after the first all get the pair
+        # (lr, lr), their indices each counted once: read as one call (the same counts, reads and lr pairs,
+        # without ~4 us of bookkeeping per call of aggregate_num indices)
+        if chunks is not None and len(chunks) > 2 and self.lr_scheduler is None and \
+                len(set(indices)) == len(indices):
+            chunks = [chunks[0], [k for chunk in chunks[1:] for k in chunk]]
+        return super()._reads_for(indices, chunks)
+
     def create_state(self, index, weight):
         return torch.zeros_like(weight) if self.momentum != 0.0 else None
 
     def prepare(self, *, lr, wd, t, index, dtype):
-        last_lr, cur_lr = self._lr_pairs.pop(index, (self.last_lr, self.cur_lr))
+        pair = self._lr_pairs.pop(index, (self.last_lr, self.cur_lr))
         scaled = 0.0 if self.idx2name.get(index, str(index)).endswith(_NO_LARS) else 1.0
-        key = (lr, wd, last_lr, cur_lr, scaled, dtype, self.momentum, self.momentum_correction, self.eta, self.eps,
-               self.rescale_grad)
-        return self._memo(key, lambda: self._prepare(lr, wd, last_lr, cur_lr, scaled, dtype))
+        return self._prepare_key(((lr, wd, t), dtype, pair, scaled))
+
+    def _prepare_all(self, indices, weights, reads):
+        """``prepare`` for every index of a list, in index order, with the same values: each index's lr pair and
+        exclusion by name in C-level maps, the scalars once per distinct key (one tuple for the indices that
+        share it)."""
+        pairs = list(map(self._lr_pairs.pop, indices, itertools.repeat((self.last_lr, self.cur_lr))))
+        names = map(self.idx2name.get, indices, map(str, indices))
+        scaled = map(_SCALED.__getitem__, map(str.endswith, names, itertools.repeat(_NO_LARS)))
+        keys = list(zip(reads, map(_DTYPE, weights), pairs, scaled))
+        if keys and keys.count(keys[0]) == len(keys):  # one key for every index (compared in C; tuples hash slowly)
+            return [self._prepare_key(keys[0])] * len(keys)
+        table = {key: self._prepare_key(key) for key in dict.fromkeys(keys)}
+        return list(map(table.__getitem__, keys))
+
+    def _prepare_key(self, key):
+        """The scalars of ``((lr, wd, t), dtype, (last_lr, cur_lr), scaled)``, remembered (``_memo``)."""
+        (lr, wd, _), dtype, (last_lr, cur_lr), scaled = key
+        memo = (lr, wd, last_lr, cur_lr, scaled, dtype, self.momentum, self.momentum_correction, self.eta, self.eps,
+                self.rescale_grad)
+        return self._memo(memo, lambda: self._prepare(lr, wd, last_lr, cur_lr, scaled, dtype))
 
     def _momentum(self, last_lr, cur_lr):
         """:math:`\\mu'`, the corrected momentum of a call whose global lr pair is ``(last_lr, cur_lr)``."""

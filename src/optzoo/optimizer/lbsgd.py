@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -11,6 +12,7 @@ from .base import Optimizer
 from .registry import register
 
 _STRATEGIES = ("linear", "power2", "sqrt", "lars")
+_DTYPE = operator.attrgetter("dtype")
 
 
 @register
@@ -74,8 +76,13 @@ class LBSGD(Optimizer):
     _step_vars = Optimizer._step_vars + ("cumgrads",)
 
     _lr_before_count = True
-    _reads_per_index = True  # the lr is read before each index is counted: a list is read index by index
     _prepare_advances = True  # prepare advances each index's accumulation count
+
+    @property
+    def _reads_per_index(self):
+        # the lr is read before each index is counted: with a scheduler (which reads num_update) a list is read
+        # index by index; without one every index reads the same lr, and reading the list whole is the same
+        return self.lr_scheduler is not None
 
     def __init__(self, momentum=0.0, multi_precision=False, warmup_strategy="linear", warmup_epochs=5,
                  batch_scale=1, updates_per_epoch=32, begin_epoch=0, num_epochs=60, **kwargs):
@@ -151,6 +158,21 @@ class LBSGD(Optimizer):
         num = self._next_count(index)
         self.cumgrads[index] = {"cum_grad": 0, "num_cums": num}
         return self._scalars(lr * self._get_lbmult(num), wd, dtype)
+
+    def _prepare_all(self, indices, weights, reads):
+        """``prepare`` for every index of a list (distinct indices), in index order, with the same values and
+        bookkeeping: the counts in C-level maps, the warmup multiplier and the scalars once per distinct
+        ``(lr, wd, t, dtype, count)``."""
+        start = self.init_updates + 1
+        nums = [e["num_cums"] + 1 if e and e["num_cums"] > 0 else start for e in map(self.cumgrads.get, indices)]
+        self.cumgrads.update(zip(indices, [{"cum_grad": 0, "num_cums": n} for n in nums]))
+        keys = list(zip(reads, map(_DTYPE, weights), nums))
+        if keys and keys.count(keys[0]) == len(keys):  # one key for every index (compared in C; tuples hash slowly)
+            (lr, wd, _), dtype, num = keys[0]
+            return [self._scalars(lr * self._get_lbmult(num), wd, dtype)] * len(keys)
+        table = {key: self._scalars(key[0][0] * self._get_lbmult(key[2]), key[0][1], key[1])
+                 for key in dict.fromkeys(keys)}
+        return list(map(table.__getitem__, keys))
 
     def rule(self, w, g, mom, *, lr, wd, t, index):
         entry = self._cumulate(index, g)

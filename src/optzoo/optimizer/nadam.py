@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 
 import torch
 
@@ -9,6 +11,8 @@ from .._checks import check_nonnegative, check_unit_interval
 from ._numerics import compute_dtype, mx_scalar, sqrt_rn
 from .base import Optimizer
 from .registry import register
+
+_DTYPE = operator.attrgetter("dtype")
 
 
 @register
@@ -90,6 +94,31 @@ class Nadam(Optimizer):
         D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))
         return (rg, wd, b1, one_minus_b1, b2, one_minus_b2, one_minus_mu_t, D(1.0 - self.m_schedule),
                 mu_t1_, D(1.0 - m_schedule_next), one_minus_b2_t, lr, eps)
+
+    def _prepare_all(self, indices, weights, reads):
+        """``prepare`` for every index, in index order, with the same values: per stretch of indices with one
+        ``(lr, wd, t, dtype)`` the fixed scalars once, the shared schedule's products one after the other (a
+        C-level ``accumulate``: the same double products as index by index) and ``D`` once per distinct
+        value (past ~50 indices :math:`1 - M` is 1)."""
+        out = []
+        for ((lr, wd, t), dtype), group in itertools.groupby(zip(reads, map(_DTYPE, weights))):
+            n = len(list(group))
+            key = (lr, wd, t, dtype, self.rescale_grad, self.beta1, self.beta2, self.epsilon, self.schedule_decay)
+            mu_t, mu_t1, fixed = self._memo(key, lambda: self._prepare_fixed(lr, wd, t, dtype))
+            schedule = list(itertools.accumulate(itertools.repeat(mu_t, n), operator.mul, initial=self.m_schedule))
+            self.m_schedule = schedule[-1]
+            ones = list(itertools.repeat(1.0, n))
+            now = list(map(operator.sub, ones, schedule[1:]))
+            after = list(map(operator.sub, ones, map(operator.mul, schedule[1:], itertools.repeat(mu_t1))))
+            ct = compute_dtype(dtype)
+            D = {x: mx_scalar(x, ct) for x in dict.fromkeys(now + after)}
+            # prepare's tuples, made by zip (in C): the fixed scalars with D(1 - M) after the 7th, D(1 - M mu_t1) after
+            # the 8th
+            parts = [itertools.repeat(x) for x in fixed]
+            parts.insert(7, map(D.__getitem__, now))
+            parts.insert(9, map(D.__getitem__, after))
+            out += zip(*parts)
+        return out
 
     def _prepare_fixed(self, lr, wd, t, dtype):
         D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))  # scalars as MXNet's NDArray ops see them

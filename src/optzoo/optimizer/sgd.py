@@ -60,16 +60,21 @@ class SGD(Optimizer):
         # MXNet's mp_sgd(_mom)_update has no row-sparse kernel: its storage fallback is the dense rule
         return "lazy" if self.lazy_update and not multi_precision else "standard"
 
-    def lazy_rule(self, w, g, mom, *, lr, wd, t, index):
-        if mom is not None:  # sgd_mom_update's row-sparse kernels round as the dense one
-            return self.rule(w, g, mom, lr=lr, wd=wd, t=t, index=index)
-        # sgd_update (not multi_sgd_update, whose rounding the dense rule follows): (1 - lr*wd)*w - lr*G, the
-        # factor and lr*rg rounded to the weight dtype first
-        lr, wd, rg = (mx_param(x, w.dtype) for x in (lr, wd, self.rescale_grad))
-        step = lr * self._clip(rg * g) if self.clip_gradient else in_dtype(lr * rg, w.dtype) * g
-        return (1 - in_dtype(lr * wd, w.dtype)) * w - step, None
+    def lazy_prepare(self, *, lr, wd, t, index, dtype):
+        if self.momentum != 0.0:  # sgd_mom_update's row-sparse kernels round as the dense one
+            return self.prepare(lr=lr, wd=wd, t=t, index=index, dtype=dtype)
+        # sgd_update (not multi_sgd_update, whose rounding the dense rule follows): the factor (1 - lr*wd) and
+        # lr*rg rounded to the weight dtype first
+        lr, wd, rg = (mx_param(x, dtype) for x in (lr, wd, self.rescale_grad))
+        return 1 - in_dtype(lr * wd, dtype), lr, rg, in_dtype(lr * rg, dtype)
 
-    standard_rule = lazy_rule  # on the densified gradient: sgd_update's w *= (1 - lr*wd), then -= lr*G
+    def lazy_kernel(self, w, g, mom, s, seg=None):
+        if mom is not None:
+            return self.kernel(w, g, mom, s, seg)
+        keep, lr, rg, lr_rg = s  # sgd_update: (1 - lr*wd)*w - lr*G
+        return keep * w - (lr * self._clip(rg * g) if self.clip_gradient else lr_rg * g), None
+
+    standard_rule = Optimizer.lazy_rule  # on the densified gradient: sgd_update's w *= (1 - lr*wd), then -= lr*G
 
     def prepare(self, *, lr, wd, t, index, dtype):
         # MXNet's Updater always takes multi_sgd(_mom)_update, which reads lr and wd from a float list

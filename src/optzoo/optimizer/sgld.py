@@ -24,7 +24,8 @@ class SGLD(Optimizer):
     so the noise has variance :math:`lr`. The noise is counter-based (``_numerics.counter_normal``): per update of a parameter one key is drawn from ``generator`` when given, else from
     torch's default CPU generator (reproducible with ``torch.manual_seed``), and element :math:`i` gets
     the normal value of the counter ``key + i``, :math:`i` its place in memory (splitmix64, then Box-Muller with polynomial ``ln`` and
-    ``cos``). Keys are drawn per parameter in index order on every path, and compiled kernels generate the
+    ``cos``). Keys are drawn per parameter in index order on every path (a list's keys from a CPU generator as
+    one draw of as many values: the same values, one after the other), and compiled kernels generate the
     values inside their loop: the reference path, packs and compiled steps give the same bits. MXNet
     draws from its own global RNG, so its noise values cannot be reproduced; only their distribution is
     the same (tests replace ``_noise`` to replay MXNet's recorded noise).
@@ -78,6 +79,22 @@ class SGLD(Optimizer):
         offsets = self.__dict__.get("_counter_offsets") or {}
         return Key(self._key() + offsets.get(index, 0))
 
+    def _draw_all(self, weights, lrs, indices):
+        """``_draw`` for every index of a list, in index order. From a CPU generator the keys are one draw of
+        ``len(weights)`` values: the same values (and the same generator state after) as as many draws of one,
+        which the CPU generator makes one after the other (Mersenne Twister; the fast-path tests compare them
+        with the reference path's draws of one), without ~3 us of torch call per parameter. Other generators
+        (whose one draw of n values differs from n draws of one) and a replaced ``_noise`` draw index by index."""
+        gen = self.generator
+        if "_noise" in self.__dict__ or type(self)._noise is not _OWN_NOISE or \
+                (gen is not None and gen.device.type != "cpu") or len(weights) < 2:
+            return [self._draw(w, lr, i) for w, lr, i in zip(weights, lrs, indices)]
+        keys = torch.randint(0, 1 << 62, (len(weights),), generator=gen, device="cpu").tolist()
+        offsets = self.__dict__.get("_counter_offsets")
+        if offsets:
+            keys = [k + offsets.get(i, 0) for k, i in zip(keys, indices)]
+        return list(map(Key, keys))
+
     def _check_reads(self, indices, reads):
         # before any tensor changes, on every path (the reference path's rule calls prepare index by index)
         for i, (lr, _, _) in zip(indices, reads):
@@ -108,5 +125,8 @@ def _normals(key, w):
     """The counter-based normals of ``w``'s elements: ``counter_normal(key + i)``, ``i`` the element's place in
     memory (so a flat view of a channels_last weight gets the same values; ``key`` a number, or per element
     ``key - offset`` over a pack of parameters)."""
-    ctr = key + torch.arange(w.numel(), device=w.device).as_strided(w.shape, w.stride())
-    return counter_normal(ctr, w.dtype)
+    place = torch.arange(w.numel(), device=w.device)
+    # a view where it is one (a compiled loop then computes each place from its index; as_strided would make it
+    # write the places to memory and read them back: 16 bytes an element)
+    place = place.view(w.shape) if w.is_contiguous() else place.as_strided(w.shape, w.stride())
+    return counter_normal(key + place, w.dtype)
