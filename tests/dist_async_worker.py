@@ -9,12 +9,10 @@ MODE is 'kv' (the DistAsync store directly), 'trainer' (optzoo.Trainer(kvstore='
 case: 'noserver', 'killserver', 'killworker' (the test kills a process; the others write their error and when
 it came).
 """
-import atexit
 import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 
@@ -22,6 +20,8 @@ torch.set_num_threads(1)
 
 import optzoo  # noqa: E402
 from optzoo.kvstore.dist_async import DistAsync, run_server  # noqa: E402
+
+import dist_common  # noqa: E402
 
 D, ROWS, BATCH, STEPS = 4, 32, 8, 150
 PARAMS = {"sgd": {"learning_rate": 0.1}, "dcasgd": {"learning_rate": 0.1, "lamda": 0.5}}
@@ -109,6 +109,11 @@ def role(rank, world, init_method, outdir, opt_name, mode):
     torch.save(train(rank, world, init_method, opt_name, mode), os.path.join(outdir, f"worker{rank}.pt"))
 
 
+def _child(rank, init_method, outdir, opt_name, mode):
+    os.environ["RANK"] = str(rank)
+    role(rank, 3, init_method, outdir, opt_name, mode)
+
+
 def main():
     """Import torch once, then fork one process per rank (3 fresh interpreters cost seconds on 2 cores).
 
@@ -118,20 +123,7 @@ def main():
     ranks = [int(r) for r in ranks.split(",")]
     pids = {}
     for rank in ranks:
-        pid = os.fork()
-        if pid == 0:
-            os.environ["RANK"] = str(rank)
-            code = 0
-            try:
-                role(rank, 3, init_method, outdir, opt_name, mode)
-                atexit._run_exitfuncs()  # os._exit skips them: the Trainer's store closes there
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        pids[rank] = pid
+        pids[rank] = dist_common.fork(_child, rank, init_method, outdir, opt_name, mode)
     with open(os.path.join(outdir, "pids.json"), "w") as f:
         json.dump(pids, f)
     failed = []

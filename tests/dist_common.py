@@ -8,10 +8,12 @@ when the process died or was killed at ``timeout`` seconds (the whole call never
 With ``store_on_rank0=True`` the workers meet through ``env://`` instead: rank 0 hosts the store, as in a job
 launched without torchrun. ``kill_me()`` SIGKILLs the calling worker, ``freeze_me()`` SIGSTOPs it (fault tests).
 """
+import atexit
 import datetime
 import os
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -110,3 +112,32 @@ def run(target, nprocs, args=(), timeout=60, env=None, wait_for=None, store_on_r
             out.append(torch.load(path, weights_only=False) if os.path.exists(path) else None)
     del master
     return out
+
+
+def fork(fn, *args):
+    """``fn(*args)`` in a forked child process; its pid. The child exits 0, or 1 with the traceback printed
+    (``os._exit`` skips atexit functions, so they run first: the Trainer's store closes there)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn(*args)
+            atexit._run_exitfuncs()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return pid
+
+
+def loopback(server, rank=0):
+    """A DistAsync worker whose rpc is a direct call into ``server`` (no processes)."""
+    from optzoo.kvstore import dist_async, ps
+    kv = dist_async.DistAsync.__new__(dist_async.DistAsync)
+    kv.timeout, kv.rank, kv.num_workers = 5.0, rank, server.num_workers
+    kv.pushes_sent = kv.bytes_sent = 0
+    kv._names, kv._optimizer, kv._open, kv._joined = None, None, True, False
+    kv._send = lambda method, args: ps._answer(server, method, kv.rank, args)
+    return kv

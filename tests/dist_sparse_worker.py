@@ -8,12 +8,13 @@ a server (rank 0) and two workers (ranks 1, 2), as dist_async_worker.py does.
 import os
 import sys
 import time
-import traceback
 import warnings
 
 import torch
 
 import optzoo
+
+import dist_common
 
 VOCAB, DIM = 1000, 8
 EMB, NAMES = "emb.weight", ("emb.weight", "fc.bias", "fc.weight")
@@ -223,24 +224,17 @@ def async_role(rank, world, init_method, outdir):
     torch.save(out, os.path.join(outdir, f"worker{rank}.pt"))
 
 
+def _async_child(rank, init_method, outdir):
+    torch.set_num_threads(1)
+    async_role(rank, 3, init_method, outdir)
+
+
 def main():
     """Import torch once, then fork the server and the two workers; exit non-zero if one failed."""
     init_method, outdir = sys.argv[1:3]
     pids = {}
     for rank in range(3):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                torch.set_num_threads(1)
-                async_role(rank, 3, init_method, outdir)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        pids[rank] = pid
+        pids[rank] = dist_common.fork(_async_child, rank, init_method, outdir)
     failed = [r for r, pid in pids.items() if os.waitpid(pid, 0)[1] != 0]
     if failed:
         print(f"ranks failed: {failed}", flush=True)

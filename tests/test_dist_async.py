@@ -18,6 +18,7 @@ from optzoo import _io
 from optzoo.optimizer.updater import dump_optimizer, get_updater
 from optzoo.kvstore import dist_async, ps
 from optzoo.kvstore.dist_async import ParameterServer
+import dist_common
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB_TIMEOUT = 60  # seconds: a hung job is killed and fails the test
@@ -157,14 +158,7 @@ def test_server_rejects_inconsistent_workers():
 
 
 # ============================================================================ the worker side, in-process
-def _loopback(server, rank=0):
-    """A DistAsync worker whose rpc is a direct call into ``server`` (no processes)."""
-    kv = dist_async.DistAsync.__new__(dist_async.DistAsync)
-    kv.timeout, kv.rank, kv.num_workers = 5.0, rank, server.num_workers
-    kv.pushes_sent = kv.bytes_sent = 0
-    kv._names, kv._optimizer, kv._open, kv._joined = None, None, True, False
-    kv._send = lambda method, args: ps._answer(server, method, kv.rank, args)
-    return kv
+_loopback = dist_common.loopback
 
 
 class _Info:

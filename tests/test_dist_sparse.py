@@ -121,14 +121,7 @@ def test_a_malformed_gradient_on_one_worker_fails_every_worker_at_once(launched)
 
 
 # ---------------------------------------------------------------------- dist_async: the server, in process
-def _loopback(server, rank):
-    """A DistAsync worker whose rpc is a direct call into ``server`` (no processes)."""
-    kv = dist_async.DistAsync.__new__(dist_async.DistAsync)
-    kv.timeout, kv.rank, kv.num_workers = 5.0, rank, server.num_workers
-    kv.pushes_sent = kv.bytes_sent = 0
-    kv._names, kv._optimizer, kv._open, kv._joined = None, None, True, False
-    kv._send = lambda method, args: ps._answer(server, method, kv.rank, args)
-    return kv
+_loopback = dist_common.loopback
 
 
 @pytest.mark.parametrize("name, hp", [("sgd", {"momentum": 0.9, "wd": 0.01}), ("adam", {"wd": 0.01}),
