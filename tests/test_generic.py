@@ -10,6 +10,7 @@ import torch
 
 from optzoo import optimizer
 from optzoo.optimizer import registry
+from optzoo.optimizer._tree import leaves
 from specs import SPECS
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -35,11 +36,6 @@ def tensors(spec, dtype=torch.float32, device="cpu", seed=0):
     gs = [[torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(device) for s in spec.shapes]
           for _ in range(6)]
     return ws, gs
-
-
-def leaves(state):
-    from optzoo.optimizer._tree import leaves as _leaves
-    return _leaves(state)
 
 
 # ---------------------------------------------------------------------------------------------- the table

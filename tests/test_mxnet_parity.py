@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import optzoo
+from optzoo.optimizer._tree import leaves as _leaves
 import specs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mxnet"
@@ -83,14 +84,6 @@ def _layout(state):
     if isinstance(state, (tuple, list)):
         return "(" + ",".join(_layout(s) for s in state) + ")"
     return type(state).__name__
-
-
-def _leaves(state):
-    if state is None:
-        return []
-    if isinstance(state, torch.Tensor):
-        return [state]
-    return [leaf for part in state for leaf in _leaves(part)]
 
 
 # ---------------------------------------------------------------------------------------- building

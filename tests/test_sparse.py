@@ -19,8 +19,9 @@ import pytest
 import torch
 
 import optzoo
-from optzoo.optimizer import registry
 from optzoo import lr_scheduler
+from optzoo.optimizer import registry
+from optzoo.optimizer._tree import leaves as _leaves
 
 from specs import SPEC_BY_NAME
 
@@ -66,14 +67,6 @@ def _grad(values, rows, dtype, shuffle=False):
         perm = torch.randperm(2 * len(rows), generator=torch.Generator().manual_seed(len(rows)))
         idx, vals = torch.cat([idx, idx])[perm], torch.cat([half, vals - half])[perm]
     return torch.sparse_coo_tensor(idx[None], vals, SHAPE, dtype=dtype, check_invariants=False)
-
-
-def _leaves(state):
-    if state is None:
-        return []
-    if isinstance(state, torch.Tensor):
-        return [state]
-    return [x for s in state for x in _leaves(s)]
 
 
 def _replay(case, shuffle=False, as_list=False):

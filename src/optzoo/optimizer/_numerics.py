@@ -80,14 +80,15 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ parsing
+_c_float = ctypes.c_float
+
+
 def _round_f32(x: float) -> float:
     # the C cast (round to nearest even; +-inf beyond the largest fp32), by ctypes rather than struct: where
     # dynamo (torch 2.13) traces it (the frames a constant function, assume_constant_result below, calls while
     # it runs), its struct polyfill recursed without end; ctypes is a clean graph break
     return _c_float(x).value
 
-
-_c_float = ctypes.c_float
 
 def _dmlc_parse(x: float, rnd) -> float:
     """dmlc-core's ``ParseFloat`` (strtonum.h) applied to Python's ``str(x)``.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rows_of", "gather", "scatter_"]
+__all__ = ["rows_of", "gather", "scatter_", "write_rows_"]
 
 
 def rows_of(grad):
@@ -37,3 +37,11 @@ def scatter_(state, new, rows):
         return
     for s, n in zip(state, new):
         scatter_(s, n, rows)
+
+
+def write_rows_(weight, low, state, new_w, new_s, rows):
+    """A lazy update's results written back: ``new_s`` into the ``rows`` of ``state``, ``new_w`` (None: unchanged)
+    into those of ``weight`` and of ``low`` (the fp16/bf16 weight of an fp32 master ``weight``, or None)."""
+    scatter_(state, new_s, rows)
+    scatter_(weight, new_w, rows)
+    scatter_(low, new_w, rows)

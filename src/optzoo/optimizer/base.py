@@ -478,21 +478,17 @@ class Optimizer:
                 low = lows[k] if lows else None
                 if mode is not None:
                     rows, values = _sparse.rows_of(g)
+                    if mode == "lazy" and not rows.numel():  # counted, nothing to change
+                        continue
                     lr = self.sparse_lr(i, w if low is None else low, values, lr, wd)
                 if mode == "lazy":
-                    if not rows.numel():  # counted, nothing to change
-                        continue
                     if values.numel() >= engine.LARGE and self._compiles_lazy():  # gather, kernel, scatter: one loop
                         s_lazy = self.lazy_prepare(lr=lr, wd=wd, t=t, index=i, dtype=w.dtype)
                         engine.execute_rows(self, w, rows, values, s, s_lazy, low)
                         continue
                     new_w, new_s = self.lazy_rule(w.index_select(0, rows), values.to(w.dtype),
                                                   _sparse.gather(s, rows), lr=lr, wd=wd, t=t, index=i)
-                    _sparse.scatter_(s, new_s, rows)
-                    if new_w is not None:
-                        w.index_copy_(0, rows, new_w.to(w.dtype))
-                        if low is not None:
-                            low.index_copy_(0, rows, new_w.to(low.dtype))
+                    _sparse.write_rows_(w, low, s, new_w, new_s, rows)
                     continue
                 if mode == "standard":  # MXNet's storage fallback: the dense rule on the densified gradient
                     g = torch.sparse_coo_tensor(rows[None], values, g.shape, is_coalesced=True,

@@ -35,7 +35,7 @@ import warnings
 
 import torch
 
-from . import _tree
+from . import _sparse, _tree
 from ._numerics import ROWS, WHOLE, Key
 
 __all__ = ["LARGE", "Segments", "adjacent", "execute", "layout_of"]
@@ -116,29 +116,9 @@ def _lazy_step(opt, w, rows, values, inner, s, seg=None, low=None):
     """One lazy update in place: the gradient's ``rows`` of the weight and of every state gathered, the lazy
     kernel on them with the gradient's ``values``, the rows written back (one loop when compiled; nothing of
     the table's size is allocated)."""
-    new_w, new_s = type(opt).lazy_kernel(opt, w.index_select(0, rows), values.to(w.dtype), _gather(inner, rows),
-                                         s, seg)
-    _scatter(inner, new_s, rows)
-    new_w = new_w.to(w.dtype)
-    w.index_copy_(0, rows, new_w)
-    if low is not None:
-        low.index_copy_(0, rows, new_w.to(low.dtype))
-
-
-def _gather(tree, rows):
-    if isinstance(tree, torch.Tensor):
-        return tree.index_select(0, rows)
-    if isinstance(tree, tuple):
-        return tuple(_gather(x, rows) for x in tree)
-    return tree
-
-
-def _scatter(dst, src, rows):
-    if isinstance(dst, torch.Tensor):
-        dst.index_copy_(0, rows, src.to(dst.dtype))
-    elif isinstance(dst, tuple):
-        for d, x in zip(dst, src):
-            _scatter(d, x, rows)
+    new_w, new_s = type(opt).lazy_kernel(opt, w.index_select(0, rows), values.to(w.dtype),
+                                         _sparse.gather(inner, rows), s, seg)
+    _sparse.write_rows_(w, low, inner, new_w, new_s, rows)
 
 
 def execute_rows(opt, w, rows, values, inner, s, low=None):
