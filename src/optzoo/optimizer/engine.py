@@ -5,10 +5,12 @@ every input, counted and read every index and called ``prepare`` in index order;
 moves tensors. It never re-binds, re-strides or aliases a parameter or its gradient: weights are
 updated in place, gradients are read, states are the caller's tensors.
 
-- A **large** tensor (at least :data:`LARGE` elements) is updated by itself, in place: the kernel
-  compiled by ``torch.compile`` (one fused loop that reads each input once and writes each output once;
-  one dynamic-shape graph per optimizer class and state layout serves every size), over 1-D views of the
-  weight, gradient and states (per-tensor norms are then full reductions, :data:`~._numerics.WHOLE`).
+- A **large** tensor (at least :data:`LARGE` elements) is updated in place: the kernel compiled by
+  ``torch.compile`` (one fused loop that reads each input once and writes each output once; one
+  dynamic-shape graph per optimizer class, state layout and group length serves every size), over 1-D views
+  of the weight, gradient and states (per-tensor norms are then full reductions, :data:`~._numerics.WHOLE`).
+  Large tensors of one graph run :data:`GROUP` per compiled call (a loop per tensor in one parallel region):
+  each call costs tens of microseconds of dynamo's and AOT autograd's wrappers.
 - **Small** tensors of one dtype and device are packed: concatenated into scratch buffers, updated by
   one kernel call (per-parameter scalars spread per element, per-tensor norms as row sums over runs of
   equal-sized parameters, see :class:`Segments`), and copied back.
@@ -42,6 +44,11 @@ __all__ = ["LARGE", "Segments", "adjacent", "execute", "layout_of"]
 
 #: A tensor this large (elements) is updated by itself, in place; smaller ones are packed.
 LARGE = 1 << 16
+#: Large tensors of one graph run this many per compiled call (one parallel region, a loop per tensor). More
+#: saves little more (ResNet-50's 42 large tensors in Adam's step, 2 threads, x torch fused Adam's time: 1 per
+#: call 1.32, 4 1.18, 8 1.18, 32 1.15) and costs compile time: gcc compiles one function with a loop per member
+#: (cold, with one member 0.75 s; four ~2.5 s; eight ~4.7 s).
+GROUP = 4
 #: Fewer small tensors than this are updated one by one, eagerly (a pack's copies cost more).
 PACK_MIN = 4
 #: A pack of at most this many runs of equal-sized parameters runs run by run (``[k, n]`` views, per-parameter
@@ -112,6 +119,33 @@ def _fused_step(opt, w, g, inner, s, seg, low=None):
         low.copy_(w)
 
 
+def _group_step(opt, ws, gs, inners, s, seg, lows=None):
+    """:func:`_fused_step` on each tensor of a group (compiled: one graph, a loop per tensor); ``s`` is the
+    scalars of every member, or a list of each member's."""
+    per = isinstance(s, list)
+    for k in range(len(ws)):
+        _fused_step(opt, ws[k], gs[k], inners[k], s[k] if per else s, seg, None if lows is None else lows[k])
+
+
+def _distinct(args):
+    """Stand-ins for a group call's arguments, each member's tensors of a size of its own: a group graph's first
+    compile on them has no guard that two members are equally large (dynamo's duck sizing would otherwise
+    give equal sizes one symbol, and every group of another pattern of equal sizes a graph of its own)."""
+    opt, ws, gs, inners, s, seg, lows = args
+
+    def like(t, n):
+        return torch.ones(n, dtype=t.dtype, device=t.device)
+
+    sizes = [_DISTINCT + 3 * k for k in range(len(ws))]
+    return (opt, [like(w, n) for w, n in zip(ws, sizes)], [like(g, n) for g, n in zip(gs, sizes)],
+            [_map(inner, functools.partial(like, n=n)) for inner, n in zip(inners, sizes)], s, seg,
+            None if lows is None else [like(x, n) for x, n in zip(lows, sizes)])
+
+
+#: The first stand-in size of :func:`_distinct` (small, above dynamo's 0/1 specialization).
+_DISTINCT = 67
+
+
 def _lazy_step(opt, w, rows, values, inner, s, seg=None, low=None):
     """One lazy update in place: the gradient's ``rows`` of the weight and of every state gathered, the lazy
     kernel on them with the gradient's ``values``, the rows written back (one loop when compiled; nothing of
@@ -166,12 +200,12 @@ _COMPILED = {}  # key -> compiled step; None where compiling failed (eager from 
 
 
 def _compiled(key, step=_fused_step):
-    """The compiled ``step`` (:func:`_fused_step`, or :func:`_lazy_step`) for ``key`` (optimizer class, layout,
+    """The compiled ``step`` (:func:`_fused_step`, :func:`_group_step` or :func:`_lazy_step`) for ``key`` (optimizer class, layout,
     dtypes): a copy of it with a code object of its own, so each key has dynamo's own cache and recompile limit."""
     fn = _COMPILED.get(key)
     if fn is None:
         code = step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
-        step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__)
+        step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
         # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does (bit-exact); only there:
         # with dynamic shapes it costs fp32 kernels ~1.8x (measured, Adam on one 16M tensor)
         options = {"emulate_precision_casts": True} if key[2] in (torch.float16, torch.bfloat16) else {}
@@ -194,11 +228,15 @@ def _run(compiled, key, *args, step=_fused_step):
     if args[0].clip_gradient:
         args[0]._clip_bounds()  # made here, read as constants by the compiled kernel
     try:
+        first = key not in _COMPILED
+        fn = _compiled(key, step)
         if key[1] == "rows":
             with _NoOuterLoopFusion():
-                _compiled(key, step)(*args)
+                fn(*args)
         else:
-            _compiled(key, step)(*args)
+            if first and step is _group_step:
+                fn(*_distinct(args))  # compiled on members of distinct sizes: one graph for every size pattern
+            fn(*args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
         warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "
@@ -328,14 +366,18 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
         with torch.no_grad():
             _run_pack(opt, fused, next(iter(targets))[2], weights, grads, states, scalars, cache, lows)
         return
-    packs = {}
+    packs, groups = {}, {}
     with torch.no_grad():
         for k, n in enumerate(numels):
-            if n >= LARGE and _run_one(opt, fused, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k],
-                                       cache, lows[k]):
-                continue
+            if n >= LARGE:
+                got = _in_place(opt, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k], cache, lows[k])
+                if got is not None:  # grouped with the large tensors that share its compiled graph
+                    groups.setdefault(got[0], []).append(got[1])
+                    continue
             dtype, device, _ = kinds[k]
             packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
+        for key, members in groups.items():
+            _run_groups(opt, key, members)
         for (_, _, lay), members in packs.items():
             if len(members) == 1 and not fused:
                 k = members[0]
@@ -345,14 +387,16 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
                       [states[k] for k in members], [scalars[k] for k in members], cache, [lows[k] for k in members])
 
 
-def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
-    """One large tensor in place; False when its layout has no flat form (then it is packed)."""
+def _in_place(opt, layout, w, g, inner, s, cache, low=None):
+    """A large tensor's in-place kernel call: its graph's key and arguments (1-D views of the weight, gradient,
+    states and fp16/bf16 copy, the scalars as tensors, the reduction); None when its layout has no flat form
+    (then it is packed)."""
     leaves = _tree.leaves(inner)
     if low is not None:
         leaves.append(low)
     if layout == "rows":
         if not (w.is_contiguous() and g.is_contiguous() and all(map(torch.Tensor.is_contiguous, leaves))):
-            return False
+            return None
         fw, fg, finner, seg, flow = w, g, inner, None, low
     else:
         if w.is_contiguous() and g.is_contiguous() and all(map(torch.Tensor.is_contiguous, leaves)):
@@ -360,7 +404,7 @@ def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
         else:
             fw, fg = _flat(w), _flat(g)
             if fw is None or fg is None or g.stride() != w.stride() or any(x.stride() != w.stride() for x in leaves):
-                return False
+                return None
             finner = _map(inner, _flat)
         flow = None if low is None else _flat(low)
         seg = WHOLE if layout == "norms" else None  # per-tensor sums: full reductions of the 1-D views
@@ -371,8 +415,35 @@ def _run_one(opt, fused, layout, w, g, inner, s, cache, low=None):
         ts = tuple(_scalar_tensor(x, sdt, w.device) for x in s)
     else:
         ts = _as_tensors(s, sdt, w.device, cache)
-    _run(True, _key(opt, layout, fw, finner, ts, flow), opt, fw, fg, finner, ts, seg, flow)
-    return True
+    return _key(opt, layout, fw, finner, ts, flow) + (seg,), (fw, fg, finner, ts, flow)
+
+
+def _run_groups(opt, key, members):
+    """Large tensors of one graph key, in place, up to :data:`GROUP` per compiled call (one parallel region
+    with a loop per tensor): each call of a compiled step costs tens of microseconds of dynamo's and AOT's
+    wrappers, which ResNet-50's 42 large tensors paid one by one. Groups have :data:`GROUP` members, then
+    the rest in halves (2, 1): at most three graph lengths per key. A single tensor takes the one-tensor graph."""
+    seg = key[-1]
+    key = key[:-1]
+    if key[1] == "rows" or len(members) == 1 or any(d > 0 for d in key[5]):
+        # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
+        for fw, fg, finner, ts, flow in members:
+            _run(True, key, opt, fw, fg, finner, ts, seg, flow)
+        return
+    start, size = 0, GROUP
+    while start < len(members):
+        while size > len(members) - start:
+            size //= 2
+        part = members[start:start + size]
+        start += size
+        if size == 1:
+            fw, fg, finner, ts, flow = part[0]
+            _run(True, key, opt, fw, fg, finner, ts, seg, flow)
+            continue
+        ws, gs, inners, tss, flows = map(list, zip(*part))
+        shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))  # prepare's one tuple (the common case)
+        _run(True, key + ("group", size, shared), opt, ws, gs, inners, tss[0] if shared else tss, seg,
+             flows if flows[0] is not None else None, step=_group_step)
 
 
 def _view_1d(t):

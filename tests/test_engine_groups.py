@@ -1,0 +1,89 @@
+"""Large tensors run up to ``engine.GROUP`` (4) per compiled call (one graph per group length), and give the
+reference path's numbers: shared and per-parameter scalars, per-tensor norms, noise keys, fp16 weights with
+fp32 master copies; a group graph serves every pattern of member sizes (no recompiles)."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import optzoo
+import optzoo.torch as ot
+from optzoo.optimizer import engine
+from test_fast_path import assert_match, compiled_rtol
+from specs import SPECS
+
+#: 11 "large" tensors (engine.LARGE lowered to 12): groups of 4, 4, 2, then one alone; equal and distinct sizes
+SHAPES = [(4, 5)] * 3 + [(6, 7), (13,), (4, 5), (30,), (2, 9), (21,), (4, 5), (17,)]
+NAMES = ["adam", "nadam", "lamb", "sgld"]
+
+
+def spec_of(name):
+    return next(s for s in SPECS if s.name == name)
+
+
+def trained(name, fused, steps=3, dtype=torch.float32, multipliers=False, **kw):
+    """The weights after ``steps`` Trainer steps on seeded gradients (SGLD with its own keyed noise, drawn
+    from a seeded generator: the same keys on every path)."""
+    gen = torch.Generator().manual_seed(0)
+    params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for k, s in enumerate(SHAPES)}
+    if name == "sgld":
+        kw["generator"] = torch.Generator().manual_seed(1)
+    trainer = optzoo.Trainer(params, name, {"wd": 0.01, **kw}, fused=fused)
+    if multipliers:  # per-parameter lr: each member its own scalars
+        trainer.set_lr_mult({"p1": 0.5, "p8": 2.0})
+    for _ in range(steps):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        trainer.step(2)
+    return [p.detach().clone() for p in params.values()]
+
+
+@pytest.fixture
+def grouped(monkeypatch):
+    monkeypatch.setattr(engine, "LARGE", 12)
+
+
+def group_lengths(name):
+    """The group lengths compiled for optimizer ``name`` (in this process)."""
+    cls = type(optzoo.optimizer.create(name))
+    return {key[-2] for key, fn in engine._COMPILED.items() if key[0] is cls and "group" in key and fn is not None}
+
+
+@pytest.mark.parametrize("multipliers", [False, True], ids=["shared", "per-parameter"])
+@pytest.mark.parametrize("name", NAMES)
+def test_groups_of_large_tensors_match_the_reference_path(name, multipliers, grouped):
+    ref = trained(name, False, multipliers=multipliers)
+    got = trained(name, None, multipliers=multipliers)
+    assert {2, engine.GROUP} <= group_lengths(name)  # 11 members: 4, 4, 2 and one alone, compiled
+    assert_match(ref, got, compiled_rtol(spec_of(name)))
+
+
+@pytest.mark.parametrize("name", ["adam"])
+def test_groups_with_fp16_weights_and_master_copies(name, grouped):
+    kw = {"multi_precision": True}
+    ref = trained(name, False, dtype=torch.float16, **kw)
+    got = trained(name, True, dtype=torch.float16, **kw)
+    assert engine.GROUP in group_lengths(name)
+    assert_match(ref, got, compiled_rtol(spec_of(name)))
+
+
+def test_a_group_graph_serves_every_pattern_of_sizes(monkeypatch):
+    """dynamo gives equal sizes one symbol (duck sizing): a graph first compiled on a group of equal sizes
+    would guard on it and recompile for the next pattern. The executor compiles a group graph on stand-ins
+    of distinct sizes first: then any pattern, equal sizes included, runs on that one graph."""
+    monkeypatch.setattr(engine, "LARGE", 12)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+
+    def step(shapes):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = ot.Adamax(params, lr=0.01)
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+
+    step([(20,)] * 4)  # equal sizes first
+    graphs = counters["stats"]["unique_graphs"]
+    step([(20,), (30,), (40,), (50,)])
+    step([(31,), (31,), (64,), (64,)])
+    step([(5, 9)] * 4)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [key[-3:] for key in engine._COMPILED if "group" in key] == [("group", 4, True)]
