@@ -27,6 +27,7 @@ from itertools import repeat as _repeat
 
 import torch as _torch
 
+from ._gc import paused as _gc_paused
 from ._checks import check_tensor_pair
 from ._flat import flatten_parameters
 from .optimizer import registry as _registry
@@ -177,6 +178,11 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         if closure is not None:
             with _torch.enable_grad():
                 loss = closure()
+        with _gc_paused():  # the step's thousands of small containers never trigger a collection
+            self._step_all()
+        return loss
+
+    def _step_all(self):
         plans, base = [], 0
         for g, group in enumerate(self.param_groups):
             inner = self._inner_for(group, g)
@@ -194,7 +200,6 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         for plan in plans:
             if plan[2]:
                 self._step_group(*plan)
-        return loss
 
     def _step_group(self, group, inner, indices, params, grads):
         book = group.setdefault("optzoo", {})

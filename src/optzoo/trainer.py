@@ -18,6 +18,7 @@ import torch
 
 from . import _io
 from ._checks import check_number
+from ._gc import pausing
 from . import kvstore as _kvstore
 from .kvstore.signs import vote_update
 from .optimizer import Optimizer, create, get_updater
@@ -288,6 +289,7 @@ class Trainer:
             self._fresh[i] = False
             self._seen_grad[i] = self._params[i].grad
 
+    @pausing  # thousands of parameters: their small containers never trigger a collection (see _gc)
     def _update_indices(self, indices):
         if self._voting(self._kvstore):
             vote_update(self._kvstore, self._updater, [self._params[i] for i in indices], indices)

@@ -16,6 +16,7 @@ import warnings
 
 import torch
 
+from .._gc import pausing
 from .._checks import (check_bool, check_distinct_weights, check_nonnegative, check_number, check_optional_clip,
                        check_positive_int, check_tensor_pair, plain)
 from . import _sparse, _tree, engine
@@ -352,6 +353,7 @@ class Optimizer:
         that overrides ``rule`` may say yes for the settings where its rule is exactly that split)."""
         return type(self).has_kernel()
 
+    @pausing  # a list of thousands of parameters: its small containers never trigger a collection (see _gc)
     def update(self, index, weight, grad, state):
         """Update ``weight`` in place from ``grad`` and ``state`` (lists allowed, MXNet's aggregated form).
 
@@ -598,6 +600,7 @@ class Optimizer:
                     for i, lr, wd in zip(group, lrs, wds)]
         return out
 
+    @pausing
     def update_multi_precision(self, index, weight, grad, state):
         """``update`` on the fp32 master copy of fp16/bf16 weights, then cast back into the weight."""
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
