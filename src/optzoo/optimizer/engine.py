@@ -45,9 +45,10 @@ __all__ = ["LARGE", "Segments", "adjacent", "execute", "layout_of"]
 #: A tensor this large (elements) is updated by itself, in place; smaller ones are packed.
 LARGE = 1 << 16
 #: Large tensors of one graph run this many per compiled call (one parallel region, a loop per tensor). More
-#: saves little more (ResNet-50's 42 large tensors in Adam's step, 2 threads, x torch fused Adam's time: 1 per
-#: call 1.32, 4 1.18, 8 1.18, 32 1.15) and costs compile time: gcc compiles one function with a loop per member
-#: (cold, with one member 0.75 s; four ~2.5 s; eight ~4.7 s).
+#: saves little more (ResNet-50's 42 large tensors, Adam's step x torch fused Adam's time, 2 threads, paired in
+#: one process: one per call 1.39, four 1.27; in another, four 1.18, eight 1.18, all in one call 1.15) and
+#: costs compile time: gcc compiles one function with a loop per member (cold: one member 0.75 s, four ~2.5 s,
+#: eight ~4.7 s).
 GROUP = 4
 #: Fewer small tensors than this are updated one by one, eagerly (a pack's copies cost more).
 PACK_MIN = 4
@@ -200,8 +201,9 @@ _COMPILED = {}  # key -> compiled step; None where compiling failed (eager from 
 
 
 def _compiled(key, step=_fused_step):
-    """The compiled ``step`` (:func:`_fused_step`, :func:`_group_step` or :func:`_lazy_step`) for ``key`` (optimizer class, layout,
-    dtypes): a copy of it with a code object of its own, so each key has dynamo's own cache and recompile limit."""
+    """The compiled ``step`` (:func:`_fused_step`, :func:`_group_step` or :func:`_lazy_step`) for ``key``
+    (optimizer class, layout, dtypes, group length): a copy of it with a code object of its own, so each key has
+    dynamo's own cache and recompile limit."""
     fn = _COMPILED.get(key)
     if fn is None:
         code = step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
