@@ -423,29 +423,20 @@ def _in_place(opt, layout, w, g, inner, s, cache, low=None):
 def _run_groups(opt, key, members):
     """Large tensors of one graph key, in place, up to :data:`GROUP` per compiled call (one parallel region
     with a loop per tensor): each call of a compiled step costs tens of microseconds of dynamo's and AOT's
-    wrappers, which ResNet-50's 42 large tensors paid one by one. Groups have :data:`GROUP` members, then
-    the rest in halves (2, 1): at most three graph lengths per key. A single tensor takes the one-tensor graph."""
+    wrappers, which ResNet-50's 42 large tensors paid one by one. Groups of :data:`GROUP` members, the rest one
+    by one: two graphs per key (a graph of another length would cost its compile time for a call or two saved)."""
     seg = key[-1]
     key = key[:-1]
-    if key[1] == "rows" or len(members) == 1 or any(d > 0 for d in key[5]):
-        # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
-        for fw, fg, finner, ts, flow in members:
-            _run(True, key, opt, fw, fg, finner, ts, seg, flow)
-        return
-    start, size = 0, GROUP
-    while start < len(members):
-        while size > len(members) - start:
-            size //= 2
-        part = members[start:start + size]
-        start += size
-        if size == 1:
-            fw, fg, finner, ts, flow = part[0]
-            _run(True, key, opt, fw, fg, finner, ts, seg, flow)
-            continue
-        ws, gs, inners, tss, flows = map(list, zip(*part))
+    whole = len(members) - len(members) % GROUP
+    if key[1] == "rows" or any(d > 0 for d in key[5]):
+        whole = 0  # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
+    for start in range(0, whole, GROUP):
+        ws, gs, inners, tss, flows = map(list, zip(*members[start:start + GROUP]))
         shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))  # prepare's one tuple (the common case)
-        _run(True, key + ("group", size, shared), opt, ws, gs, inners, tss[0] if shared else tss, seg,
+        _run(True, key + ("group", GROUP, shared), opt, ws, gs, inners, tss[0] if shared else tss, seg,
              flows if flows[0] is not None else None, step=_group_step)
+    for fw, fg, finner, ts, flow in members[whole:]:
+        _run(True, key, opt, fw, fg, finner, ts, seg, flow)
 
 
 def _view_1d(t):
