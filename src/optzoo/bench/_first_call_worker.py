@@ -3,7 +3,7 @@
 Run by :mod:`optzoo.bench.first_call` with the inductor cache directory it chose in the environment.
 Imports torch and optzoo.torch only, as a user's program does (timed apart), starts the compiler once on a
 trivial function (timed apart: the process's one-time cost), builds ``optzoo.torch.create(name, params, ...)``
-over one tensor, and times its first ``step()`` and its second; prints one JSON object on stdout.
+over ``tensors`` tensors of one shape, and times its first ``step()`` and its second; prints one JSON object on stdout.
 """
 import json
 import os
@@ -33,9 +33,11 @@ def main(job):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     dtype = getattr(torch, job["dtype"])
     gen = torch.Generator().manual_seed(job["seed"])
-    param = torch.nn.Parameter(torch.randn(job["shape"], generator=gen).to(device, dtype))
-    param.grad = torch.randn(job["shape"], generator=gen).to(device, dtype)
-    opt = optzoo.torch.create(job["name"], [param], fused=job["fused"], multi_precision=job["multi_precision"],
+    params = [torch.nn.Parameter(torch.randn(job["shape"], generator=gen).to(device, dtype))
+              for _ in range(job.get("tensors", 1))]
+    for param in params:
+        param.grad = torch.randn(job["shape"], generator=gen).to(device, dtype)
+    opt = optzoo.torch.create(job["name"], params, fused=job["fused"], multi_precision=job["multi_precision"],
                               **job["settings"])
     times = []
     for _ in range(2):
@@ -45,7 +47,7 @@ def main(job):
         sync()
         times.append(time.perf_counter() - start)
     return {"import_s": imported, "startup_s": startup, "first_s": times[0], "second_s": times[1],
-            "finite": bool(torch.isfinite(param).all())}
+            "finite": all(bool(torch.isfinite(p).all()) for p in params)}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """``python -m optzoo.bench --first-call``: what each optimizer's first ``step()`` costs, cold and warm.
 
 For every optimizer, ``--fused`` mode and dtype (``float32``; ``float16`` with ``multi_precision=True``),
-two fresh processes (``_first_call_worker.py``) each build ``optzoo.torch.create(name, [param], ...)``
-over one 1024 x 1024 tensor (1/16 of workload (i), times ``--scale``) and time its first ``step()``:
+two fresh processes (``_first_call_worker.py``) each build ``optzoo.torch.create(name, params, ...)``
+over :data:`TENSORS` tensors of 512 x 512 (each 1/64 of workload (i), times ``--scale``): the executor runs
+large tensors four per compiled call and the rest one by one, so a first step compiles both graphs, as a
+model with many large tensors does. Each process times its first ``step()``:
 
 - cold: an empty inductor cache (``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` set to a fresh
   temporary folder in that process's environment only), so ``fused=True`` compiles from scratch;
@@ -39,6 +41,8 @@ DTYPES = {"float32": ("float32", False), "float16": ("float16", True)}
 #: seconds: the issue's bounds on a first call, cold and warm
 TARGETS = {"cold": 10.0, "warm": 1.0}
 TIMEOUT_S = 300
+#: tensors per first call: one compiled group of four and one alone
+TENSORS = 5
 _WORKER = Path(__file__).with_name("_first_call_worker.py")
 
 
@@ -74,7 +78,7 @@ def _spawn(job, env) -> dict:
 def run(args, log=lambda text: None) -> dict:
     """Cold and warm first calls for every ``args.specs`` x ``args.modes`` x ``args.first_call_dtypes``."""
     start = time.perf_counter()
-    shape = make_workload("single", args.scale / 16).shapes[0]
+    shape = make_workload("single", args.scale / 64).shapes[0]
     rows = []
     for label, name, overrides in args.specs:
         settings = settings_for(name, overrides)
@@ -82,7 +86,7 @@ def run(args, log=lambda text: None) -> dict:
             torch_dtype, multi_precision = DTYPES[dtype]
             for mode in args.modes:
                 job = {"name": name, "settings": settings, "fused": mode, "dtype": torch_dtype,
-                       "multi_precision": multi_precision, "shape": list(param_shape(name, shape)),
+                       "multi_precision": multi_precision, "shape": list(param_shape(name, shape)), "tensors": TENSORS,
                        "device": str(args.device), "seed": args.seed, "threads": args.threads}
                 cache = tempfile.mkdtemp(prefix="optzoo-first-call-")
                 try:
@@ -106,7 +110,8 @@ def run(args, log=lambda text: None) -> dict:
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(), "device": device_info(args.device),
             "config": {"argv": args.argv, "optimizers": [s[0] for s in args.specs], "fused": args.modes,
-                       "dtypes": args.first_call_dtypes, "scale": args.scale, "elements": shape[0] * shape[1],
+                       "dtypes": args.first_call_dtypes, "scale": args.scale, "tensors": TENSORS,
+                       "elements": TENSORS * shape[0] * shape[1],
                        "threads": args.threads, "device": str(args.device), "seed": args.seed},
             "targets": {"limits_s": TARGETS, "checks": len(checks),
                         "met": sum(bool(r.get(f"{k}_met")) for r, k in checks),
