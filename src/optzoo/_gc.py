@@ -11,7 +11,8 @@ collections never happen on their account.
 
 The collector is only held off: no collection is skipped (those due run at the next allocation after the
 step), a collector the caller disabled stays disabled, and the user's own code (a ``closure``) runs with the
-collector as the caller left it. No other setting changes.
+collector as the caller left it. No other setting changes. The switch is the process's: another thread that
+calls ``gc.disable()`` while a step runs finds the collector re-enabled when the step ends.
 """
 from __future__ import annotations
 
