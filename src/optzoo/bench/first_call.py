@@ -139,7 +139,9 @@ def _table(results):
 def _summary(results):
     t, c = results["targets"], results["config"]
     limits = results["targets"]["limits_s"]
-    return (f"first call of optzoo.torch.create(name, [one {c['elements']:,}-element tensor]).step() in a fresh "
+    n = c.get("tensors", 1)
+    what = f"{n} tensors of {c['elements'] // n:,} elements" if n > 1 else f"one {c['elements']:,}-element tensor"
+    return (f"first call of optzoo.torch.create(name, [{what}]).step() in a fresh "
             f"process on {c['device']}, after the process's one-time compiler start-up (a trivial torch.compile, "
             f"its own column): cold = empty inductor cache, warm = the same cache again; targets "
             f"cold <= {limits['cold']:g} s, warm <= {limits['warm']:g} s: {t['met']} of {t['checks']} met")
