@@ -87,3 +87,34 @@ def test_a_group_graph_serves_every_pattern_of_sizes(monkeypatch):
     step([(5, 9)] * 4)
     assert counters["stats"]["unique_graphs"] == graphs
     assert [key[-3:] for key in engine._COMPILED if "group" in key] == [("group", 4, True)]
+
+
+def test_scalar_tensors_are_remade_only_where_a_value_changed():
+    """Adam's bias-corrected lr changes at every step: its 0-d tensor is new, the other places keep theirs; two
+    places of equal value (beta1 = 0.5, 1 - beta1 = 0.5) never share a tensor (dynamo would see aliased inputs),
+    and the steps add no graph."""
+    param = torch.nn.Parameter(torch.randn(70000))
+    opt = ot.Adam([param], lr=0.01, betas=(0.5, 0.999))
+    seen = []
+    run = engine._run
+
+    def spy(compiled, key, *args, **kw):
+        seen.append(args[4])
+        return run(compiled, key, *args, **kw)
+
+    param.grad = torch.randn(70000)
+    opt.step()
+    graphs = counters["stats"]["unique_graphs"]
+    engine._run = spy
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        engine._run = run
+    assert counters["stats"]["unique_graphs"] == graphs
+    first, second = seen[0], seen[1]
+    values = [float(t) for t in first]
+    assert values[0] == values[1] == 0.5 and first[0] is not first[1]
+    changed = [k for k, (a, b) in enumerate(zip(first, second)) if float(a) != float(b)]
+    assert changed  # the bias-corrected lr
+    assert all((a is b) == (k not in changed) for k, (a, b) in enumerate(zip(first, second)))
