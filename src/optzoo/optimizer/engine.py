@@ -449,7 +449,7 @@ def _run_groups(opt, key, members):
     seg = key[-1]
     key = key[:-1]
     whole = len(members) - len(members) % GROUP
-    if key[1] == "rows" or any(d > 0 for d in key[5]):
+    if key[1] == "rows" or any(x.dim() for x in members[0][3]):
         whole = 0  # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
     for start in range(0, whole, GROUP):
         ws, gs, inners, tss, flows = map(list, zip(*members[start:start + GROUP]))
