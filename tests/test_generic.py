@@ -262,8 +262,8 @@ def test_updater_rejects_garbage_states():
 def test_updater_aggregates_by_dtype_like_mxnet(monkeypatch):
     opt = optimizer.SGD(momentum=0.9)
     calls = []
-    real = opt._read_list  # what the Updater hands over: the lists of MXNet's update calls
-    monkeypatch.setattr(opt, "_read_list", lambda i: (calls.append(list(i)), real(i))[1])
+    real = opt._update_calls  # what the Updater hands over: the lists of MXNet's update calls
+    monkeypatch.setattr(opt, "_update_calls", lambda chunks, *a: (calls.extend(chunks), real(chunks, *a))[1])
     up = optimizer.get_updater(opt)
     ws = [torch.zeros(2, dtype=torch.float64 if k % 2 else torch.float32) for k in range(7)]
     up(list(range(7)), [torch.ones_like(w) for w in ws], ws)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 
@@ -20,7 +21,7 @@ class Layout:
     """The state of one optimizer for weights of one dtype and shape: leaf names, expected (shape, dtype) of
     each leaf, and the tree's skeleton (leaf positions in place of tensors)."""
 
-    __slots__ = ("names", "specs", "skeleton")
+    __slots__ = ("names", "specs", "skeleton", "getter")
 
     def __init__(self, opt, weight):
         meta = torch.empty(weight.shape, dtype=weight.dtype, device="meta")
@@ -39,6 +40,12 @@ class Layout:
         fallback = dict(zip(map(id, own), generic))
         self.names = ["weight32" if leaf is master else named.get(id(leaf), fallback[id(leaf)]) for leaf in leaves]
         self.specs = [(tuple(leaf.shape), leaf.dtype) for leaf in leaves]
+        # the tree straight from a state dict in C (operator.itemgetter), where it is the leaves themselves:
+        # one tensor, or a flat tuple of tensors (every optimizer's state but multi-precision ones)
+        sk = self.skeleton
+        self.getter = (operator.itemgetter(self.names[0]) if sk == 0 else
+                       operator.itemgetter(*self.names) if isinstance(sk, tuple) and len(sk) > 1
+                       and sk == tuple(range(len(sk))) else None)
 
 
 def _skeleton(tree, leaves):

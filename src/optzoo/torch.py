@@ -192,16 +192,17 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             if not all(map(_is_not, grads, _repeat(None))):  # parameters without a gradient are skipped
                 kept = [k for k, gr in enumerate(grads) if gr is not None]
                 indices, params, grads = [base + k for k in kept], [params[k] for k in kept], [grads[k] for k in kept]
-            if not _plain_pairs(params, grads):  # the full check, for its message
+            keys = _plain_pairs(params, grads)  # the weights' (dtype, shape)s where every pair is plain
+            if keys is None:  # the full check, for its message
                 for k, p, grad in zip(indices, params, grads):
                     check_tensor_pair(k, p, grad)
-            plans.append((group, inner, list(indices), params, grads))
+            plans.append((group, inner, list(indices), params, grads, keys))
             base += len(group["params"])
         for plan in plans:
             if plan[2]:
                 self._step_group(*plan)
 
-    def _step_group(self, group, inner, indices, params, grads):
+    def _step_group(self, group, inner, indices, params, grads, keys=None):
         book = group.setdefault("optzoo", {})
         for attr in inner._step_vars:
             if attr in book:
@@ -214,9 +215,17 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         shards, offsets = {}, {}
         if all(map(_is, map(type, weights), _repeat(_Tensor))) and all(map(_is_not, steps, _repeat(None))):
             # the steady state (every state made, plain tensors), without a Python loop body per parameter
-            keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights)))
+            if keys is None:
+                keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights)))
             layouts = {key: _layout(inner, w) for key, w in dict(zip(keys, weights)).items()}
-            trees = list(map(_tree_of, map(layouts.__getitem__, keys), sts))
+            first = next(iter(layouts.values()))
+            same = all(lay.skeleton == first.skeleton and lay.names == first.names for lay in layouts.values())
+            if same and first.getter is not None:  # one flat tree for every shape: the trees in one C-level map
+                trees = list(map(first.getter, sts))
+            elif all(lay.skeleton is None for lay in layouts.values()):  # no state (SGD without momentum)
+                trees = [None] * len(sts)
+            else:
+                trees = list(map(_tree_of, map(layouts.__getitem__, keys), sts))
             counts.update(zip(indices, map(int, steps)))
         else:
             weights, grads, trees = self._gather(inner, indices, params, grads, sts, counts, shards, offsets)
@@ -294,14 +303,18 @@ _DEVICE, _LAYOUT = _operator.attrgetter("device"), _operator.attrgetter("layout"
 _is, _is_not = _operator.is_, _operator.is_not
 
 
-def _plain_pairs(params, grads) -> bool:
+def _plain_pairs(params, grads):
     """The common case of :func:`check_tensor_pair` for every parameter at once, in C-level maps (no Python
-    loop body per parameter): dense floating gradients of the parameters' shapes, dtypes and devices."""
-    return (all(map(_is, map(_LAYOUT, grads), _repeat(_STRIDED)))
-            and list(map(_DTYPE, grads)) == list(map(_DTYPE, params))
-            and list(map(_SHAPE, grads)) == list(map(_SHAPE, params))
+    loop body per parameter): dense floating gradients of the parameters' shapes, dtypes and devices. The
+    parameters' ``(dtype, shape)`` pairs (which the step reads next), or None where a pair is not plain."""
+    if not all(map(_is, map(_LAYOUT, grads), _repeat(_STRIDED))):
+        return None
+    dtypes, shapes = list(map(_DTYPE, params)), list(map(_SHAPE, params))
+    if (list(map(_DTYPE, grads)) == dtypes and list(map(_SHAPE, grads)) == shapes
             and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))
-            and all(map(_Tensor.is_floating_point, params)))
+            and all(map(_Tensor.is_floating_point, params))):
+        return list(zip(dtypes, shapes))
+    return None
 
 
 def _is_dtensor(t) -> bool:

@@ -212,6 +212,11 @@ class Optimizer:
         """Count one update of each index: ``t = count[index]``, ``num_update = max over indices``."""
         indices = index if isinstance(index, (list, tuple)) else [index]
         counts, begin = self._index_update_count, self.begin_num_update
+        if len(indices) > 8 and len(set(indices)) == len(indices):  # C-level maps, no loop body per index
+            new = list(map(operator.add, map(counts.get, indices, _repeat(begin)), _repeat(1)))
+            counts.update(zip(indices, new))
+            self.num_update = max(self.num_update, max(new))
+            return
         for idx in indices:
             counts[idx] = counts.get(idx, begin) + 1
         if indices:  # counts only grow: the max over the list is MXNet's running max
@@ -527,8 +532,21 @@ class Optimizer:
         check = getattr(self, "_check_indices", None)
         if check is not None:
             check(indices)
+        if chunks is not None and len(chunks) > 1 and not self._reads_per_index and \
+                type(self)._get_lrs is Optimizer._get_lrs and len(set(indices)) == len(indices):
+            counts = list(map(self._index_update_count.get, indices))
+            if counts.count(counts[0]) == len(counts):
+                # an aggregating optimizer's calls (lists of up to aggregate_num) over indices counted alike read
+                # what one call reads (each call counts to the same t, num_update moves at the first only, and
+                # the default read is a function of num_update; LARS's reads keep per-call state): one read
+                # instead of one per call (500 for 2,000 parameters)
+                chunks = None
+        if chunks is None:  # one call (the torch face, the Trainer's step): no loop body per index
+            reads = self._read_list(list(indices))
+            self._check_reads(indices, reads)
+            return reads
         reads = [None] * len(indices)
-        for chunk in (chunks if chunks is not None else [range(len(indices))]):
+        for chunk in chunks:
             for k, read in zip(chunk, self._read_list([indices[k] for k in chunk])):
                 reads[k] = read
         self._check_reads(indices, reads)
@@ -540,6 +558,10 @@ class Optimizer:
         if self._prepare_advances:
             return [self.prepare(lr=lr, wd=wd, t=t, index=i, dtype=w.dtype)
                     for i, w, (lr, wd, t) in zip(indices, weights, reads)]
+        dtype = weights[0].dtype if weights else None
+        if reads and reads.count(reads[0]) == len(reads) and list(map(_DTYPE, weights)).count(dtype) == len(weights):
+            lr, wd, t = reads[0]  # one (lr, wd, t, dtype) for every index (the common case): one tuple, shared
+            return [self.prepare(lr=lr, wd=wd, t=t, index=indices[0], dtype=dtype)] * len(indices)
         seen, out = {}, []
         for i, w, read in zip(indices, weights, reads):
             key = read + (w.dtype,)
@@ -557,7 +579,7 @@ class Optimizer:
         counts = self._index_update_count
         first = counts.get(indices[0]) if indices else None
         together = not self._reads_per_index and len(set(indices)) == len(indices) and (
-            self._counts_call_at_once or all(counts.get(i) == first for i in indices))
+            self._counts_call_at_once or list(map(counts.get, indices)).count(first) == len(indices))
         return self._count_and_read(indices, together=together)
 
     def _bookkeeping(self):
@@ -596,8 +618,8 @@ class Optimizer:
             lrs, wds = self._get_lrs(group), self._get_wds(group)
             if counts and before:
                 self._update_count(group)
-            out += [(lr, wd, self._index_update_count[i] if counts else None)
-                    for i, lr, wd in zip(group, lrs, wds)]
+            ts = map(self._index_update_count.__getitem__, group) if counts else _repeat(None)
+            out += zip(lrs, wds, ts)
         return out
 
     @pausing
@@ -743,7 +765,7 @@ _SCHEDULER_VARS = object()
 
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch",
-                     "_state_specs", "_scalar_tensors", "_clip_memo"})
+                     "_state_specs", "_scalar_tensors", "_clip_memo", "_joined_states"})
 
 
 def _plain_arg(value):
@@ -779,7 +801,7 @@ def _check_dense(indices, weights, lows):
                 raise TypeError(f"weight for index {i!r} has layout {w.layout}: expected a dense (strided) tensor")
 
 
-_LAYOUT, _is, _repeat = operator.attrgetter("layout"), operator.is_, itertools.repeat
+_LAYOUT, _DTYPE, _is, _repeat = operator.attrgetter("layout"), operator.attrgetter("dtype"), operator.is_, itertools.repeat
 
 
 def _as_lists(index, weight, grad, state):

@@ -73,22 +73,18 @@ class Segments:
     def __init__(self, sizes, device, row_counts=None):
         self.sizes = list(sizes)
         self.device = device
-        self.total = sum(self.sizes)
-        self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = list(itertools.accumulate(self.sizes, initial=0))
+        self.total = self.offsets[-1]
         self.row_counts = list(row_counts) if row_counts is not None else None
         rows = self.row_counts or [1] * len(self.sizes)
         cols = [n // r if r else 0 for n, r in zip(self.sizes, rows)] if row_counts is not None else self.sizes
         self.total_rows = sum(rows)
         self.runs = []
         k, row = 0, 0
-        while k < len(self.sizes):
-            stop = k
-            while stop < len(self.sizes) and cols[stop] == cols[k]:
-                stop += 1
-            nrows = sum(rows[k:stop])
-            self.runs.append((k, stop, self.offsets[k], nrows, cols[k], row))
+        for size, run in itertools.groupby(cols):  # runs of equal column counts, found in C
+            stop = k + len(list(run))
+            nrows = sum(rows[k:stop]) if row_counts is not None else stop - k
+            self.runs.append((k, stop, self.offsets[k], nrows, size, row))
             k, row = stop, row + nrows
 
     def spread(self, values, dtype):
@@ -508,18 +504,18 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows):
     copied_w = w is None
     g = _joined(grads)
     if copied_w or g is None:
-        w_buf, views, g_buf, g_views = _scratch(opt, weights)
+        w_buf, views, g_buf, g_views, flat = _scratch(opt, weights)
         if copied_w:
             w = w_buf
-            torch._foreach_copy_(views, weights)
+            _copy_in(w_buf, views, weights, flat)
         if g is None:
             if grads[0].dtype == w_buf.dtype:
                 g = g_buf
-                torch._foreach_copy_(g_views, grads)
+                _copy_in(g_buf, g_views, grads, flat)
             else:  # fp16/bf16 gradients of fp32 master copies
                 g = _flatten(grads)
     g = g.to(w.dtype)
-    inner, copied = _joined_tree(states)
+    inner, copied = _joined_tree(states, opt.__dict__.setdefault("_joined_states", {}))
     sdt = _scalar_dtype(w, _tree.leaves(inner))
     cols = _columns(scalars)
     compiled = bool(fused) or segs.total >= PACK_COMPILED
@@ -558,14 +554,25 @@ def _scratch(opt, weights):
     faults, and 2,000 views cost more than the copies into them."""
     cache = opt.__dict__.setdefault("_scratch", {})
     w0 = weights[0]
-    key = (w0.dtype, w0.device, tuple(t.shape for t in weights))
+    key = (w0.dtype, w0.device, tuple(map(_SHAPE, weights)))
     got = cache.pop(key, None)
     if got is None:
         total = sum(t.numel() for t in weights)
         w_buf, g_buf = (torch.empty(total, dtype=w0.dtype, device=w0.device) for _ in range(2))
-        got = (w_buf, _unflatten(w_buf, weights), g_buf, _unflatten(g_buf, weights))
+        flat = all(len(shape) == 1 for shape in key[2])
+        got = (w_buf, _unflatten(w_buf, weights), g_buf, _unflatten(g_buf, weights), flat)
     _kept(opt, "_scratch", _SCRATCH_KEPT - 1)[key] = got  # most recently used last
     return got
+
+
+def _copy_in(buf, views, tensors, flat):
+    """``tensors`` copied into ``buf`` (through its ``views``, shaped like them). 1-D tensors (``flat``: biases,
+    norms' scales) go in by one ``torch.cat`` into the buffer, which copies in one C++ loop: ~2x faster than
+    ``_foreach_copy_``'s copy per tensor on 2,000 tensors of 1K (one thread: 1.0 against 1.8-2.1 ms)."""
+    if flat and buf.device.type == "cpu":
+        torch.cat(tensors, out=buf)
+    else:
+        torch._foreach_copy_(views, tensors)
 
 
 def _joined(tensors):
@@ -598,20 +605,44 @@ def _joined(tensors):
 
 
 _BASE = operator.attrgetter("_base")
+_SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 
 
-def _joined_tree(states):
-    """The states' leaves position by position, each :func:`_joined` or concatenated; whether any was copied."""
+def _joined_tree(states, cache=None, path=()):
+    """The states' leaves position by position, each :func:`_joined` or concatenated; whether any was copied.
+    ``cache``: the optimizer's :func:`_joined_states` entries (one per leaf position, dtype and device)."""
     first = states[0]
     if first is None:
         return None, False
     if isinstance(first, torch.Tensor):
-        flat = _joined(states)
+        flat = _joined_states(states, cache, path) if cache is not None else _joined(states)
         return (_flatten(states), True) if flat is None else (flat, False)
-    parts = [_joined_tree([st[k] for st in states]) for k in range(len(first))]
+    parts = [_joined_tree([st[k] for st in states], cache, path + (k,)) for k in range(len(first))]
     return tuple(p for p, _ in parts), any(c for _, c in parts)
+
+
+def _joined_states(tensors, cache, path):
+    """:func:`_joined` of a pack's states, remembered between steps: the same tensor objects at the same
+    addresses with the same sizes lie as they lay (views of one base never change base; a state re-pointed
+    by ``set_`` or ``.data =`` shows in its address or size). Checking that costs ~0.2 ms for 2,000
+    tensors against ~1.4 ms for :func:`_joined`'s checks. One entry per leaf position, dtype and device:
+    states replaced (``load_state_dict``) replace it, so no old buffer is kept alive."""
+    first = tensors[0]
+    key = (path, first.dtype, first.device)
+    ptrs = list(map(torch.Tensor.data_ptr, tensors))
+    numels = list(map(torch.Tensor.numel, tensors))
+    got = cache.get(key)
+    if got is not None and len(got[0]) == len(tensors) and all(map(operator.is_, got[0], tensors)) \
+            and got[1] == ptrs and got[2] == numels:
+        return got[3]
+    flat = _joined(tensors)
+    if flat is None:
+        cache.pop(key, None)
+    else:
+        cache[key] = (list(tensors), ptrs, numels, flat)
+    return flat
 
 
 def _flatten(tensors):

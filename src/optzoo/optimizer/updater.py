@@ -7,6 +7,7 @@ loading never executes code (MXNet pickles the optimizer object instead).
 from __future__ import annotations
 
 import inspect
+import operator
 import numbers
 import warnings
 
@@ -33,9 +34,13 @@ def calls(opt, positions, weights):
     n = opt.aggregate_num
     if n <= 0:
         return [positions] if positions else []
-    groups = {}
-    for k in positions:
-        groups.setdefault(weights[k].dtype, []).append(k)
+    dtypes = list(map(operator.attrgetter("dtype"), map(weights.__getitem__, positions)))
+    if dtypes and dtypes.count(dtypes[0]) == len(dtypes):  # one dtype (the common case): no loop body per position
+        groups = {dtypes[0]: list(positions)}
+    else:
+        groups = {}
+        for k, dtype in zip(positions, dtypes):
+            groups.setdefault(dtype, []).append(k)
     return [group[start:start + n] for group in groups.values() for start in range(0, len(group), n)]
 
 
