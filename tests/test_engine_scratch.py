@@ -3,6 +3,7 @@ different packs, never pickled, and the numbers those of a fresh optimizer on ev
 import copy
 import pickle
 
+import pytest
 import torch
 
 import optzoo.torch as ot
@@ -50,3 +51,62 @@ def test_scratch_is_not_pickled_or_deep_copied_as_state():
     assert "_scratch" in opt.__dict__
     assert "_scratch" not in pickle.loads(pickle.dumps(opt)).__dict__
     assert "_scratch" not in copy.deepcopy(opt).__dict__
+
+
+def _replace_in_dict(opt, p, name):
+    opt.state[p][name] = opt.state[p][name].clone() * 0.5
+
+
+def _repoint(opt, p, name):
+    opt.state[p][name].set_(opt.state[p][name].clone() * 0.5)
+
+
+def _edit_in_place(opt, p, name):
+    opt.state[p][name].mul_(0.5)
+
+
+@pytest.mark.parametrize("change", [_replace_in_dict, _repoint, _edit_in_place], ids=lambda f: f.__name__[1:])
+def test_remembered_pack_states_follow_a_changed_state(change):
+    """A pack's states, joined once and remembered between steps, follow a state the user changes between
+    steps (a new tensor in ``opt.state[p]``, one re-pointed by ``set_``, one edited in place): every step
+    equals the reference path (fused=False, no packs) given the same change."""
+    shapes = [(5,), (3, 4), (7,), (2, 3), (6,)]
+    fast = _params(shapes, 2)
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in fast]
+    opt, ref_opt = ot.Adam(fast, lr=0.1), ot.Adam(ref, lr=0.1, fused=False)
+    for step in range(5):
+        _grads(fast, step)
+        _grads(ref, step)
+        if step == 3:
+            for o, ps in ((opt, fast), (ref_opt, ref)):
+                change(o, ps[2], "mean")
+                change(o, ps[2], "var")
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(fast, ref):
+            assert torch.equal(a, b), f"step {step}"
+        for a, b in zip(fast, ref):
+            assert torch.equal(opt.state[a]["mean"], ref_opt.state[b]["mean"]), f"step {step}"
+        if step == 2:  # the remembered joins are in use when the change comes
+            assert opt.mxnet_optimizer(0).__dict__.get("_joined_states")
+
+
+def test_one_dimensional_packs_copied_in_by_one_cat_equal_the_reference():
+    """Packs of 1-D parameters (copied into the scratch buffers by one ``torch.cat``), one of them strided,
+    with gradients of their own strides: every step equals the reference path bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    fast = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (5, 9, 1, 12)]
+    fast.append(torch.nn.Parameter(torch.randn(14, generator=gen)[::2]))  # strided storage
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in fast]
+    opt, ref_opt = ot.SGD(fast, lr=0.1, momentum=0.9), ot.SGD(ref, lr=0.1, momentum=0.9, fused=False)
+    for step in range(3):
+        for k, (a, b) in enumerate(zip(fast, ref)):
+            g = torch.randn(2 * a.numel(), generator=gen)[::2] if k % 2 else torch.randn(a.numel(), generator=gen)
+            a.grad, b.grad = g, g.clone()
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(fast, ref):
+            assert torch.equal(a, b), f"step {step}"
+    assert fast[4].stride() == (2,)  # still the user's strided tensor
+    (entry,) = opt.mxnet_optimizer(0).__dict__["_scratch"].values()
+    assert entry[-1] is True  # the pack took the one-cat copy
