@@ -204,6 +204,10 @@ def async_role(rank, world, init_method, outdir):
         torch.save(stats, os.path.join(outdir, "server.pt"))
         return
     kv = DistAsync(timeout=30, rank=rank, world_size=world, init_method=init_method)
+    if rank == int(os.environ.get("ASYNC_LATE_RANK", "0")):  # registers after the other worker's first 2 pushes
+        deadline = time.monotonic() + 20
+        while kv.server_stats()["pushes_received"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
     w = torch.nn.Parameter(async_init() + rank)  # the first registration wins
     b = torch.nn.Parameter(torch.zeros(2))
     trainer = optzoo.Trainer({EMB: w, "b": b}, "sgd", {"learning_rate": ASYNC_LR}, kvstore=kv)

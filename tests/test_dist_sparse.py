@@ -225,12 +225,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_dist_async_job_pushes_and_pulls_touched_rows(tmp_path):
+@pytest.mark.parametrize("late", [0, 2], ids=["together", "rank2_late"])
+def test_dist_async_job_pushes_and_pulls_touched_rows(tmp_path, late):
     """1 server + 2 workers (TensorPipe rpc): plain lazy SGD on dyadic row-sparse gradients is exact in any
     arrival order, so the server ends at init - lr * (every push's gradient); a worker's rows nobody else
-    touches follow its own pushes exactly, and rows only the other worker touches stay stale on it."""
+    touches follow its own pushes exactly, and rows only the other worker touches stay stale on it (as the
+    server had them when it registered: ``late`` makes worker 2 register after worker 1's first two pushes,
+    as a slow start on a loaded machine does)."""
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               TORCH_CPP_LOG_LEVEL="ERROR")
+               TORCH_CPP_LOG_LEVEL="ERROR", ASYNC_LATE_RANK=str(late))
     proc = subprocess.run([sys.executable, os.path.join(HERE, "dist_sparse_worker.py"),
                            f"tcp://127.0.0.1:{_free_port()}", str(tmp_path)], env=env, capture_output=True,
                           timeout=60)
@@ -252,8 +255,14 @@ def test_dist_async_job_pushes_and_pulls_touched_rows(tmp_path):
             after = outs[rank]["after_push"][step]
             for row in mine - theirs:  # only this worker moves it: pulled back after every push
                 assert torch.equal(after[row], winner[row] - W.ASYNC_LR * own[rank][row])
-            for row in theirs - mine:  # never pulled by this worker: stale
-                assert torch.equal(after[row], winner[row])
+            other = 3 - rank
+            for row in theirs - mine:  # never pulled by this worker: the server's row when it registered, stale
+                # (a worker that starts late registers after some of the other's pushes: a prefix of them)
+                seen = [winner[row] - W.ASYNC_LR * sum((W.async_grad(other, s).to_dense()[row] for s in range(k)),
+                                                       torch.zeros(W.DIM))
+                        for k in range(len(W.ASYNC_IDS[other]) + 1)]
+                assert any(torch.equal(after[row], v) for v in seen), (rank, step, row)
+                assert torch.equal(after[row], outs[rank]["after_push"][0][row])  # and it stays as it was
             pushed = len(set(steps[step]))
             assert outs[rank]["bytes"][step] - (outs[rank]["bytes"][step - 1] if step else 0) == \
                 pushed * (8 + 4 * W.DIM) + 2 * 4
