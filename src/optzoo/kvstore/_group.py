@@ -18,6 +18,7 @@ that does not answer in time names its host as the one that died or hangs.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import os
@@ -89,6 +90,10 @@ class Collectives:
         self.group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
         self.store, self.host, self.host_ranks = _fault_store(self.name, self.created_default)
         self.broken = None
+        # the groups made here are destroyed before the interpreter finalizes, even when nobody calls close():
+        # gloo's worker threads left to static destruction may abort the process at exit ("terminate called
+        # without an active exception", SIGABRT: pytorch/pytorch#190489), seen once in a 2-worker example
+        atexit.register(self._close_at_exit)
 
     def call(self, what, fn, *args, **kwargs):
         """``fn(*args, group=..., **kwargs)``; a failure becomes a :class:`DistributedError`."""
@@ -156,10 +161,18 @@ class Collectives:
         return answer.get("missing"), answer.get("error")
 
     def close(self):
+        atexit.unregister(self._close_at_exit)
         if dist.is_initialized():
             dist.destroy_process_group(self.group)
             if self.created_default:
                 dist.destroy_process_group()
+
+    def _close_at_exit(self):
+        if self.broken is None:  # a failed job's groups are left as they are (a peer may be gone or hang)
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - at exit, after the user's own teardown: nothing left to tell
+                pass
 
 
 def _fault_store(name, created_default):
