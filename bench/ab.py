@@ -1,0 +1,110 @@
+"""Two revisions of optzoo in one process: the working tree's against a git revision's, each step paired with
+torch's fused Adam on the same workload, rounds interleaved (the machine's speed drifts; only ratios within
+one process compare).
+
+    .venv/bin/python bench/ab.py --base 84fb8f1                      # small, resnet50, mlp; adam, sgd, lamb
+    .venv/bin/python bench/ab.py --base HEAD~3 --workloads small --optimizers adam --flat --rounds 12
+    OMP_NUM_THREADS=1 .venv/bin/python bench/ab.py --base main       # one thread: steadier on a shared machine
+
+The revision's ``src/optzoo`` is exported (``git archive``) into a temporary folder as the package
+``optzoo_base`` (its modules import each other relatively), so both live side by side. Prints, per workload
+and optimizer, the median step time of this tree over the revision's (< 1: this tree is faster) and each
+one's median ratio to torch's fused Adam.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import pathlib
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from optzoo.bench.workloads import make_workload  # noqa: E402
+
+OPTIMIZERS = {"adam": ("Adam", {}), "sgd": ("SGD", {"lr": 0.1, "momentum": 0.9}), "lamb": ("LAMB", {}),
+              "lars": ("LARS", {"lr": 0.1, "momentum": 0.9}), "nadam": ("Nadam", {}), "rmsprop": ("RMSProp", {}),
+              "adagrad": ("AdaGrad", {}), "sgld": ("SGLD", {})}
+MLP = ((10, 10), (10,), (10, 10), (10,), (1, 10), (1,))  # a 3-layer perceptron of width 10: per-step overhead
+
+
+def export(rev: str, into: pathlib.Path) -> None:
+    """``src/optzoo`` at ``rev`` as the package ``optzoo_base`` under ``into``."""
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src/optzoo"], check=True,
+                          capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(into, filter="data")
+    (into / "src" / "optzoo").rename(into / "optzoo_base")
+
+
+def shapes(workload: str):
+    return MLP if workload == "mlp" else make_workload("resnet50" if workload == "resnet" else workload).shapes
+
+
+def params(workload: str, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    out = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes(workload)]
+    for p in out:
+        p.grad = torch.randn(p.shape, generator=gen)
+    return out
+
+
+def make(face, name: str, ps, flat: bool):
+    if flat:
+        face.flatten_parameters(ps)
+    cls, kwargs = OPTIMIZERS[name]
+    return getattr(face, cls)(ps, **kwargs)
+
+
+def times(opt, n: int) -> list:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        opt.step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default="HEAD", help="the git revision to compare with (default HEAD)")
+    ap.add_argument("--workloads", default="small,resnet,mlp", help="of small, resnet, mlp, single (fp32)")
+    ap.add_argument("--optimizers", default="adam,sgd,lamb", help=f"of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    ap.add_argument("--flat", action="store_true", help="both on flatten_parameters' opt-in flat layout")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        export(args.base, pathlib.Path(tmp))
+        sys.path.insert(0, tmp)
+        new, old = importlib.import_module("optzoo.torch"), importlib.import_module("optzoo_base.torch")
+        print(f"this tree against {args.base}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+        for workload in args.workloads.split(","):
+            steps = {"mlp": 100, "small": 10}.get(workload, 5)
+            for name in args.optimizers.split(","):
+                opts = {"torch": torch.optim.Adam(params(workload, 0), fused=True),
+                        "new": make(new, name, params(workload, 0), args.flat),
+                        "old": make(old, name, params(workload, 0), args.flat)}
+                for opt in opts.values():
+                    times(opt, 3)  # states made, kernels compiled
+                got = {k: [] for k in opts}
+                for _ in range(args.rounds):
+                    for k, opt in opts.items():
+                        got[k] += times(opt, steps)
+                ms = {k: statistics.median(v) * 1e3 for k, v in got.items()}
+                print(f"{workload:7s} {name:8s}{' flat' if args.flat else ''}  this/base {ms['new'] / ms['old']:.3f}   "
+                      f"this {ms['new'] / ms['torch']:.3f}x, base {ms['old'] / ms['torch']:.3f}x torch fused Adam's "
+                      f"time ({ms['torch']:.3f} ms)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
