@@ -1,6 +1,6 @@
 """Two revisions of optzoo in one process: the working tree's against a git revision's, each step paired with
 torch's fused Adam on the same workload, rounds interleaved (the machine's speed drifts; only ratios within
-one process compare).
+one process compare; the two trees swap places every round).
 
     .venv/bin/python bench/ab.py --base 84fb8f1                      # small, resnet50, mlp; adam, sgd, lamb
     .venv/bin/python bench/ab.py --base HEAD~3 --workloads small --optimizers adam --flat --rounds 12
@@ -96,9 +96,9 @@ def main(argv=None) -> int:
                 for opt in opts.values():
                     times(opt, 3)  # states made, kernels compiled
                 got = {k: [] for k in opts}
-                for _ in range(args.rounds):
-                    for k, opt in opts.items():
-                        got[k] += times(opt, steps)
+                for r in range(args.rounds):  # the two trees swap places every round: the one timed right after
+                    for k in ("torch", "new", "old") if r % 2 == 0 else ("torch", "old", "new"):  # torch runs ~1-3%
+                        got[k] += times(opts[k], steps)  # slower on this machine (measured on ResNet-50)
                 ms = {k: statistics.median(v) * 1e3 for k, v in got.items()}
                 print(f"{workload:7s} {name:8s}{' flat' if args.flat else ''}  this/base {ms['new'] / ms['old']:.3f}   "
                       f"this {ms['new'] / ms['torch']:.3f}x, base {ms['old'] / ms['torch']:.3f}x torch fused Adam's "
