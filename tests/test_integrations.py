@@ -11,6 +11,8 @@ import torch
 
 import optzoo.torch as ot
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the models here are built in the test
+
 BATCHES, STEPS, SPLIT = 3, 6, 3  # two epochs of three batches, checkpointed at the end of the first
 LR_MILESTONE = 2  # MultiStepLR's milestone: the resumed half runs with the decayed lr
 
