@@ -14,7 +14,7 @@ import operator
 
 import torch
 
-__all__ = ["layout", "named", "tree_of", "check_state_dict", "restore_wide_states"]
+__all__ = ["layout", "named", "tree_of", "trees_of", "check_state_dict", "restore_wide_states"]
 
 
 class Layout:
@@ -84,10 +84,22 @@ def tree_of(lay: Layout, state: dict):
     sk = lay.skeleton
     if sk is None:
         return None
-    if sk == (0, 1):  # the common two-tensor state, without the recursion
-        a, b = lay.names
-        return state[a], state[b]
+    if lay.getter is not None:  # one tensor or a flat tuple of them, without the recursion
+        return lay.getter(state)
     return _fill(sk, [state[name] for name in lay.names])
+
+
+def trees_of(layouts: dict, keys: list, states: list) -> list:
+    """:func:`tree_of` of every state dict in ``states``, ``keys[k]`` naming its layout in ``layouts``: in one
+    C-level map when every layout has the same flat tree (the common case: one state layout for every shape)."""
+    lays = list(layouts.values())
+    first = lays[0]
+    if all(lay.skeleton == first.skeleton and lay.names == first.names for lay in lays):
+        if first.skeleton is None:  # no state (SGD without momentum)
+            return [None] * len(states)
+        if first.getter is not None:
+            return list(map(first.getter, states))
+    return list(map(tree_of, map(layouts.__getitem__, keys), states))
 
 
 def _pairs(opt, state_dict):

@@ -35,6 +35,7 @@ from .optimizer._numerics import Shards
 from .optimizer.engine import adjacent
 from ._torch_state import check_state_dict as _check_state_dict
 from ._torch_state import layout as _layout, named as _named, restore_wide_states, tree_of as _tree_of
+from ._torch_state import trees_of as _trees_of
 from .optimizer.updater import calls as _calls
 
 __all__ = ["OptzooOptimizer", "create", "flatten_parameters"]
@@ -218,14 +219,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             if keys is None:
                 keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights)))
             layouts = {key: _layout(inner, w) for key, w in dict(zip(keys, weights)).items()}
-            first = next(iter(layouts.values()))
-            same = all(lay.skeleton == first.skeleton and lay.names == first.names for lay in layouts.values())
-            if same and first.getter is not None:  # one flat tree for every shape: the trees in one C-level map
-                trees = list(map(first.getter, sts))
-            elif all(lay.skeleton is None for lay in layouts.values()):  # no state (SGD without momentum)
-                trees = [None] * len(sts)
-            else:
-                trees = list(map(_tree_of, map(layouts.__getitem__, keys), sts))
+            trees = _trees_of(layouts, keys, sts)
             counts.update(zip(indices, map(int, steps)))
         else:
             weights, grads, trees = self._gather(inner, indices, params, grads, sts, counts, shards, offsets)

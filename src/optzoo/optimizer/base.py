@@ -533,14 +533,13 @@ class Optimizer:
         if check is not None:
             check(indices)
         if chunks is not None and len(chunks) > 1 and not self._reads_per_index and \
-                type(self)._get_lrs is Optimizer._get_lrs and len(set(indices)) == len(indices):
-            counts = list(map(self._index_update_count.get, indices))
-            if counts.count(counts[0]) == len(counts):
-                # an aggregating optimizer's calls (lists of up to aggregate_num) over indices counted alike read
-                # what one call reads (each call counts to the same t, num_update moves at the first only, and
-                # the default read is a function of num_update; LARS's reads keep per-call state): one read
-                # instead of one per call (500 for 2,000 parameters)
-                chunks = None
+                type(self)._get_lrs is Optimizer._get_lrs and len(set(indices)) == len(indices) and \
+                self._counted_alike(indices):
+            # an aggregating optimizer's calls (lists of up to aggregate_num) over indices counted alike read
+            # what one call reads (each call counts to the same t, num_update moves at the first only, and
+            # the default read is a function of num_update; LARS's reads keep per-call state): one read
+            # instead of one per call (500 for 2,000 parameters)
+            chunks = None
         if chunks is None:  # one call (the torch face, the Trainer's step): no loop body per index
             reads = self._read_list(list(indices))
             self._check_reads(indices, reads)
@@ -576,11 +575,14 @@ class Optimizer:
         """One MXNet call's reads: the whole list counted, then read once, where MXNet's ``_update_impl`` does
         (``_counts_call_at_once``: SGD, LARS), or where the counts agree (the same values as index by
         index); otherwise index by index."""
-        counts = self._index_update_count
-        first = counts.get(indices[0]) if indices else None
         together = not self._reads_per_index and len(set(indices)) == len(indices) and (
-            self._counts_call_at_once or list(map(counts.get, indices)).count(first) == len(indices))
+            self._counts_call_at_once or self._counted_alike(indices))
         return self._count_and_read(indices, together=together)
+
+    def _counted_alike(self, indices):
+        """Whether every index has the same update count (never counted ones alike), compared in C."""
+        counts = list(map(self._index_update_count.get, indices))
+        return counts.count(counts[0]) == len(counts) if counts else True
 
     def _bookkeeping(self):
         """A copy of the Python state that counting, reading and ``prepare`` advance (for :meth:`_restore`)."""

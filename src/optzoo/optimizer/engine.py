@@ -610,14 +610,14 @@ _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 
 
-def _joined_tree(states, cache=None, path=()):
+def _joined_tree(states, cache, path=()):
     """The states' leaves position by position, each :func:`_joined` or concatenated; whether any was copied.
     ``cache``: the optimizer's :func:`_joined_states` entries (one per leaf position, dtype and device)."""
     first = states[0]
     if first is None:
         return None, False
     if isinstance(first, torch.Tensor):
-        flat = _joined_states(states, cache, path) if cache is not None else _joined(states)
+        flat = _joined_states(states, cache, path)
         return (_flatten(states), True) if flat is None else (flat, False)
     parts = [_joined_tree([st[k] for st in states], cache, path + (k,)) for k in range(len(first))]
     return tuple(p for p, _ in parts), any(c for _, c in parts)
