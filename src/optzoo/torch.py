@@ -23,7 +23,7 @@ Not accepted here: ``lr_scheduler`` (use torch's schedulers), ``param_idx2name``
 from __future__ import annotations
 
 import operator as _operator
-from itertools import repeat as _repeat
+from itertools import compress as _compress, repeat as _repeat
 
 import torch as _torch
 
@@ -32,6 +32,8 @@ from ._checks import check_tensor_pair
 from ._flat import flatten_parameters
 from .optimizer import registry as _registry
 from .optimizer._numerics import Shards
+from .optimizer import engine as _engine
+from .optimizer.base import Optimizer as _Optimizer
 from .optimizer.engine import adjacent
 from ._torch_state import check_state_dict as _check_state_dict
 from ._torch_state import layout as _layout, named as _named, restore_wide_states, tree_of as _tree_of
@@ -189,6 +191,11 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             inner = self._inner_for(group, g)
             params = group["params"]
             grads = list(map(_GRAD, params))
+            lane = self._lane(group, inner, params, grads, base)
+            if lane is not None:  # the steady state of a pack: its facts kept from the last step
+                plans.append((group, inner, lane[0].indices, lane[1], lane[2], None, lane))
+                base += len(params)
+                continue
             indices = range(base, base + len(params))
             if not all(map(_is_not, grads, _repeat(None))):  # parameters without a gradient are skipped
                 kept = [k for k, gr in enumerate(grads) if gr is not None]
@@ -203,13 +210,55 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             if plan[2]:
                 self._step_group(*plan)
 
-    def _step_group(self, group, inner, indices, params, grads, keys=None):
+    def _lane(self, group, inner, params, grads, base):
+        """The steady state of a param group whose graded parameters form one pack (small plain tensors of
+        one dtype and device, dense gradients of their shapes, every state made): ``(lane, params, grads,
+        states, steps)``, else None (the general path, which checks and names what is wrong). The
+        :class:`_Lane` (what the pack needs beyond its tensors) is kept while the parameters are the same
+        objects with the same dtypes, shapes and devices, under the same hyperparameters; the gradients,
+        states and step counts are read at every step."""
+        if not all(map(_is_not, grads, _repeat(None))):  # frozen parameters (never a gradient) are left out
+            keep = list(map(_is_not, grads, _repeat(None)))
+            params, grads = list(_compress(params, keep)), list(_compress(grads, keep))
+            indices = list(_compress(range(base, base + len(keep)), keep))
+        else:
+            indices = list(range(base, base + len(params)))
+        if len(params) < _engine.PACK_MIN:
+            return None
+        sig = list(map(_SIG, params))
+        if list(map(_SIG, grads)) != sig:
+            return None
+        lanes = self.__dict__.setdefault("_lanes", {})
+        lane = lanes.get(id(group))
+        ids = list(map(id, params))
+        if lane is None or lane.group is not group or lane.inner is not inner or lane.ids != ids or \
+                lane.indices != indices or lane.sig != sig:
+            lane = lanes[id(group)] = _Lane(group, inner, params, sig, ids, indices)
+        if lane.pack is None:
+            return None
+        sts = list(map(self.state.__getitem__, params))
+        steps = list(map(dict.get, sts, _repeat("step")))
+        if not all(map(_is_not, steps, _repeat(None))):
+            return None
+        return lane, params, grads, sts, steps
+
+    def _step_group(self, group, inner, indices, params, grads, keys=None, lane=None):
         book = group.setdefault("optzoo", {})
         for attr in inner._step_vars:
             if attr in book:
                 setattr(inner, attr, book[attr])
         counts = inner._index_update_count
         counts.clear()
+        if lane is not None:  # the parameters themselves (the pack only copies them, or views their buffer)
+            lane, _, _, sts, steps = lane
+            trees = _trees_of(lane.layouts, lane.keys, sts)
+            counts.update(zip(indices, map(int, steps)))
+            inner._shards = inner._counter_offsets = None
+            scalars = inner._fast_scalars(indices, params, lane.chunks)
+            _engine.run_pack(inner, inner._fused, lane.pack, params, grads, trees, scalars)
+            list(map(dict.__setitem__, sts, _repeat("step"), map(counts.__getitem__, indices)))
+            book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
+            return
         sts = list(map(self.state.__getitem__, params))
         weights = list(map(_detach, params))
         steps = list(map(dict.get, sts, _repeat("step")))
@@ -281,6 +330,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         finally:
             self.__dict__.pop("_loading", None)
             self.__dict__.pop("_inner_cache", None)
+            self.__dict__.pop("_lanes", None)
 
 
 #: ``Tensor.detach`` itself: ``Parameter.detach()`` goes through ``__torch_function__`` (12 us against 1 us a call,
@@ -293,6 +343,8 @@ _STRIDED = _torch.strided
 
 
 _GRAD, _DTYPE, _SHAPE = _operator.attrgetter("grad"), _operator.attrgetter("dtype"), _operator.attrgetter("shape")
+_SIG = _operator.attrgetter("dtype", "shape", "device", "layout")
+_PLAIN = {_torch.Tensor, _torch.nn.Parameter}  # parameters whose ops are torch's own (no __torch_function__)
 _DEVICE, _LAYOUT = _operator.attrgetter("device"), _operator.attrgetter("layout")
 _is, _is_not = _operator.is_, _operator.is_not
 
@@ -309,6 +361,34 @@ def _plain_pairs(params, grads):
             and all(map(_Tensor.is_floating_point, params))):
         return list(zip(dtypes, shapes))
     return None
+
+
+class _Lane:
+    """A param group's pack as :meth:`OptzooOptimizer._lane` keeps it: the graded parameters (their ids, indices
+    and ``(dtype, shape, device, layout)``s), the state layouts, the MXNet calls, and the engine's
+    :class:`~optzoo.optimizer.engine.Pack`; ``pack`` is None where the group is not one pack the fast path
+    runs (then the general path runs, and this says so until the parameters or hyperparameters change)."""
+
+    __slots__ = ("group", "inner", "ids", "indices", "sig", "keys", "layouts", "chunks", "pack")
+
+    def __init__(self, group, inner, params, sig, ids, indices):
+        self.group, self.inner, self.ids, self.indices, self.sig = group, inner, ids, indices, sig
+        self.pack = None
+        dtype, _, device, _ = sig[0]
+        if (type(inner).update is not _Optimizer.update or inner._fused is False or not inner._has_fast_path()
+                or not set(map(type, params)) <= _PLAIN or not dtype.is_floating_point
+                or any(len(set(map(_operator.itemgetter(k), sig))) != 1 for k in (0, 2, 3))
+                or sig[0][3] is not _STRIDED or (inner.multi_precision and inner._mp(params[0]))
+                or max(map(_Tensor.numel, params)) >= _engine.LARGE):
+            return
+        kinds = {p.dim() == 2: p for p in params}.values()  # the engine's layout depends on 2-D or not
+        layouts = {_engine.layout_of(inner, p) for p in kinds}
+        if len(layouts) != 1 or None in layouts:
+            return
+        self.keys = [(d, shape) for d, shape, _, _ in sig]
+        self.layouts = {key: _layout(inner, w) for key, w in dict(zip(self.keys, params)).items()}
+        self.chunks = _calls(inner, list(range(len(params))), params)
+        self.pack = _engine.Pack(inner, layouts.pop(), params)
 
 
 def _is_dtensor(t) -> bool:

@@ -393,27 +393,40 @@ class Optimizer:
         shards = self.__dict__.get("_shards")  # local shards of sharded parameters: sums over every shard
         fast = ((self._fused is not False or bool(shards)) and self._has_fast_path()
                 and len(set(indices)) == len(indices))
-        saved = self._bookkeeping()
-        try:
-            reads = self._reads_for(indices, chunks)
-            if fast:
-                scalars = self._prepare_all(indices, weights, reads)
-                if self._kernel_noise:  # the draws, in index order, as each index's last scalar
-                    draws = self._draw_all(weights, [lr for lr, _, _ in reads], indices)
-                    scalars = [tuple(s) + (d,) for s, d in zip(scalars, draws)]
-        except BaseException:
-            self._restore(saved)
-            raise
         if fast:
+            scalars = self._fast_scalars(indices, weights, chunks)
             engine.execute(self, self._fused, weights, grads, states, scalars,
                            [shards.get(i) for i in indices] if shards else None, lows)
             return
+        saved = self._bookkeeping()
+        try:
+            reads = self._reads_for(indices, chunks)
+        except BaseException:
+            self._restore(saved)
+            raise
         with torch.no_grad():
             for i, w, g, s, read in zip(indices, weights, grads, states, reads):
                 self._apply(self.rule, i, w, g, s, read)
             pairs = [(low, w) for low, w in zip(lows or (), weights) if low is not None]
             if pairs:
                 torch._foreach_copy_([low for low, _ in pairs], [w for _, w in pairs])
+
+    def _fast_scalars(self, indices, weights, chunks=None):
+        """The fast path's per-index scalars (all-or-nothing): every index counted and read (MXNet call by call,
+        ``chunks``), ``prepare`` in index order, a stochastic rule's draws as each index's last scalar. On an
+        error the counts and the bookkeeping are as before. ``weights`` are read for their dtypes and shapes
+        only (parameters themselves may be passed)."""
+        saved = self._bookkeeping()
+        try:
+            reads = self._reads_for(indices, chunks)
+            scalars = self._prepare_all(indices, weights, reads)
+            if self._kernel_noise:  # the draws, in index order, as each index's last scalar
+                draws = self._draw_all(weights, [lr for lr, _, _ in reads], indices)
+                scalars = [tuple(s) + (d,) for s, d in zip(scalars, draws)]
+        except BaseException:
+            self._restore(saved)
+            raise
+        return scalars
 
     # ------------------------------------------------------------------ row-sparse gradients
     def sparse_mode(self, index, multi_precision):

@@ -1,0 +1,134 @@
+"""The torch face's steady-state lane (``OptzooOptimizer._lane``): a param group that is one pack keeps what the
+pack needs from step to step. Whatever the user changes between steps (re-bound or transposed parameters,
+re-bound gradients, frozen parameters, new hyperparameters, replaced states, a reloaded state dict), the
+result equals the reference path (``fused=False``, one update per parameter) bit for bit, on the default
+layout and on ``flatten_parameters``' flat one; a wrong gradient is refused with nothing changed."""
+import pytest
+import torch
+
+import optzoo.torch as ot
+
+OPTIMIZERS = {"Adam": {}, "SGD": {"momentum": 0.9, "wd": 1e-3}, "Nadam": {}, "RMSProp": {"centered": True},
+              "LAMB": {}}
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    # a square weight (5 x 5) for the transposed re-binding; 6 parameters: one pack
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 2))
+
+
+def _backward(model, gen):
+    model(torch.randn(4, 6, generator=gen)).square().sum().backward()
+
+
+def _rebind(opt, ps):
+    ps[0].data = ps[0].detach().clone()
+
+
+def _transpose(opt, ps):
+    ps[2].data = ps[2].detach().t()  # the same address and shape, other strides
+
+
+def _freeze_one(opt, ps):
+    ps[1].grad = None
+
+
+def _new_lr(opt, ps):
+    opt.param_groups[0]["lr"] *= 0.5
+
+
+def _replace_state(opt, ps):
+    st = opt.state[ps[3]]
+    name = next(k for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor))
+    st[name] = st[name].clone()
+
+
+def _rebind_grad(opt, ps):
+    ps[4].grad = ps[4].grad.clone()
+
+
+def _reload(opt, ps):
+    opt.load_state_dict(opt.state_dict())
+
+
+CHANGES = {f.__name__[1:]: f for f in (_rebind, _transpose, _freeze_one, _new_lr, _replace_state, _rebind_grad,
+                                       _reload)}
+
+
+def _run(name, change, flat):
+    """Twin models, one stepped by the lane (``fused=None``; flat layout if asked), one by the reference path;
+    ``change`` applied to both after two steps (between backward and step, as a user would)."""
+    models = {"lane": _model(0), "ref": _model(0)}
+    if flat:
+        ot.flatten_parameters(models["lane"].parameters())
+    opts = {k: getattr(ot, name)(m.parameters(), lr=0.01, fused=None if k == "lane" else False,
+                                 **OPTIMIZERS[name]) for k, m in models.items()}
+    for k, model in models.items():
+        gen = torch.Generator().manual_seed(3)
+        ps = list(model.parameters())
+        for step in range(5):
+            _backward(model, gen)
+            if step == 2:
+                change(opts[k], ps)
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=not flat)
+    return models, opts
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_lane_equals_the_reference_path_whatever_changes_between_steps(name, change, flat):
+    models, opts = _run(name, CHANGES[change], flat)
+    assert any(lane.pack is not None for lane in opts["lane"]._lanes.values())  # the lane ran
+    for a, b in zip(models["lane"].parameters(), models["ref"].parameters()):
+        assert torch.equal(a, b), (name, change)
+        assert a.stride() == b.stride()
+        sa, sb = opts["lane"].state[a], opts["ref"].state[b]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), (name, change, key)
+
+
+def test_transposed_parameter_leaves_the_flat_buffer_view():
+    """A square weight re-bound to its transpose keeps its address and shape: the lane's remembered view of
+    the flat buffer must not be used for it (the parameter's elements are no longer in that order)."""
+    models, opts = _run("SGD", _transpose, flat=True)
+    w_lane, w_ref = list(models["lane"].parameters())[2], list(models["ref"].parameters())[2]
+    assert not w_lane.is_contiguous() and torch.equal(w_lane, w_ref)
+
+
+def test_a_wrong_gradient_is_refused_and_nothing_changes():
+    model = _model(1)
+    opt = ot.Adam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        _backward(model, gen)
+        opt.step()
+    assert opt._lanes  # the lane is set up
+    _backward(model, gen)
+    ps = list(model.parameters())
+    ps[3].grad.data = torch.zeros(7)  # not the parameter's shape
+    before = ([p.detach().clone() for p in ps],
+              {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+               for p in ps})
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()
+    for p, w in zip(ps, before[0]):
+        assert torch.equal(p, w)
+        for k, v in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(before[1][id(p)][k]))
+
+
+def test_frozen_parameters_get_no_state_in_the_lane():
+    model = _model(2)
+    model[0].weight.requires_grad_(False)
+    opt = ot.Adam(model.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        _backward(model, gen)
+        opt.step()
+        opt.zero_grad()
+    assert model[0].weight not in opt.state or not opt.state[model[0].weight]
+    assert [lane.indices for lane in opt._lanes.values()] == [[1, 2, 3, 4, 5]]
