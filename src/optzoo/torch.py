@@ -234,7 +234,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         if lane is None or lane.group is not group or lane.inner is not inner or lane.ids != ids or \
                 lane.indices != indices or lane.sig != sig:
             lane = lanes[id(group)] = _Lane(group, inner, params, sig, ids, indices)
-        if lane.pack is None:
+        if lane.pack is None or not inner._has_fast_path():  # (LBSGD's depends on settings one may edit)
             return None
         sts = list(map(self.state.__getitem__, params))
         steps = list(map(dict.get, sts, _repeat("step")))
