@@ -115,11 +115,17 @@ class LAMB(Optimizer):
         G = self._clip(g * rg)
         m = b1 * m + one_minus_b1 * G
         v = b2 * v + one_minus_b2 * G * G
-        m_hat, v_hat = (m / c1, v / c2) if self.bias_correction else (m, v)
         # the kernel's sqrt is the double one, which widens the rest of u's expression to fp64; u is
-        # then stored in an fp32 temporary. Compiled (held to 1e-5, not to bits), u is fp32 math: the fp64
-        # divisions and roots would make the fused loop compute-bound
+        # then stored in an fp32 temporary. Compiled (held to 1e-5, not to bits), u is fp32 math and the bias
+        # corrections multiply by their reciprocals: fp64 math or three divisions per element (u is computed in
+        # both of the fused step's loops) would make it compute-bound
         wide = torch.float32 if torch.compiler.is_compiling() and w.dtype != torch.float64 else torch.float64
+        if not self.bias_correction:
+            m_hat, v_hat = m, v
+        elif wide is torch.float32:
+            m_hat, v_hat = m * (1 / c1), v * (1 / c2)
+        else:
+            m_hat, v_hat = m / c1, v / c2
         u = (m_hat.to(wide) / (sqrt_rn(v_hat.to(wide)) + eps) + (wd * w).to(wide)).to(torch.float32)
         r1, r2 = norm_of(w, seg), norm_of(u, seg)  # fp32 values (MXNet's, unless the fp32 sums under/overflow)
         r1 = r1.clamp(min=lb, max=ub)  # no-ops when unset: r1 >= 0 (or nan, which clamp keeps)
