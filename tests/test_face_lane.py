@@ -132,3 +132,26 @@ def test_frozen_parameters_get_no_state_in_the_lane():
         opt.zero_grad()
     assert model[0].weight not in opt.state or not opt.state[model[0].weight]
     assert [lane.indices for lane in opt._lanes.values()] == [[1, 2, 3, 4, 5]]
+
+
+def test_a_group_that_is_not_one_pack_takes_the_general_path_and_still_checks():
+    """A large tensor among small ones: the group is not one pack (decided once, not re-checked at each step);
+    the general path then runs, equal to the reference path, and still refuses a wrong gradient."""
+    def make(fused):
+        torch.manual_seed(4)
+        ps = [torch.nn.Parameter(torch.randn(n)) for n in (1 << 16, 8, 8, 8, 8)]
+        return ps, ot.Adam(ps, lr=0.01, fused=fused)
+    (ps, opt), (ref_ps, ref) = make(None), make(False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in ps]
+        for p, q, g in zip(ps, ref_ps, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert [lane.pack for lane in opt._lanes.values()] == [None]
+    for p, q in zip(ps, ref_ps):
+        assert torch.equal(p, q)
+    ps[2].grad.data = torch.zeros(3)  # torch's .grad setter refuses this; .data does not
+    with pytest.raises(ValueError, match="shape"):
+        opt.step()

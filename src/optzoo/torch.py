@@ -225,14 +225,17 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             indices = list(range(base, base + len(params)))
         if len(params) < _engine.PACK_MIN:
             return None
-        sig = list(map(_SIG, params))
-        if list(map(_SIG, grads)) != sig:
-            return None
         lanes = self.__dict__.setdefault("_lanes", {})
         lane = lanes.get(id(group))
         ids = list(map(id, params))
-        if lane is None or lane.group is not group or lane.inner is not inner or lane.ids != ids or \
-                lane.indices != indices or lane.sig != sig:
+        known = lane is not None and lane.group is group and lane.inner is inner and lane.ids == ids and \
+            lane.indices == indices
+        if known and lane.pack is None:  # not one pack (large tensors, several dtypes, ...): decided once for
+            return None                  # these parameters under these hyperparameters, at no cost per step
+        sig = list(map(_SIG, params))
+        if list(map(_SIG, grads)) != sig:
+            return None
+        if not known or lane.sig != sig:
             lane = lanes[id(group)] = _Lane(group, inner, params, sig, ids, indices)
         if lane.pack is None or not inner._has_fast_path():  # (LBSGD's depends on settings one may edit)
             return None
@@ -374,7 +377,7 @@ class _Lane:
     def __init__(self, group, inner, params, sig, ids, indices):
         self.group, self.inner, self.ids, self.indices, self.sig = group, inner, ids, indices, sig
         self.pack = None
-        dtype, _, device, _ = sig[0]
+        dtype = sig[0][0]
         if (type(inner).update is not _Optimizer.update or inner._fused is False or not inner._has_fast_path()
                 or not set(map(type, params)) <= _PLAIN or not dtype.is_floating_point
                 or any(len(set(map(_operator.itemgetter(k), sig))) != 1 for k in (0, 2, 3))
