@@ -5,6 +5,7 @@ one process compare; the two trees swap places every round).
     .venv/bin/python bench/ab.py --base 84fb8f1                      # small, resnet50, mlp; adam, sgd, lamb
     .venv/bin/python bench/ab.py --base HEAD~3 --workloads small --optimizers adam --flat --rounds 12
     OMP_NUM_THREADS=1 .venv/bin/python bench/ab.py --base main       # one thread: steadier on a shared machine
+    .venv/bin/python bench/ab.py --base HEAD~1 --scheduler           # a new lr at every step (warm-up, decay)
 
 The revision's ``src/optzoo`` is exported (``git archive``) into a temporary folder as the package
 ``optzoo_base`` (its modules import each other relatively), so both live side by side. Prints, per workload
@@ -64,19 +65,25 @@ def params(workload: str, seed: int):
     return out
 
 
-def make(face, name: str, ps, flat: bool):
+def make(face, name: str, ps, flat: bool, scheduled: bool = False):
     if flat:
         face.flatten_parameters(ps)
     cls, kwargs = OPTIMIZERS[name]
-    return getattr(face, cls)(ps, **kwargs)
+    opt = getattr(face, cls)(ps, **kwargs)
+    if scheduled:  # a new lr at every step, as warm-up and decay schedules give (stepped outside the timing)
+        opt.ab_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    return opt
 
 
 def times(opt, n: int) -> list:
     out = []
+    sched = getattr(opt, "ab_scheduler", None)
     for _ in range(n):
         t = time.perf_counter()
         opt.step()
         out.append(time.perf_counter() - t)
+        if sched is not None:
+            sched.step()
     return out
 
 
@@ -87,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", default="adam,sgd,lamb", help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
     ap.add_argument("--flat", action="store_true", help="both on flatten_parameters' opt-in flat layout")
+    ap.add_argument("--scheduler", action="store_true",
+                    help="a new lr at every step (LambdaLR) for both trees and torch's fused Adam")
     ap.add_argument("--this-flat", action="store_true",
                     help="this tree only on the flat layout (against a revision whose default owned the parameters)")
     args = ap.parse_args(argv)
@@ -98,9 +107,12 @@ def main(argv=None) -> int:
         for workload in args.workloads.split(","):
             steps = {"mlp": 100, "small": 10}.get(workload, 5)
             for name in args.optimizers.split(","):
-                opts = {"torch": torch.optim.Adam(params(workload, 0), fused=True),
-                        "new": make(new, name, params(workload, 0), args.flat or args.this_flat),
-                        "old": make(old, name, params(workload, 0), args.flat)}
+                ref = torch.optim.Adam(params(workload, 0), fused=True)
+                if args.scheduler:
+                    ref.ab_scheduler = torch.optim.lr_scheduler.LambdaLR(ref, lambda step: 1.0 / (1 + step))
+                opts = {"torch": ref,
+                        "new": make(new, name, params(workload, 0), args.flat or args.this_flat, args.scheduler),
+                        "old": make(old, name, params(workload, 0), args.flat, args.scheduler)}
                 for opt in opts.values():
                     times(opt, 3)  # states made, kernels compiled
                 got = {k: [] for k in opts}
@@ -108,7 +120,7 @@ def main(argv=None) -> int:
                     for k in ("torch", "new", "old") if r % 2 == 0 else ("torch", "old", "new"):  # torch runs ~1-3%
                         got[k] += times(opts[k], steps)  # slower on this machine (measured on ResNet-50)
                 ms = {k: statistics.median(v) * 1e3 for k, v in got.items()}
-                print(f"{workload:7s} {name:8s}{' flat' if args.flat else ' this flat' if args.this_flat else ''}  this/base {ms['new'] / ms['old']:.3f}   "
+                print(f"{workload:7s} {name:8s}{' flat' if args.flat else ' this flat' if args.this_flat else ''}{' sched' if args.scheduler else ''}  this/base {ms['new'] / ms['old']:.3f}   "
                       f"this {ms['new'] / ms['torch']:.3f}x, base {ms['old'] / ms['torch']:.3f}x torch fused Adam's "
                       f"time ({ms['torch']:.3f} ms)", flush=True)
     return 0

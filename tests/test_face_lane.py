@@ -155,3 +155,43 @@ def test_a_group_that_is_not_one_pack_takes_the_general_path_and_still_checks():
     ps[2].grad.data = torch.zeros(3)  # torch's .grad setter refuses this; .data does not
     with pytest.raises(ValueError, match="shape"):
         opt.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "LAMB", "Nadam"])
+def test_a_scheduler_changing_lr_every_step_keeps_the_lane_and_equals_the_reference_path(name):
+    """Under a scheduler the group's MXNet-style optimizer is rebuilt at every step (new lr): it takes the old
+    one's caches and the group keeps its lane (the same pack object), with the reference path's numbers."""
+    models = {"lane": _model(5), "ref": _model(5)}
+    opts = {k: getattr(ot, name)(m.parameters(), lr=0.01, fused=None if k == "lane" else False, **OPTIMIZERS[name])
+            for k, m in models.items()}
+    packs = []
+    for k, model in models.items():
+        sched = torch.optim.lr_scheduler.LambdaLR(opts[k], lambda step: 1.0 / (1 + step))
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(6):
+            _backward(model, gen)
+            opts[k].step()
+            sched.step()
+            opts[k].zero_grad()
+            if k == "lane":
+                packs.append(next(iter(opts[k]._lanes.values())).pack)
+    assert packs[1] is not None and all(p is packs[1] for p in packs[1:])
+    for a, b in zip(models["lane"].parameters(), models["ref"].parameters()):
+        assert torch.equal(a, b), name
+        for key in opts["lane"].state[a]:
+            assert torch.equal(torch.as_tensor(opts["lane"].state[a][key]),
+                               torch.as_tensor(opts["ref"].state[b][key])), (name, key)
+
+
+def test_a_change_of_state_structure_rebuilds_the_lane():
+    """Hyperparameters that change the state's structure (RMSProp's ``centered``) give the rebuilt optimizer a
+    lineage of its own: the lane and the layouts are made anew, never taken from the old structure."""
+    model = _model(6)
+    opt = ot.RMSProp(model.parameters(), lr=0.01)
+    inner = opt.mxnet_optimizer()
+    opt.param_groups[0]["lr"] = 0.02
+    assert opt.mxnet_optimizer()._lineage is inner._lineage
+    opt.param_groups[0]["centered"] = True
+    assert opt.mxnet_optimizer()._lineage is not inner._lineage
+    assert "_face_layouts" not in opt.mxnet_optimizer().__dict__ or \
+        opt.mxnet_optimizer().__dict__["_face_layouts"] is not inner.__dict__.get("_face_layouts")

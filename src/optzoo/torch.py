@@ -153,6 +153,9 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"param group {g}: {exc}") from None
         inner._fused = self.fused
+        inner._lineage = object()
+        if hit is not None and hit[0] is group:  # new values (a scheduler's lr): what the old one built stays
+            _carry_caches(hit[2], inner)
         cache[id(group)] = (group, kwargs, inner)
         return inner
 
@@ -228,8 +231,8 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         lanes = self.__dict__.setdefault("_lanes", {})
         lane = lanes.get(id(group))
         ids = list(map(id, params))
-        known = lane is not None and lane.group is group and lane.inner is inner and lane.ids == ids and \
-            lane.indices == indices
+        known = lane is not None and lane.group is group and lane.lineage is inner._lineage and lane.ids == ids \
+            and lane.indices == indices
         if known and lane.pack is None:  # not one pack (large tensors, several dtypes, ...): decided once for
             return None                  # these parameters under these hyperparameters, at no cost per step
         sig = list(map(_SIG, params))
@@ -366,16 +369,49 @@ def _plain_pairs(params, grads):
     return None
 
 
+#: An optimizer's caches keyed by values or by checked identities (scratch buffers, joined states, scalar
+#: tensors), and those that follow its state's structure (layouts, expected state specs).
+_VALUE_CACHES = ("_scratch", "_joined_states", "_scalar_tensors")
+_STRUCTURE_CACHES = ("_layouts", "_face_layouts", "_state_specs")
+
+
+def _carry_caches(old, new):
+    """``new`` (the group's MXNet-style optimizer rebuilt for new hyperparameter values, at every step under a
+    scheduler) takes ``old``'s caches: the value-keyed ones always, the structural ones (and ``old``'s
+    lineage, which keeps the group's lane) where both make states of the same structure, take the fast path
+    alike and agree on multi-precision. Without them a scheduled step re-made its scratch buffers (their page
+    faults), joins and pack: 2,000 parameters of 1K, Adam 18 -> 37 ms a step."""
+    for name in _VALUE_CACHES:
+        if name in old.__dict__:
+            new.__dict__[name] = old.__dict__[name]
+    if _structure(old) == _structure(new):
+        for name in _STRUCTURE_CACHES:
+            if name in old.__dict__:
+                new.__dict__[name] = old.__dict__[name]
+        new._lineage = old._lineage
+
+
+def _structure(opt):
+    """What an optimizer's state layouts depend on besides the weight: its class, multi-precision and fast-path
+    settings, and the structure (shapes, dtypes) of the state it makes for a 2-D fp32 weight."""
+    def shape(tree):
+        if tree is None or isinstance(tree, _torch.Tensor):
+            return None if tree is None else (tuple(tree.shape), tree.dtype)
+        return tuple(shape(t) for t in tree)
+    probe = _torch.empty((2, 4), dtype=_torch.float32, device="meta")
+    return type(opt), opt.multi_precision, opt._has_fast_path(), shape(opt.create_state_multi_precision(0, probe))
+
+
 class _Lane:
     """A param group's pack as :meth:`OptzooOptimizer._lane` keeps it: the graded parameters (their ids, indices
     and ``(dtype, shape, device, layout)``s), the state layouts, the MXNet calls, and the engine's
     :class:`~optzoo.optimizer.engine.Pack`; ``pack`` is None where the group is not one pack the fast path
     runs (then the general path runs, and this says so until the parameters or hyperparameters change)."""
 
-    __slots__ = ("group", "inner", "ids", "indices", "sig", "keys", "layouts", "chunks", "pack")
+    __slots__ = ("group", "lineage", "ids", "indices", "sig", "keys", "layouts", "chunks", "pack")
 
     def __init__(self, group, inner, params, sig, ids, indices):
-        self.group, self.inner, self.ids, self.indices, self.sig = group, inner, ids, indices, sig
+        self.group, self.lineage, self.ids, self.indices, self.sig = group, inner._lineage, ids, indices, sig
         self.pack = None
         dtype = sig[0][0]
         if (type(inner).update is not _Optimizer.update or inner._fused is False or not inner._has_fast_path()
