@@ -398,8 +398,12 @@ def _structure(opt):
         if tree is None or isinstance(tree, _torch.Tensor):
             return None if tree is None else (tuple(tree.shape), tree.dtype)
         return tuple(shape(t) for t in tree)
-    probe = _torch.empty((2, 4), dtype=_torch.float32, device="meta")
-    return type(opt), opt.multi_precision, opt._has_fast_path(), shape(opt.create_state_multi_precision(0, probe))
+    got = opt.__dict__.get("_structure")
+    if got is None:  # once per optimizer: the next rebuild compares with it
+        probe = _torch.empty((2, 4), dtype=_torch.float32, device="meta")
+        got = opt._structure = (type(opt), opt.multi_precision, opt._has_fast_path(),
+                                shape(opt.create_state_multi_precision(0, probe)))
+    return got
 
 
 class _Lane:
