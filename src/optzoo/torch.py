@@ -194,38 +194,31 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             inner = self._inner_for(group, g)
             params = group["params"]
             grads = list(map(_GRAD, params))
-            lane = self._lane(group, inner, params, grads, base)
-            if lane is not None:  # the steady state of a pack: its facts kept from the last step
-                plans.append((group, inner, lane[0].indices, lane[1], lane[2], None, lane))
-                base += len(params)
-                continue
-            indices = range(base, base + len(params))
+            indices = list(range(base, base + len(params)))
+            base += len(params)
             if not all(map(_is_not, grads, _repeat(None))):  # parameters without a gradient are skipped
-                kept = [k for k, gr in enumerate(grads) if gr is not None]
-                indices, params, grads = [base + k for k in kept], [params[k] for k in kept], [grads[k] for k in kept]
+                keep = list(map(_is_not, grads, _repeat(None)))
+                indices, params, grads = (list(_compress(x, keep)) for x in (indices, params, grads))
+            lane = self._lane(group, inner, indices, params, grads)
+            if lane is not None:  # the steady state of a pack: its facts kept from the last step
+                plans.append((group, inner, indices, params, grads, None, lane))
+                continue
             keys = _plain_pairs(params, grads)  # the weights' (dtype, shape)s where every pair is plain
             if keys is None:  # the full check, for its message
                 for k, p, grad in zip(indices, params, grads):
                     check_tensor_pair(k, p, grad)
-            plans.append((group, inner, list(indices), params, grads, keys))
-            base += len(group["params"])
+            plans.append((group, inner, indices, params, grads, keys))
         for plan in plans:
             if plan[2]:
                 self._step_group(*plan)
 
-    def _lane(self, group, inner, params, grads, base):
-        """The steady state of a param group whose graded parameters form one pack (small plain tensors of
-        one dtype and device, dense gradients of their shapes, every state made): ``(lane, params, grads,
-        states, steps)``, else None (the general path, which checks and names what is wrong). The
+    def _lane(self, group, inner, indices, params, grads):
+        """The steady state of a param group whose graded parameters (``indices``, ``params``, ``grads``) form one
+        pack (small plain tensors of one dtype and device, dense gradients of their shapes, every state made):
+        ``(lane, states, steps)``, else None (the general path, which checks and names what is wrong). The
         :class:`_Lane` (what the pack needs beyond its tensors) is kept while the parameters are the same
         objects with the same dtypes, shapes and devices, under the same hyperparameters; the gradients,
         states and step counts are read at every step."""
-        if not all(map(_is_not, grads, _repeat(None))):  # frozen parameters (never a gradient) are left out
-            keep = list(map(_is_not, grads, _repeat(None)))
-            params, grads = list(_compress(params, keep)), list(_compress(grads, keep))
-            indices = list(_compress(range(base, base + len(keep)), keep))
-        else:
-            indices = list(range(base, base + len(params)))
         if len(params) < _engine.PACK_MIN:
             return None
         lanes = self.__dict__.setdefault("_lanes", {})
@@ -246,7 +239,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         steps = list(map(dict.get, sts, _repeat("step")))
         if not all(map(_is_not, steps, _repeat(None))):
             return None
-        return lane, params, grads, sts, steps
+        return lane, sts, steps
 
     def _step_group(self, group, inner, indices, params, grads, keys=None, lane=None):
         book = group.setdefault("optzoo", {})
@@ -256,31 +249,29 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         counts = inner._index_update_count
         counts.clear()
         if lane is not None:  # the parameters themselves (the pack only copies them, or views their buffer)
-            lane, _, _, sts, steps = lane
+            lane, sts, steps = lane
             trees = _trees_of(lane.layouts, lane.keys, sts)
             counts.update(zip(indices, map(int, steps)))
             inner._shards = inner._counter_offsets = None
             scalars = inner._fast_scalars(indices, params, lane.chunks)
             _engine.run_pack(inner, inner._fused, lane.pack, params, grads, trees, scalars)
-            list(map(dict.__setitem__, sts, _repeat("step"), map(counts.__getitem__, indices)))
-            book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
-            return
-        sts = list(map(self.state.__getitem__, params))
-        weights = list(map(_detach, params))
-        steps = list(map(dict.get, sts, _repeat("step")))
-        shards, offsets = {}, {}
-        if all(map(_is, map(type, weights), _repeat(_Tensor))) and all(map(_is_not, steps, _repeat(None))):
-            # the steady state (every state made, plain tensors), without a Python loop body per parameter
-            if keys is None:
-                keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights)))
-            layouts = {key: _layout(inner, w) for key, w in dict(zip(keys, weights)).items()}
-            trees = _trees_of(layouts, keys, sts)
-            counts.update(zip(indices, map(int, steps)))
         else:
-            weights, grads, trees = self._gather(inner, indices, params, grads, sts, counts, shards, offsets)
-        inner._shards, inner._counter_offsets = shards, offsets
-        inner._run_checked(indices, weights, grads, trees, _calls(inner, list(range(len(indices))), weights))
-        inner._shards = inner._counter_offsets = None
+            sts = list(map(self.state.__getitem__, params))
+            weights = list(map(_detach, params))
+            steps = list(map(dict.get, sts, _repeat("step")))
+            shards, offsets = {}, {}
+            if all(map(_is, map(type, weights), _repeat(_Tensor))) and all(map(_is_not, steps, _repeat(None))):
+                # the steady state (every state made, plain tensors), without a Python loop body per parameter
+                if keys is None:
+                    keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights)))
+                layouts = {key: _layout(inner, w) for key, w in dict(zip(keys, weights)).items()}
+                trees = _trees_of(layouts, keys, sts)
+                counts.update(zip(indices, map(int, steps)))
+            else:
+                weights, grads, trees = self._gather(inner, indices, params, grads, sts, counts, shards, offsets)
+            inner._shards, inner._counter_offsets = shards, offsets
+            inner._run_checked(indices, weights, grads, trees, _calls(inner, list(range(len(indices))), weights))
+            inner._shards = inner._counter_offsets = None
         list(map(dict.__setitem__, sts, _repeat("step"), map(counts.__getitem__, indices)))
         book.update({attr: getattr(inner, attr) for attr in inner._step_vars})
 
