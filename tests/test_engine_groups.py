@@ -44,9 +44,10 @@ def grouped(monkeypatch):
 
 def group_graphs(name):
     """(group length, scalars shared by the members) of the group graphs compiled for optimizer ``name`` (in
-    this process)."""
+    this process); a two-phase rule's (LAMB on the CPU) are its first phase's."""
     cls = type(optzoo.optimizer.create(name))
-    return {key[-2:] for key, fn in engine._COMPILED.items() if key[0] is cls and "group" in key and fn is not None}
+    return {key[-2:] if "group" in key else key[-3:-1] for key, fn in engine._COMPILED.items()
+            if key[0] is cls and fn is not None and ("group" in key or key[-1:] == ("first",))}
 
 
 @pytest.mark.parametrize("multipliers", [False, True], ids=["shared", "per-parameter"])

@@ -74,6 +74,10 @@ class Optimizer:
     #: The executor's record of this class (see :mod:`optzoo.optimizer.engine`): the kernel takes per-tensor
     #: sums (``sum_sq_of``), so packed parameters run as rows of equal-sized parameters (LARS, LAMB).
     _segment_kernel = False
+    #: The kernel is ``second_phase(w, *first_phase(w, g, state, s, seg))``: the direction and the states, then the
+    #: weight (LAMB). On the CPU, large tensors run the phases as two compiled loops with the direction stored
+    #: between them (see :mod:`optzoo.optimizer._phases`).
+    _two_phase = False
     #: The kernel takes what ``_draw(weight, lr)`` gives (a noise key or tensor), per index in index order, as its
     #: last scalar (SGLD), so that every path makes the same draws; ``_draw_all(weights, lrs, indices)`` makes a
     #: list's draws, the same as ``_draw`` index by index.

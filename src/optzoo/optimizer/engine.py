@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from . import _sparse, _tree
+from . import _phases, _sparse, _tree
 from ._numerics import ROWS, WHOLE, Key
 
 __all__ = ["LARGE", "Pack", "Segments", "adjacent", "execute", "layout_of", "run_pack"]
@@ -210,19 +210,20 @@ def _compiled(key, step=_fused_step):
         # one graph serves every size: without dynamic_threads inductor decides from the first call's size
         # whether the loop is parallel, and a graph first compiled on a small tensor stays one-threaded
         options["cpp.dynamic_threads"] = True
-        if key[1] in ("rows", "norms"):  # recompute what both the row sums and the update read (LAMB's u) instead of
-            # storing it: a tensor-sized temporary costs its page faults on every step
+        if key[1] in ("rows", "norms") and "phases" not in key:  # recompute what both the row sums and the update
+            # read (LAMB's u) instead of storing it: a tensor-sized temporary costs its page faults on every step
+            # (two phases store u in a kept buffer, in the loop that sums)
             options.update(realize_reads_threshold=16, realize_opcount_threshold=200, realize_acc_reads_threshold=64)
         fn = _COMPILED[key] = torch.compile(step, dynamic=True, options=options)
     return fn
 
 
-def _run(compiled, key, *args, step=_fused_step):
-    """The ``step``, compiled if asked and possible; where compiling fails (no C compiler, an unsupported
-    platform, a compiler bug) it warns once and that kernel runs eagerly from then on."""
+def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
+    """The ``step``, compiled if asked and possible, and what it returns; where compiling fails (no C compiler,
+    an unsupported platform, a compiler bug) it warns once and that kernel runs eagerly from then on.
+    ``stand_ins(args)``: arguments of distinct sizes for a group graph's first compile (see :func:`_distinct`)."""
     if not compiled or _COMPILED.get(key, True) is None:
-        step(*args)
-        return
+        return step(*args)
     if args[0].clip_gradient:
         args[0]._clip_bounds()  # made here, read as constants by the compiled kernel
     try:
@@ -230,17 +231,18 @@ def _run(compiled, key, *args, step=_fused_step):
         fn = _compiled(key, step)
         if key[1] == "rows":
             with _NoOuterLoopFusion():
-                fn(*args)
-        else:
-            if first and step is _group_step:
-                fn(*_distinct(args))  # compiled on members of distinct sizes: one graph for every size pattern
-            fn(*args)
+                return fn(*args)
+        if first and step is _group_step:
+            fn(*_distinct(args))  # compiled on members of distinct sizes: one graph for every size pattern
+        elif first and stand_ins is not None and len(args[1]) > 1:
+            fn(*stand_ins(args))
+        return fn(*args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
         warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); running the eager kernels instead",
                       RuntimeWarning, stacklevel=5)
-        step(*args)
+        return step(*args)
 
 
 def layout_of(opt, weight):
@@ -444,6 +446,9 @@ def _run_groups(opt, key, members):
     by one: two graphs per key (a graph of another length would cost its compile time for a call or two saved)."""
     seg = key[-1]
     key = key[:-1]
+    if _phases.wanted(opt, key):  # two compiled loops, the direction stored between them (LAMB on the CPU)
+        _phases.run(opt, key, seg, members, GROUP)
+        return
     whole = len(members) - len(members) % GROUP
     if key[1] == "rows" or any(x.dim() for x in members[0][3]):
         whole = 0  # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
@@ -750,6 +755,12 @@ def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
             if key else _per_element(c, segs) if isinstance(c, list) and isinstance(c[0], torch.Tensor)
             else as_tensor(c).view(-1, 1) if isinstance(c, list) else c for c, key in zip(cols, keys)]
     kind = "elementwise" if layout == "elementwise" else "rows"
+    if compiled:  # the shared scalars' tensors, made once (not per run: LAMB on ResNet-50's ~50 runs made 600 a step)
+        places = cache.get(_PLACES)
+        if places is None or len(places) > 16 * _SCALARS_KEPT:  # values that change each step (LAMB's bias
+            places = cache[_PLACES] = {}  # corrections) add a place each: remade, not grown without bound
+        cols = [c if isinstance(c, torch.Tensor) else _placed_tensor(places, k, c, sdt, device)
+                for k, c in enumerate(cols)]
     for first, stop, offset, nrows, size, row in segs.runs:
         if size == 0 or nrows == 0:
             continue

@@ -79,6 +79,7 @@ class LAMB(Optimizer):
     aggregate_num = 45
 
     _segment_kernel = True  # per-tensor norms: packed parameters run as rows of equal-sized parameters
+    _two_phase = True  # u's root and division, computed once on the CPU (see _phases)
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=None,
                  upper_bound=None, bias_correction=True, **kwargs):
@@ -109,6 +110,11 @@ class LAMB(Optimizer):
         return b1, 1 - b1, b2, 1 - b2, eps, rg, mx_list_param(lr, ct), mx_list_param(wd, ct), c1, c2, lb, ub
 
     def kernel(self, w, g, state, s, seg=None):
+        u, new_state, scale = self.first_phase(w, g, state, s, seg)
+        return self.second_phase(w, u, scale), new_state
+
+    def first_phase(self, w, g, state, s, seg=None):
+        r"""Phase 1: the moments, :math:`u` (fp32) and the step's scale :math:`lr\cdot r_1/r_2`."""
         b1, one_minus_b1, b2, one_minus_b2, eps, rg, lr, wd, c1, c2, lb, ub = s
         ct = compute_dtype(w.dtype)  # fp32 for fp16/bf16 weights: see the docstring
         w, g, m, v = (x.to(ct) for x in (w, g, *state))
@@ -117,8 +123,8 @@ class LAMB(Optimizer):
         v = b2 * v + one_minus_b2 * G * G
         # the kernel's sqrt is the double one, which widens the rest of u's expression to fp64; u is
         # then stored in an fp32 temporary. Compiled (held to 1e-5, not to bits), u is fp32 math and the bias
-        # corrections multiply by their reciprocals: fp64 math or three divisions per element (u is computed in
-        # both of the fused step's loops) would make it compute-bound
+        # corrections multiply by their reciprocals: fp64 math or three divisions per element would make it
+        # compute-bound
         wide = torch.float32 if torch.compiler.is_compiling() and w.dtype != torch.float64 else torch.float64
         if not self.bias_correction:
             m_hat, v_hat = m, v
@@ -130,5 +136,10 @@ class LAMB(Optimizer):
         r1, r2 = norm_of(w, seg), norm_of(u, seg)  # fp32 values (MXNet's, unless the fp32 sums under/overflow)
         r1 = r1.clamp(min=lb, max=ub)  # no-ops when unset: r1 >= 0 (or nan, which clamp keeps)
         # lr * (r1 / r2): the fp32 ratio times lr in double, rounded once to the weight dtype
-        lr = torch.where((r1 != 0) & (r2 != 0), ((r1 / r2).to(wide) * lr).to(w.dtype), lr)
-        return w - lr * u.to(w.dtype), (m, v)
+        scale = torch.where((r1 != 0) & (r2 != 0), ((r1 / r2).to(wide) * lr).to(w.dtype), lr)
+        return u, (m, v), scale
+
+    def second_phase(self, w, u, scale):
+        r"""Phase 2: :math:`w - lr\cdot\frac{r_1}{r_2}\,u` (in fp32 for fp16/bf16 weights)."""
+        w = w.to(compute_dtype(w.dtype))
+        return w - scale * u.to(w.dtype)

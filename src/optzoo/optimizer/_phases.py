@@ -1,0 +1,98 @@
+"""Two-phase rules on the CPU: the executor's form for large tensors of an optimizer whose ``kernel`` is
+``second_phase(w, *first_phase(w, g, state, s, seg))`` (its record ``_two_phase``, LAMB).
+
+One fused loop must make the per-tensor sums before any weight moves, so the compiled step is two loops over
+the tensor, and the second recomputes the first's direction :math:`u`. LAMB's :math:`u` costs a root and a
+division per element: computed twice, the step is compute-bound on a CPU (one 16M tensor, 2 threads: ~2.1x
+torch fused Adam's time). Here the first compiled call writes the states and :math:`u` into a scratch buffer
+kept by the optimizer (sized to the largest call's tensors: one buffer, not one per parameter) and returns
+the step's scale; the second reads :math:`u` and moves the weights (~1.75x). The arithmetic is the same
+operations on the same values (:math:`u` is stored at a width that holds it exactly), so the numbers are the
+fused graph's. Accelerators keep the fused graph: there the recomputation is cheaper than the traffic.
+"""
+from __future__ import annotations
+
+import itertools
+import operator
+
+import torch
+
+from . import engine as _engine
+
+
+def wanted(opt, key) -> bool:
+    """Whether the large tensors of graph ``key`` (the executor's) run in two phases."""
+    return opt._two_phase and key[3] == "cpu"
+
+
+def run(opt, key, seg, members, group):
+    """``members`` (the executor's ``(w, g, inner, scalars, low)`` of one graph key, 1-D views) in chunks of
+    ``group`` and then one by one, as the executor groups them: two compiled calls per chunk."""
+    whole = len(members) - len(members) % group
+    chunks = [members[k:k + group] for k in range(0, whole, group)] + [[m] for m in members[whole:]]
+    for chunk in chunks:
+        ws, gs, inners, tss, lows = map(list, zip(*chunk))
+        shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))
+        us = _buffers(opt, ws)
+        lows = lows if lows[0] is not None else None
+        sub = key + ("phases", len(chunk), shared)
+        scales = _engine._run(True, sub + ("first",), opt, ws, gs, inners, tss[0] if shared else tss, seg, us,
+                              step=_first, stand_ins=_first_stand_ins)
+        _engine._run(True, sub + ("second",), opt, ws, us, scales, lows, step=_second,
+                     stand_ins=_second_stand_ins)
+
+
+def _first(opt, ws, gs, inners, s, seg, us):
+    """Phase 1 of each tensor: its states written, its direction stored in ``us``; the scales returned."""
+    per = isinstance(s, list)
+    scales = []
+    for k in range(len(ws)):
+        w = ws[k]
+        u, new_s, scale = type(opt).first_phase(opt, w, gs[k].to(w.dtype), inners[k], s[k] if per else s, seg)
+        _engine._write(inners[k], new_s)
+        us[k].copy_(u)
+        scales.append(scale)
+    return scales
+
+
+def _second(opt, ws, us, scales, lows):
+    """Phase 2 of each tensor: the weight from its stored direction (and its fp16/bf16 copy rounded)."""
+    for k in range(len(ws)):
+        ws[k].copy_(type(opt).second_phase(opt, ws[k], us[k], scales[k]))
+        if lows is not None:
+            lows[k].copy_(ws[k])
+
+
+def _buffers(opt, ws):
+    """Views of one kept buffer, one per weight: wide enough to hold a direction held in fp32 or in the weight
+    dtype exactly (fp32, or fp64 for fp64 weights)."""
+    dtype = torch.promote_types(ws[0].dtype, torch.float32)
+    sizes = [w.numel() for w in ws]
+    cache = opt.__dict__.setdefault("_scratch", {})
+    key = ("phases", dtype, ws[0].device)
+    buf = cache.pop(key, None)
+    if buf is None or buf.numel() < sum(sizes):
+        buf = torch.empty(sum(sizes), dtype=dtype, device=ws[0].device)
+    cache[key] = buf  # most recently used last (the executor drops the oldest scratch buffers)
+    return list(torch.split(buf[:sum(sizes)], sizes))
+
+
+def _sized(t, n):
+    return torch.ones(n, dtype=t.dtype, device=t.device)
+
+
+def _first_stand_ins(args):
+    """A chunk's first compile on members of distinct sizes (as the executor's groups: no guard that two
+    members are equally large, so one graph serves every pattern of sizes)."""
+    opt, ws, gs, inners, s, seg, us = args
+    n = [_engine._DISTINCT + 3 * k for k in range(len(ws))]
+    return (opt, [_sized(w, m) for w, m in zip(ws, n)], [_sized(g, m) for g, m in zip(gs, n)],
+            [_engine._map(i, lambda t, m=m: _sized(t, m)) for i, m in zip(inners, n)], s, seg,
+            [_sized(u, m) for u, m in zip(us, n)])
+
+
+def _second_stand_ins(args):
+    opt, ws, us, scales, lows = args
+    n = [_engine._DISTINCT + 3 * k for k in range(len(ws))]
+    return (opt, [_sized(w, m) for w, m in zip(ws, n)], [_sized(u, m) for u, m in zip(us, n)],
+            [s.clone() for s in scales], None if lows is None else [_sized(x, m) for x, m in zip(lows, n)])

@@ -1,0 +1,103 @@
+"""Two-phase rules (LAMB) on the CPU: large tensors run as two compiled loops with the direction stored in a kept
+buffer. Their numbers are the one-graph compiled step's bit for bit, and the reference path's within the compiled
+norms' bound; the buffer is one per dtype, sized to the largest call."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import optzoo.torch as ot
+from optzoo.optimizer import _phases, engine
+from optzoo.optimizer._tree import leaves
+from optzoo.optimizer.lamb import LAMB
+from test_fast_path import BUCKET_NORM_RTOL, assert_match
+
+#: 9 large tensors (the executor's groups of 4, 4 and 1), two of one size, and a small one (packed)
+SHAPES = [(40, 3), (17,), (40, 3), (9, 5), (33,), (6, 7), (50,), (21,), (13, 2), (3,)]
+VARIANTS = [{}, {"bias_correction": False}, {"lower_bound": 0.1, "upper_bound": 2.0}]
+
+
+@pytest.fixture(autouse=True)
+def small_large(monkeypatch):
+    monkeypatch.setattr(engine, "LARGE", 12)  # the tensors above count as large: in place, compiled
+
+
+def run(fused, dtype=torch.float32, steps=3, **kw):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
+    opt = ot.LAMB(params, lr=0.01, weight_decay=0.01, fused=fused, **kw)
+    ptrs = [p.data_ptr() for p in params]
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+        opt.step()
+    assert [p.data_ptr() for p in params] == ptrs  # updated in place
+    mx = opt.mxnet_optimizer(0)
+    return [p.detach().clone() for p in params] + [t.clone() for p in params for t in leaves(opt.mx_state(p))], mx
+
+
+def one_graph(monkeypatch, *args, **kw):
+    with monkeypatch.context() as m:
+        m.setattr(LAMB, "_two_phase", False)
+        return run(*args, **kw)[0]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["default", "no_bias_correction", "bounds"])
+def test_two_phases_equal_the_one_graph_step_and_the_reference_path(variant, monkeypatch):
+    fused = None
+    calls, real = [], engine._run
+
+    def spy(compiled, key, *args, **kw):
+        if "phases" in key and key[-1] == "first":
+            calls.append(key[-3])  # the chunk's length
+        return real(compiled, key, *args, **kw)
+
+    monkeypatch.setattr(engine, "_run", spy)
+    got, _ = run(fused, **variant)
+    assert sorted(set(calls)) == [1, 4]  # the phases ran, on chunks of 4 and on the last one alone
+    assert_match(one_graph(monkeypatch, fused, **variant), got, 0)
+    assert_match(run(False, **variant)[0], got, BUCKET_NORM_RTOL)
+
+
+@pytest.mark.parametrize("dtype,kw", [(torch.float64, {}), (torch.float16, {"multi_precision": True}),
+                                      (torch.bfloat16, {})], ids=["fp64", "fp16_mp", "bf16"])
+def test_two_phases_in_other_dtypes(dtype, kw, monkeypatch):
+    """fp64 (the direction held in an fp64 buffer), fp16 master copies (the fp16 weights rounded from the updated
+    masters), bf16 computed in fp32: the one-graph step's numbers."""
+    got, _ = run(None, dtype, **kw)
+    assert_match(one_graph(monkeypatch, None, dtype, **kw), got, 0)
+
+
+def test_one_kept_buffer_sized_to_the_largest_call():
+    _, mx = run(None, steps=3)
+    bufs = {k: v for k, v in mx._scratch.items() if isinstance(k, tuple) and k[0] == "phases"}
+    assert list(bufs) == [("phases", torch.float32, torch.device("cpu"))]
+    chunks = [SHAPES[0:4], SHAPES[4:8], SHAPES[8:9]]
+    largest = max(sum(torch.Size(s).numel() for s in c) for c in chunks)
+    assert next(iter(bufs.values())).numel() == largest
+
+
+def test_accelerators_keep_the_one_graph_step():
+    opt = LAMB()
+    assert _phases.wanted(opt, (LAMB, "norms", torch.float32, "cpu"))
+    assert not _phases.wanted(opt, (LAMB, "norms", torch.float32, "cuda"))
+
+
+def test_the_phase_graphs_serve_every_pattern_of_sizes(monkeypatch):
+    """As the executor's group graphs: compiled first on stand-ins of distinct sizes, then no new graph for
+    groups of equal sizes, other sizes or shapes."""
+    monkeypatch.setattr(engine, "_COMPILED", {})
+
+    def step(shapes):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = ot.LAMB(params, lr=0.01)
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+
+    step([(20,)] * 4)  # equal sizes first
+    graphs = counters["stats"]["unique_graphs"]
+    step([(20,), (30,), (40,), (50,)])
+    step([(31,), (31,), (64,), (64,)])
+    step([(5, 9)] * 4)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert sorted(key[-4:] for key in engine._COMPILED) == [("phases", 4, True, "first"), ("phases", 4, True, "second")]
