@@ -27,19 +27,42 @@ def wanted(opt, key) -> bool:
 
 def run(opt, key, seg, members, group):
     """``members`` (the executor's ``(w, g, inner, scalars, low)`` of one graph key, 1-D views) in chunks of
-    ``group`` and then one by one, as the executor groups them: two compiled calls per chunk."""
-    whole = len(members) - len(members) % group
-    chunks = [members[k:k + group] for k in range(0, whole, group)] + [[m] for m in members[whole:]]
-    for chunk in chunks:
+    ``group``, two compiled calls per chunk. A last, shorter chunk is filled up with small stand-in members kept
+    by the optimizer (a few dozen elements each): one pair of graphs per key, not a second pair for the rest
+    (each graph costs its compile time cold and ~0.3 s of loading warm; the stand-ins' loops cost microseconds)."""
+    for start in range(0, len(members), group):
+        chunk = members[start:start + group]
         ws, gs, inners, tss, lows = map(list, zip(*chunk))
-        shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))
         us = _buffers(opt, ws)
+        if len(chunk) < group:
+            pad = _padding(opt, key, chunk[0], group - len(chunk))
+            for got, extra in zip((ws, gs, inners, lows, us), pad):
+                got.extend(extra)
+            tss.extend([tss[0]] * (group - len(chunk)))
+        shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))
         lows = lows if lows[0] is not None else None
-        sub = key + ("phases", len(chunk), shared)
+        sub = key + ("phases", group, shared)
         scales = _engine._run(True, sub + ("first",), opt, ws, gs, inners, tss[0] if shared else tss, seg, us,
                               step=_first, stand_ins=_first_stand_ins)
         _engine._run(True, sub + ("second",), opt, ws, us, scales, lows, step=_second,
                      stand_ins=_second_stand_ins)
+
+
+def _padding(opt, key, member, n):
+    """``n`` stand-in members like ``member`` (weight, gradient, states, fp16/bf16 copy, direction), of distinct
+    small sizes, kept by the optimizer per graph key."""
+    cache = opt.__dict__.setdefault("_scratch", {})
+    k = ("phase_padding", key)
+    got = cache.get(k)
+    if got is None or len(got[0]) < n:
+        w, g, inner, _, low = member
+        sizes = [_engine._DISTINCT + 3 * j for j in range(n)]
+        u_dtype = torch.promote_types(w.dtype, torch.float32)
+        got = cache[k] = ([_sized(w, m) for m in sizes], [_sized(g, m) for m in sizes],
+                          [_engine._map(inner, lambda t, m=m: _sized(t, m)) for m in sizes],
+                          [None if low is None else _sized(low, m) for m in sizes],
+                          [torch.zeros(m, dtype=u_dtype, device=w.device) for m in sizes])
+    return tuple(part[:n] for part in got)
 
 
 def _first(opt, ws, gs, inners, s, seg, us):
