@@ -38,8 +38,9 @@ def test_workload_sizes():
              for k in W.WORKLOADS}
     assert sizes == {"single": (1, 16_777_216, torch.float32), "resnet50": (161, 25_557_032, torch.float32),
                      "small": (2000, 2_048_000, torch.float32), "fp16": (1, 16_777_216, torch.float16),
-                     "loaded": (1, 16_777_216, torch.float32)}
+                     "loaded": (1, 16_777_216, torch.float32), "scheduled": (2000, 2_048_000, torch.float32)}
     assert W.make_workload("fp16").multi_precision
+    assert W.make_workload("scheduled").scheduled and not W.make_workload("small").scheduled
     assert W.make_workload("loaded").loaded and not W.make_workload("single").loaded
     tiny = W.make_workload("resnet50", 1e-4)
     assert len(tiny.shapes) == 161 and tiny.numel < 25_557_032 * 2e-4
@@ -81,8 +82,10 @@ def test_smoke_run(tmp_path, capsys):
         assert row["finite"] is True
         _check_positive(row, ["first_ms", "ms", "gbps", "bytes", "vs_adam_gbps"])
         assert row["bytes"] == W.bytes_moved(row["optimizer"], W.make_workload(row["workload"], 1e-4))
-        if row["workload"] not in ("fp16", "loaded"):
+        if row["workload"] not in ("fp16", "loaded", "scheduled"):
             _check_positive(row, ["peer_ms", "vs_peer"])
+        if row["workload"] == "scheduled":  # paired with fused Adam under the same kind of schedule
+            _check_positive(row, ["vs_adam_time", "ref_ms"])
         if row["workload"] == "loaded":  # paired with fused Adam under the same load
             _check_positive(row, ["vs_adam_time", "ref_ms"])
     loaded = data["workloads"]["loaded"]
@@ -95,9 +98,9 @@ def test_smoke_run(tmp_path, capsys):
     assert {(p["class"], p["variant"]) for p in peers.values()} == {("Adam", "fused"), ("SGD", "fused")}
     _check_positive(data["triad"]["start"], ["gbps", "ms"])
     _check_positive(data["triad"]["end"], ["gbps", "ms"])
-    # (i), (ii): GB/s vs Adam and time vs peer for each row; (iii): time vs Adam; loaded, fused=None: time vs Adam;
-    # embedding: x dense and x peer time for each of its optimizers requested (adam, sgd)
-    assert data["targets"]["checks"] == len(optimizers) * len(modes) * (2 * 2 + 1) + len(optimizers) * 3
+    # (i), (ii): GB/s vs Adam and time vs peer for each row; (iii) and scheduled: time vs Adam; loaded, fused=None:
+    # time vs Adam; embedding: x dense and x peer time for each of its optimizers requested (adam, sgd)
+    assert data["targets"]["checks"] == len(optimizers) * len(modes) * (2 * 2 + 2) + len(optimizers) * 3
     assert data["bytes_per_element"] == {"adam": {"float32": 28, "float16_mp": 30},
                                          "sgd": {"float32": 20, "float16_mp": 22}}
     md = (tmp_path / "latest.md").read_text()
@@ -106,6 +109,7 @@ def test_smoke_run(tmp_path, capsys):
     assert "## Targets" in md and "| adam | None |" in md and "x Adam time" in md
     out = capsys.readouterr().out
     assert "torch.optim.Adam(fused=True)" in out and "latest.json" in out and "under the same load" in out
+    assert "with the same LambdaLR" in out
     # --render: the same reports again from the saved JSON, nothing measured
     assert bench.main(["--render", str(tmp_path / "latest.json"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "latest.md").read_text() == md

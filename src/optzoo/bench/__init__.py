@@ -8,7 +8,8 @@ same workloads in a subprocess when its Python is found. Each measurement: gradi
 ``step()`` timed alone (state creation; compilation for ``fused=True``), ``--warmup`` untimed steps,
 then the median of up to ``--repeat`` timed steps (see :func:`optzoo.bench.timing.time_steps` for how
 ``--budget`` bounds slow ones). Results: a table on stdout, ``latest.json`` and ``latest.md`` under ``--out``.
-The ``loaded`` workload runs with a busy process on every core (:mod:`optzoo.bench.load`); ``embedding`` times
+The ``loaded`` workload runs with a busy process on every core (:mod:`optzoo.bench.load`); ``scheduled`` steps a
+``LambdaLR`` after every step of both sides (a new lr each step); ``embedding`` times
 lazy steps on a row-sparse gradient against the dense step and torch's sparse optimizers
 (:mod:`optzoo.bench.sparse`); ``--first-call``
 times each optimizer's first step in fresh processes instead, cold and warm (:mod:`optzoo.bench.first_call`).
@@ -18,6 +19,7 @@ Everything goes through public entry points: ``optzoo.torch.create(...)`` and ``
     python -m optzoo.bench --workloads single --optimizers adam,sgd:momentum=0.5 --fused none,true,false
     python -m optzoo.bench --scale 1e-3 --no-peers --mxnet none --out /tmp/bench
     python -m optzoo.bench --workloads loaded --optimizers adam,sgd          # the shared machine
+    python -m optzoo.bench --workloads scheduled --optimizers adam,lamb      # a new lr at every step
     python -m optzoo.bench --workloads embedding --mxnet none               # lazy steps on a 10M x 64 table
     python -m optzoo.bench --first-call --optimizers adam,lamb                # compilation, cold and warm
     python -m optzoo.bench --device cuda --workloads single --mxnet none
@@ -215,7 +217,28 @@ class _Data:
         return out
 
 
-def _measure(make, new_params, args, ref=None) -> dict:
+class _Scheduled:
+    """An optimizer stepped with a ``LambdaLR`` after it (a warm-up over 100 steps, then a slow decay: a new lr
+    at every step, as the Hugging Face Trainer's and most training loops' schedules give); the rest is the
+    optimizer's."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 100) * 0.9999 ** k)
+
+    def step(self):
+        self.opt.step()
+        self.scheduler.step()
+
+    def __getattr__(self, name):
+        return getattr(self.opt, name)
+
+
+def _with_scheduler(make):
+    return lambda ps: _Scheduled(make(ps))
+
+
+def _measure(make, new_params, args, ref=None, scheduled=False) -> dict:
     """Build an optimizer over ``new_params()`` and time its ``step()``, ``--tries`` times on fresh
     allocations; the fastest try is kept (``tries_ms`` lists them all). Errors are reported, not raised.
 
@@ -229,6 +252,9 @@ def _measure(make, new_params, args, ref=None) -> dict:
     On a device with asynchronous kernels (CUDA) every timed call ends by synchronizing the device, and
     the device is synchronized before the first one, so each time is the step's whole work."""
     best, runs = None, []
+    if scheduled:  # both sides with their scheduler (the "scheduled" workload)
+        make = _with_scheduler(make)
+        ref = None if ref is None else (_with_scheduler(ref[0]), ref[1])
     sync = device_sync(args.device)
     for _ in range(max(1, args.tries)):
         params = new_params()
@@ -285,7 +311,7 @@ def _adam(ps):
 
 
 def _baseline(data, workload, args) -> dict:
-    r = _measure(_adam, data.params, args)
+    r = _measure(_adam, data.params, args, scheduled=workload.scheduled)
     if "_opt" in r:
         r["bytes"] = _peers.torch_bytes_moved(r.pop("_opt"))
         r["bytes_per_element"] = r["bytes"] / workload.numel
@@ -338,7 +364,8 @@ def _measure_optzoo(data, workload, args, baseline, peers, modes) -> list:
         for mode in modes:
             def make(ps, mode=mode):
                 return _face.create(name, ps, fused=mode, multi_precision=workload.multi_precision, **settings)
-            r = _measure(make, lambda: data.params(shapes), args, ref=(_adam, data.params))
+            r = _measure(make, lambda: data.params(shapes), args, ref=(_adam, data.params),
+                         scheduled=workload.scheduled)
             r.pop("_opt", None)
             row = {"optimizer": label, "name": name, "settings": settings, "workload": workload.key, "fused": mode,
                    "bytes": moved, "bytes_per_element": moved / workload.numel, **r}
@@ -378,7 +405,7 @@ def _run_mxnet(args, workloads, rows) -> dict:
     python, status = _mxnet_python(args)
     if python is None:
         return {"status": status}
-    workloads = [w for w in workloads if not w.loaded]  # its process runs with no load beside it
+    workloads = [w for w in workloads if not w.loaded and not w.scheduled]  # no load beside it, no scheduler
     if not workloads:
         return {"status": "skipped (no workload without load)"}
     jobs = [{"label": label, "name": name, "settings": settings_for(name, overrides), "workload": w.key,
@@ -478,7 +505,7 @@ def run(args) -> dict:
 def _measure_workload(data, w, args):
     """torch's fused Adam, the peers, fused Adam again, then every optzoo row in each ``--fused`` mode."""
     before = _baseline(data, w, args)
-    peers = [] if args.no_peers or w.multi_precision else _measure_peers(data, w, args)
+    peers = [] if args.no_peers or w.multi_precision or w.scheduled else _measure_peers(data, w, args)
     after = _baseline(data, w, args)
     # the faster of two measurements (before and after the peers): the stricter reference
     baseline = min((b for b in (before, after) if "ms" in b), key=lambda b: b["ms"], default=before)

@@ -10,6 +10,7 @@ resnet50    (ii) ResNet-50's 161 parameter shapes                       25,557,0
 small       (iii) 2,000 tensors of 1,024 elements                       2,048,000     fp32
 fp16        (iv) (i) in fp16, ``multi_precision=True`` (fp32 master)    16,777,216    fp16
 loaded      (v) (i) with a CPU-bound process on every core alongside    16,777,216    fp32
+scheduled   (vii) (iii) with a new lr at every step (LambdaLR)           2,048,000     fp32
 ==========  ==========================================================  ============  =====
 
 The row-sparse workload ``embedding`` ((vi): a 10,000,000 x 64 fp32 table, 4,096 rows touched per step) has its
@@ -17,6 +18,10 @@ own measurement, lazy step against dense step and torch's sparse optimizers: :mo
 
 ``loaded`` is the "shared machine": the same tensor as (i), measured while :func:`optzoo.bench.load.busy_cores`
 keeps one busy-loop process per core running, torch's fused Adam measured under the same load beside it.
+
+``scheduled`` is how most training runs: (iii)'s tensors, each optimizer (and torch's fused Adam beside it) stepped
+with a ``torch.optim.lr_scheduler.LambdaLR`` stepped after it (a warm-up then a decay: a new lr at every step), the
+scheduler's step included in the time.
 
 Bytes moved per element (the "effective" traffic of one step, the least an ideal kernel could move):
 the weight read and written, the gradient read, and every state tensor read and written, each at
@@ -68,6 +73,7 @@ class Workload:
     dtype: torch.dtype = torch.float32
     multi_precision: bool = False
     loaded: bool = False  # measured with a busy process on every core (the "shared machine")
+    scheduled: bool = False  # a LambdaLR stepped after every step, on both sides
 
     @property
     def numel(self) -> int:
@@ -80,6 +86,7 @@ class Workload:
     def describe(self) -> str:
         mp = ", multi_precision" if self.multi_precision else ""
         load = ", a busy process on every core" if self.loaded else ""
+        load += ", a new lr at every step (LambdaLR)" if self.scheduled else ""
         n = len(self.shapes)
         return (f"{self.label}: {n:,} tensor{'s' if n > 1 else ''}, {self.numel:,} elements, "
                 f"{self.dtype_name}{mp}{load}")
@@ -131,9 +138,11 @@ def make_workload(key: str, scale: float = 1.0) -> Workload:
         return Workload(key, "(i) one tensor", (_shrink((4096, 4096), scale),))
     if key == "resnet50":
         return Workload(key, "(ii) ResNet-50", tuple(_shrink(s, scale) for s in resnet50_shapes()))
-    if key == "small":
+    if key in ("small", "scheduled"):
         root = math.sqrt(scale)
         count, size = max(2, round(2000 * root)), max(1, round(1024 * root))
+        if key == "scheduled":
+            return Workload(key, "(vii) many small, scheduled", ((size,),) * count, scheduled=True)
         return Workload(key, "(iii) many small", ((size,),) * count)
     if key == "fp16":
         return Workload(key, "(iv) fp16 + multi_precision", (_shrink((4096, 4096), scale),), torch.float16, True)
@@ -142,7 +151,7 @@ def make_workload(key: str, scale: float = 1.0) -> Workload:
     raise ValueError(f"workload {key!r} is unknown: expected one of {', '.join(WORKLOADS)}")
 
 
-WORKLOADS = ("single", "resnet50", "small", "fp16", "loaded")
+WORKLOADS = ("single", "resnet50", "small", "fp16", "loaded", "scheduled")
 
 
 def param_shape(name: str, shape) -> tuple:
