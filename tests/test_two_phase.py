@@ -69,7 +69,7 @@ def test_two_phases_in_other_dtypes(dtype, kw, monkeypatch):
 
 def test_one_kept_buffer_sized_to_the_largest_call():
     _, mx = run(None, steps=3)
-    bufs = {k: v for k, v in mx._scratch.items() if isinstance(k, tuple) and k[0] == "phases"}
+    bufs = {k: v for k, v in mx._phases.items() if k[0] == "phases"}
     assert list(bufs) == [("phases", torch.float32, torch.device("cpu"))]
     chunks = [SHAPES[0:4], SHAPES[4:8], SHAPES[8:9]]
     largest = max(sum(torch.Size(s).numel() for s in c) for c in chunks)
@@ -101,3 +101,25 @@ def test_the_phase_graphs_serve_every_pattern_of_sizes(monkeypatch):
     step([(5, 9)] * 4)
     assert counters["stats"]["unique_graphs"] == graphs
     assert sorted(key[-4:] for key in engine._COMPILED) == [("phases", 4, True, "first"), ("phases", 4, True, "second")]
+
+
+def test_the_buffer_is_kept_through_a_schedule_and_is_no_state():
+    """A scheduler's new lr at every step rebuilds the group's MXNet-style optimizer: the buffer goes with it
+    (not re-made, with its page faults, at each step). It is a cache: deepcopy and pickle leave it out."""
+    import copy
+    import pickle
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = ot.LAMB(params, lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.9 ** k)
+    bufs = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        sched.step()
+        mx = opt.mxnet_optimizer(0)
+        bufs.append(mx._phases[("phases", torch.float32, torch.device("cpu"))])
+    assert bufs[0] is bufs[1] is bufs[2]
+    assert "_phases" not in copy.deepcopy(mx).__dict__
+    assert "_phases" not in pickle.loads(pickle.dumps(mx)).__dict__

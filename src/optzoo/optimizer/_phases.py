@@ -51,7 +51,7 @@ def run(opt, key, seg, members, group):
 def _padding(opt, key, member, n):
     """``n`` stand-in members like ``member`` (weight, gradient, states, fp16/bf16 copy, direction), of distinct
     small sizes, kept by the optimizer per graph key."""
-    cache = opt.__dict__.setdefault("_scratch", {})
+    cache = opt.__dict__.setdefault("_phases", {})
     k = ("phase_padding", key)
     got = cache.get(k)
     if got is None or len(got[0]) < n:
@@ -91,12 +91,12 @@ def _buffers(opt, ws):
     dtype exactly (fp32, or fp64 for fp64 weights)."""
     dtype = torch.promote_types(ws[0].dtype, torch.float32)
     sizes = [w.numel() for w in ws]
-    cache = opt.__dict__.setdefault("_scratch", {})
+    cache = opt.__dict__.setdefault("_phases", {})
     key = ("phases", dtype, ws[0].device)
     buf = cache.pop(key, None)
     if buf is None or buf.numel() < sum(sizes):
         buf = torch.empty(sum(sizes), dtype=dtype, device=ws[0].device)
-    cache[key] = buf  # most recently used last (the executor drops the oldest scratch buffers)
+    cache[key] = buf  # in a cache of its own: packs' scratch buffers are dropped oldest first
     return list(torch.split(buf[:sum(sizes)], sizes))
 
 
