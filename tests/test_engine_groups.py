@@ -71,16 +71,20 @@ def test_groups_with_fp16_weights_and_master_copies(name, grouped):
     assert_match(ref, got, compiled_rtol(spec_of(name)))
 
 
-def test_a_group_graph_serves_every_pattern_of_sizes(monkeypatch):
+@pytest.mark.parametrize("cls,keys", [(ot.Adamax, [("group", 4, True)]),
+                                      (ot.LAMB, [("phases", 4, True, "first"), ("phases", 4, True, "second")])],
+                         ids=["elementwise", "two_phases"])
+def test_a_group_graph_serves_every_pattern_of_sizes(cls, keys, monkeypatch):
     """dynamo gives equal sizes one symbol (duck sizing): a graph first compiled on a group of equal sizes
     would guard on it and recompile for the next pattern. The executor compiles a group graph on stand-ins
-    of distinct sizes first: then any pattern, equal sizes included, runs on that one graph."""
+    of distinct sizes first: then any pattern, equal sizes included, runs on that one graph (a two-phase rule's
+    pair of graphs alike)."""
     monkeypatch.setattr(engine, "LARGE", 12)
     monkeypatch.setattr(engine, "_COMPILED", {})
 
     def step(shapes):
         params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        opt = ot.Adamax(params, lr=0.01)
+        opt = cls(params, lr=0.01)
         for p in params:
             p.grad = torch.randn(p.shape)
         opt.step()
@@ -91,7 +95,7 @@ def test_a_group_graph_serves_every_pattern_of_sizes(monkeypatch):
     step([(31,), (31,), (64,), (64,)])
     step([(5, 9)] * 4)
     assert counters["stats"]["unique_graphs"] == graphs
-    assert [key[-3:] for key in engine._COMPILED if "group" in key] == [("group", 4, True)]
+    assert sorted(key[-len(keys[0]):] for key in engine._COMPILED if "group" in key or "phases" in key) == keys
 
 
 def test_scalar_tensors_are_remade_only_where_a_value_changed():

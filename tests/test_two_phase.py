@@ -3,7 +3,6 @@ buffer, four per call (a last, shorter group filled up with small stand-ins: one
 norms' bound; the buffer is one per dtype, sized to the largest call."""
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 import optzoo.torch as ot
 from optzoo.optimizer import _phases, engine
@@ -80,27 +79,6 @@ def test_accelerators_keep_the_one_graph_step():
     opt = LAMB()
     assert _phases.wanted(opt, (LAMB, "norms", torch.float32, "cpu"))
     assert not _phases.wanted(opt, (LAMB, "norms", torch.float32, "cuda"))
-
-
-def test_the_phase_graphs_serve_every_pattern_of_sizes(monkeypatch):
-    """As the executor's group graphs: compiled first on stand-ins of distinct sizes, then no new graph for
-    groups of equal sizes, other sizes or shapes."""
-    monkeypatch.setattr(engine, "_COMPILED", {})
-
-    def step(shapes):
-        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        opt = ot.LAMB(params, lr=0.01)
-        for p in params:
-            p.grad = torch.randn(p.shape)
-        opt.step()
-
-    step([(20,)] * 4)  # equal sizes first
-    graphs = counters["stats"]["unique_graphs"]
-    step([(20,), (30,), (40,), (50,)])
-    step([(31,), (31,), (64,), (64,)])
-    step([(5, 9)] * 4)
-    assert counters["stats"]["unique_graphs"] == graphs
-    assert sorted(key[-4:] for key in engine._COMPILED) == [("phases", 4, True, "first"), ("phases", 4, True, "second")]
 
 
 def test_the_buffer_is_kept_through_a_schedule_and_is_no_state():
