@@ -29,7 +29,12 @@ def run(opt, key, seg, members, group):
     """``members`` (the executor's ``(w, g, inner, scalars, low)`` of one graph key, 1-D views) in chunks of
     ``group``, two compiled calls per chunk. A last, shorter chunk is filled up with small stand-in members kept
     by the optimizer (a few dozen elements each): one pair of graphs per key, not a second pair for the rest
-    (each graph costs its compile time cold and ~0.3 s of loading warm; the stand-ins' loops cost microseconds)."""
+    (each graph costs its compile time cold and ~0.3 s of loading warm; the stand-ins' loops cost microseconds).
+    A lone member (one large tensor: a graph key of its own) runs alone: each member's loop ends at a barrier, and
+    on a shared machine each barrier waits for a descheduled thread (one 16M tensor under a busy process per core,
+    padded to four: 3.3x torch fused Adam's time)."""
+    if len(members) == 1:
+        group = 1
     for start in range(0, len(members), group):
         chunk = members[start:start + group]
         ws, gs, inners, tss, lows = map(list, zip(*chunk))
