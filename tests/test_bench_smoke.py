@@ -107,6 +107,8 @@ def test_smoke_run(tmp_path, capsys):
     for w in data["workloads"].values():
         assert f"## {w['describe']}" in md
     assert "## Targets" in md and "| adam | None |" in md and "x Adam time" in md
+    scheduled = md.split(f"## {data['workloads']['scheduled']['describe']}")[1].split("\n## ")[0]
+    assert "| x Adam time |" in scheduled and "torch peer" not in scheduled  # its target's ratio, no peers
     out = capsys.readouterr().out
     assert "torch.optim.Adam(fused=True)" in out and "latest.json" in out and "under the same load" in out
     assert "with the same LambdaLR" in out

@@ -487,7 +487,7 @@ def run(args) -> dict:
         results["peers"] += entry.pop("peers")
         results["workloads"][w.key] = {"label": w.label, "describe": w.describe(), "tensors": len(w.shapes),
                                        "elements": w.numel, "dtype": w.dtype_name,
-                                       "multi_precision": w.multi_precision, **entry}
+                                       "multi_precision": w.multi_precision, "scheduled": w.scheduled, **entry}
         results["rows"] += rows
         del data
         gc.collect()

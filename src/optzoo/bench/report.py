@@ -67,14 +67,18 @@ def _f(x, digits=3):
     return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.{max(digits - len(str(int(abs(x)))), 0)}f}"
 
 
+def _scheduled(results, workload):
+    return results["workloads"][workload].get("scheduled", workload == "scheduled")
+
+
 def _table(results, workload):
-    """One row per optimizer and fused mode. The loaded workload has no peers (its reference is fused Adam
-    under the same load) and shows its target's ratio, x Adam time."""
-    loaded = bool(results["workloads"][workload].get("load"))
-    peers_on = results["config"]["peers"] and not loaded
-    mx_on = bool(results["mxnet"].get("version")) and not loaded
+    """One row per optimizer and fused mode. The loaded and scheduled workloads have no peers (their reference is
+    fused Adam under the same load, or with the same scheduler) and show their target's ratio, x Adam time."""
+    paired_only = bool(results["workloads"][workload].get("load")) or _scheduled(results, workload)
+    peers_on = results["config"]["peers"] and not paired_only
+    mx_on = bool(results["mxnet"].get("version")) and not paired_only
     head = ["optimizer", "fused", "B/elt", "first call ms", "ms/step", "GB/s", "x Adam GB/s"]
-    head += ["x Adam time"] if loaded else []
+    head += ["x Adam time"] if paired_only else []
     head += ["torch peer", "peer ms", "x peer time"] if peers_on else []
     head += ["MXNet ms", "x MXNet time"] if mx_on else []
     peers = {p["optimizer"]: p for p in results["peers"] if p["workload"] == workload}
@@ -82,10 +86,10 @@ def _table(results, workload):
     for r in (r for r in results["rows"] if r["workload"] == workload):
         line = [r["optimizer"], mode_name(r["fused"]), _f(r.get("bytes_per_element"))]
         if r.get("error"):
-            line += ["error: " + r["error"][:60], "-", "-", "-"] + (["-"] if loaded else [])
+            line += ["error: " + r["error"][:60], "-", "-", "-"] + (["-"] if paired_only else [])
         else:
             line += [_f(r.get("first_ms")), _f(r.get("ms")), _f(r.get("gbps")), _f(r.get("vs_adam_gbps"), 2)]
-            line += [_f(r.get("vs_adam_time"), 2)] if loaded else []
+            line += [_f(r.get("vs_adam_time"), 2)] if paired_only else []
         if peers_on:
             peer = peers.get(r["optimizer"])
             line += [f"{peer['class']} ({peer['variant']})" if peer and not peer.get("error") else "-",
@@ -128,8 +132,8 @@ def _baseline_line(results, key):
     load = w.get("load")
     under = (f" under the same load ({load['processes']} busy processes, {load['spinning_at_end']} still spinning "
              "at the end; x Adam time = the paired ratio r)") if load else ""
-    if "scheduled" in w.get("describe", ""):
-        under += " with the same LambdaLR"
+    if _scheduled(results, key):
+        under += " with the same LambdaLR (x Adam time = the paired ratio r)"
     return (f"torch.optim.Adam(fused=True){under}: {_f(b['ms'])} ms/step, {_f(b['gbps'])} GB/s "
             f"({_f(b['bytes_per_element'])} B/elt), first call {_f(b['first_ms'])} ms")
 
@@ -220,8 +224,8 @@ def markdown_report(results) -> str:
            "for fused=True, from whatever inductor cache the machine has: `--first-call` times it cold and warm); "
            "GB/s = bytes moved (B/elt x elements) / ms; x Adam GB/s = (B/elt / Adam's 28) / r, where r is the "
            "median ratio of this step's time to torch fused Adam's step timed right before it, on the same "
-           "workload (> 1 is faster); x Adam time = r (loaded workload: both under the same load, < 1 is "
-           "faster); x peer time = r / the peer's own r (< 1 is faster): ratios from "
+           "workload (> 1 is faster); x Adam time = r (loaded and scheduled workloads: both under the same load, or "
+           "with the same scheduler, < 1 is faster); x peer time = r / the peer's own r (< 1 is faster): ratios from "
            "back-to-back steps, robust to the machine's drifting speed, so they need not equal ms / peer ms; "
            "x MXNet time = ms / MXNet's ms (separate process, < 1 is faster)", ""]
     for key, w in results["workloads"].items():
