@@ -1,6 +1,7 @@
 """Two-phase rules (LAMB) on the CPU: large tensors run as two compiled loops with the direction stored in a kept
-buffer, four per call (a last, shorter group filled up with small stand-ins: one pair of graphs). Their numbers are the one-graph compiled step's bit for bit, and the reference path's within the compiled
-norms' bound; the buffer is one per dtype, sized to the largest call."""
+buffer, four per call (a last, shorter group filled up with small stand-ins: one pair of graphs; a lone tensor
+alone). Their numbers are the one-graph compiled step's bit for bit, and the reference path's within the compiled
+norms' bound; the buffer is one per dtype, sized to the largest call, and kept through a scheduler's rebuild."""
 import pytest
 import torch
 
