@@ -70,8 +70,12 @@ def make(face, name: str, ps, flat: bool, scheduled: bool = False):
         face.flatten_parameters(ps)
     cls, kwargs = OPTIMIZERS[name]
     opt = getattr(face, cls)(ps, **kwargs)
-    if scheduled:  # a new lr at every step, as warm-up and decay schedules give (stepped outside the timing)
-        opt.ab_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    return with_scheduler(opt) if scheduled else opt
+
+
+def with_scheduler(opt):
+    """``opt`` with a new lr at every step, as warm-up and decay schedules give (stepped outside the timing)."""
+    opt.ab_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
     return opt
 
 
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
             for name in args.optimizers.split(","):
                 ref = torch.optim.Adam(params(workload, 0), fused=True)
                 if args.scheduler:
-                    ref.ab_scheduler = torch.optim.lr_scheduler.LambdaLR(ref, lambda step: 1.0 / (1 + step))
+                    with_scheduler(ref)
                 opts = {"torch": ref,
                         "new": make(new, name, params(workload, 0), args.flat or args.this_flat, args.scheduler),
                         "old": make(old, name, params(workload, 0), args.flat, args.scheduler)}

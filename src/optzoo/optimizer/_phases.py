@@ -12,6 +12,7 @@ fused graph's. Accelerators keep the fused graph: there the recomputation is che
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 
@@ -61,11 +62,11 @@ def _padding(opt, key, member, n):
     got = cache.get(k)
     if got is None or len(got[0]) < n:
         w, g, inner, _, low = member
-        sizes = [_engine._DISTINCT + 3 * j for j in range(n)]
+        sizes = _engine.stand_in_sizes(n)
         u_dtype = torch.promote_types(w.dtype, torch.float32)
-        got = cache[k] = ([_sized(w, m) for m in sizes], [_sized(g, m) for m in sizes],
-                          [_engine._map(inner, lambda t, m=m: _sized(t, m)) for m in sizes],
-                          [None if low is None else _sized(low, m) for m in sizes],
+        got = cache[k] = ([_engine.stand_in(w, m) for m in sizes], [_engine.stand_in(g, m) for m in sizes],
+                          [_engine._map(inner, functools.partial(_engine.stand_in, n=m)) for m in sizes],
+                          [None if low is None else _engine.stand_in(low, m) for m in sizes],
                           [torch.zeros(m, dtype=u_dtype, device=w.device) for m in sizes])
     return tuple(part[:n] for part in got)
 
@@ -98,29 +99,28 @@ def _buffers(opt, ws):
     sizes = [w.numel() for w in ws]
     cache = opt.__dict__.setdefault("_phases", {})
     key = ("phases", dtype, ws[0].device)
-    buf = cache.pop(key, None)
+    buf = cache.get(key)  # a cache of its own: packs' scratch buffers are dropped oldest first
     if buf is None or buf.numel() < sum(sizes):
-        buf = torch.empty(sum(sizes), dtype=dtype, device=ws[0].device)
-    cache[key] = buf  # in a cache of its own: packs' scratch buffers are dropped oldest first
+        buf = cache[key] = torch.empty(sum(sizes), dtype=dtype, device=ws[0].device)
     return list(torch.split(buf[:sum(sizes)], sizes))
-
-
-def _sized(t, n):
-    return torch.ones(n, dtype=t.dtype, device=t.device)
 
 
 def _first_stand_ins(args):
     """A chunk's first compile on members of distinct sizes (as the executor's groups: no guard that two
     members are equally large, so one graph serves every pattern of sizes)."""
     opt, ws, gs, inners, s, seg, us = args
-    n = [_engine._DISTINCT + 3 * k for k in range(len(ws))]
-    return (opt, [_sized(w, m) for w, m in zip(ws, n)], [_sized(g, m) for g, m in zip(gs, n)],
-            [_engine._map(i, lambda t, m=m: _sized(t, m)) for i, m in zip(inners, n)], s, seg,
-            [_sized(u, m) for u, m in zip(us, n)])
+    sizes = _engine.stand_in_sizes(len(ws))
+    return (opt, *(_like(xs, sizes) for xs in (ws, gs)),
+            [_engine._map(i, functools.partial(_engine.stand_in, n=n)) for i, n in zip(inners, sizes)], s, seg,
+            _like(us, sizes))
 
 
 def _second_stand_ins(args):
     opt, ws, us, scales, lows = args
-    n = [_engine._DISTINCT + 3 * k for k in range(len(ws))]
-    return (opt, [_sized(w, m) for w, m in zip(ws, n)], [_sized(u, m) for u, m in zip(us, n)],
-            [s.clone() for s in scales], None if lows is None else [_sized(x, m) for x, m in zip(lows, n)])
+    sizes = _engine.stand_in_sizes(len(ws))
+    return (opt, _like(ws, sizes), _like(us, sizes), [s.clone() for s in scales],
+            None if lows is None else _like(lows, sizes))
+
+
+def _like(tensors, sizes):
+    return [_engine.stand_in(t, n) for t, n in zip(tensors, sizes)]

@@ -130,17 +130,24 @@ def _distinct(args):
     compile on them has no guard that two members are equally large (dynamo's duck sizing would otherwise
     give equal sizes one symbol, and every group of another pattern of equal sizes a graph of its own)."""
     opt, ws, gs, inners, s, seg, lows = args
-
-    def like(t, n):
-        return torch.ones(n, dtype=t.dtype, device=t.device)
-
-    sizes = [_DISTINCT + 3 * k for k in range(len(ws))]
-    return (opt, [like(w, n) for w, n in zip(ws, sizes)], [like(g, n) for g, n in zip(gs, sizes)],
-            [_map(inner, functools.partial(like, n=n)) for inner, n in zip(inners, sizes)], s, seg,
-            None if lows is None else [like(x, n) for x, n in zip(lows, sizes)])
+    sizes = stand_in_sizes(len(ws))
+    return (opt, [stand_in(w, n) for w, n in zip(ws, sizes)], [stand_in(g, n) for g, n in zip(gs, sizes)],
+            [_map(inner, functools.partial(stand_in, n=n)) for inner, n in zip(inners, sizes)], s, seg,
+            None if lows is None else [stand_in(x, n) for x, n in zip(lows, sizes)])
 
 
-#: The first stand-in size of :func:`_distinct` (small, above dynamo's 0/1 specialization).
+def stand_in_sizes(count):
+    """``count`` distinct small sizes for stand-in members (from :data:`_DISTINCT`, above dynamo's 0/1
+    specialization)."""
+    return [_DISTINCT + 3 * k for k in range(count)]
+
+
+def stand_in(t, n):
+    """A 1-D stand-in for ``t`` (its dtype and device) of ``n`` ones."""
+    return torch.ones(n, dtype=t.dtype, device=t.device)
+
+
+#: The first stand-in size of :func:`stand_in_sizes` (small, above dynamo's 0/1 specialization).
 _DISTINCT = 67
 
 
@@ -223,7 +230,7 @@ def _compiled(key, step=_fused_step):
 def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
     """The ``step``, compiled if asked and possible, and what it returns; where compiling fails (no C compiler,
     an unsupported platform, a compiler bug) it warns once and that kernel runs eagerly from then on.
-    ``stand_ins(args)``: arguments of distinct sizes for a group graph's first compile (see :func:`_distinct`)."""
+    ``stand_ins(args)``: arguments of distinct sizes for a group graph's first compile (as :func:`_distinct`)."""
     if not compiled or _COMPILED.get(key, True) is None:
         return step(*args)
     if args[0].clip_gradient:
@@ -234,10 +241,8 @@ def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
         if key[1] == "rows":
             with _NoOuterLoopFusion():
                 return fn(*args)
-        if first and step is _group_step:
-            fn(*_distinct(args))  # compiled on members of distinct sizes: one graph for every size pattern
-        elif first and stand_ins is not None and len(args[1]) > 1:
-            fn(*stand_ins(args))
+        if first and stand_ins is not None and len(args[1]) > 1:
+            fn(*stand_ins(args))  # compiled on members of distinct sizes: one graph for every size pattern
         return fn(*args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
@@ -316,15 +321,22 @@ def _as_tensors(s, dtype, device, cache):
     key = (s, dtype, device)
     got = cache.get(key)
     if got is None:
-        places = cache.get(_PLACES)
-        if places is None:
-            places = cache[_PLACES] = {}
+        places = _places(cache)
         got = cache[key] = tuple(_placed_tensor(places, k, x, dtype, device) for k, x in enumerate(s))
     return got
 
 
 #: The key, in an optimizer's scalar cache, of its per-place values (dropped with the oldest tuples, then remade).
 _PLACES = object()
+
+
+def _places(cache):
+    """The per-place tensors of an optimizer's scalar cache: remade where values that change at every step (a
+    schedule's, LAMB's bias corrections) have added a place each beyond a bound, not grown without one."""
+    places = cache.get(_PLACES)
+    if places is None or len(places) > 16 * _SCALARS_KEPT:
+        places = cache[_PLACES] = {}
+    return places
 
 
 def _placed_tensor(places, k, x, dtype, device):
@@ -458,7 +470,7 @@ def _run_groups(opt, key, members):
         ws, gs, inners, tss, flows = map(list, zip(*members[start:start + GROUP]))
         shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))  # prepare's one tuple (the common case)
         _run(True, key + ("group", GROUP, shared), opt, ws, gs, inners, tss[0] if shared else tss, seg,
-             flows if flows[0] is not None else None, step=_group_step)
+             flows if flows[0] is not None else None, step=_group_step, stand_ins=_distinct)
     for fw, fg, finner, ts, flow in members[whole:]:
         _run(True, key, opt, fw, fg, finner, ts, seg, flow)
 
@@ -758,9 +770,7 @@ def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
             else as_tensor(c).view(-1, 1) if isinstance(c, list) else c for c, key in zip(cols, keys)]
     kind = "elementwise" if layout == "elementwise" else "rows"
     if compiled:  # the shared scalars' tensors, made once (not per run: LAMB on ResNet-50's ~50 runs made 600 a step)
-        places = cache.get(_PLACES)
-        if places is None or len(places) > 16 * _SCALARS_KEPT:  # values that change each step (LAMB's bias
-            places = cache[_PLACES] = {}  # corrections) add a place each: remade, not grown without bound
+        places = _places(cache)
         cols = [c if isinstance(c, torch.Tensor) else _placed_tensor(places, k, c, sdt, device)
                 for k, c in enumerate(cols)]
     for first, stop, offset, nrows, size, row in segs.runs:
