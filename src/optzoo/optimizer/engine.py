@@ -401,14 +401,13 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
         with torch.no_grad():
             _run_pack(opt, fused, next(iter(targets))[2], weights, grads, states, scalars, cache, lows)
         return
-    packs, groups = {}, {}
+    packs = {}
     with torch.no_grad():
+        large = [k for k, n in enumerate(numels) if n >= LARGE]
+        groups, placed = _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
         for k, n in enumerate(numels):
-            if n >= LARGE:
-                got = _in_place(opt, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k], cache, lows[k])
-                if got is not None:  # grouped with the large tensors that share its compiled graph
-                    groups.setdefault(got[0], []).append(got[1])
-                    continue
+            if n >= LARGE and k in placed:
+                continue
             dtype, device, _ = kinds[k]
             packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
         for key, members in groups.items():
@@ -420,6 +419,96 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
                 continue
             _run_pack(opt, fused, lay, [weights[k] for k in members], [grads[k] for k in members],
                       [states[k] for k in members], [scalars[k] for k in members], cache, [lows[k] for k in members])
+
+
+def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
+    """The large tensors (indices ``large``) grouped by compiled graph: ``{key: members}`` (:func:`_in_place`'s
+    keys and arguments) and the set of indices placed (the others have no flat form: they are packed).
+
+    A step over the same tensors as a recent one reuses that step's work (:class:`_LargePlan`: the 1-D views of
+    the weights and states, each one's graph key without its scalars' part), checked in C-level maps: the
+    weights at the same addresses with the same sizes and dims, the same state tensors at the same addresses,
+    everything contiguous. Only the gradients' views and the scalars' tensors are made anew."""
+    if not large:
+        return {}, set()
+    plans = _kept(opt, "_large_plans", _PLANS_KEPT)
+    ws = [weights[k] for k in large]
+    ptrs = tuple(map(torch.Tensor.data_ptr, ws))
+    plan = plans.get(ptrs)
+    if plan is not None:
+        got = plan.groups(opt, layouts, kinds, large, ws, grads, states, scalars, cache, lows)
+        if got is not None:
+            return got, set(large)
+        plans.pop(ptrs, None)
+    groups, placed, entries = {}, set(), []
+    for k in large:
+        got = _in_place(opt, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k], cache, lows[k])
+        if got is not None:  # grouped with the large tensors that share its compiled graph
+            groups.setdefault(got[0], []).append(got[1])
+            placed.add(k)
+            entries.append((got[0], got[1]))
+    plan = _LargePlan.make(opt, layouts, kinds, large, ws, states, scalars, lows, entries, placed)
+    if plan is not None:
+        plans[ptrs] = plan
+    return groups, placed
+
+
+#: Sets of large tensors whose :class:`_LargePlan` an optimizer keeps (the oldest dropped beyond).
+_PLANS_KEPT = 4
+
+
+class _LargePlan:
+    """What a step over the same large tensors can reuse from an earlier one (see :func:`_placed_large`): each
+    tensor's 1-D views of the weight and states and its graph key less the scalars' part. Made only where every
+    tensor was placed, everything is contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy
+    is written; the views keep the memory they view, so an address seen again is the same memory."""
+
+    __slots__ = ("cls", "layouts", "kinds", "numels", "leaves", "leaf_ptrs", "entries")
+
+    @classmethod
+    def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries, placed):
+        if len(placed) != len(large) or any(low is not None for low in (lows[k] for k in large)):
+            return None
+        if any(isinstance(x, torch.Tensor) for k in large for x in scalars[k]):
+            return None
+        leaves = list(itertools.chain.from_iterable(_tree.leaves(states[k]) for k in large))
+        if not all(map(torch.Tensor.is_contiguous, itertools.chain(ws, leaves))):
+            return None
+        plan = cls()
+        plan.cls, plan.layouts = type(opt), dict(layouts)
+        plan.kinds = [kinds[k] for k in large]
+        plan.numels = list(map(torch.Tensor.numel, ws))
+        plan.leaves, plan.leaf_ptrs = leaves, list(map(torch.Tensor.data_ptr, leaves))
+        # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
+        plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:5], key[6:], _scalar_dtype(m[0], _tree.leaves(m[2])))
+                        for key, m in entries]
+        return plan
+
+    def groups(self, opt, layouts, kinds, large, ws, grads, states, scalars, cache, lows):
+        """This step's ``{key: members}``, or None where anything differs from the plan's step."""
+        if type(opt) is not self.cls or layouts != self.layouts or [kinds[k] for k in large] != self.kinds \
+                or list(map(torch.Tensor.numel, ws)) != self.numels or not all(map(torch.Tensor.is_contiguous, ws)):
+            return None
+        leaves = list(itertools.chain.from_iterable(_tree.leaves(states[k]) for k in large))
+        if len(leaves) != len(self.leaves) or not all(map(operator.is_, leaves, self.leaves)) or \
+                list(map(torch.Tensor.data_ptr, leaves)) != self.leaf_ptrs or \
+                not all(map(torch.Tensor.is_contiguous, leaves)):
+            return None
+        gs = [grads[k] for k in large]
+        if not all(map(torch.Tensor.is_contiguous, gs)) or any(lows[k] is not None for k in large):
+            return None
+        made, groups = {}, {}
+        for (fw, finner, flat, head, tail, sdt), g, k in zip(self.entries, gs, large):
+            s = scalars[k]
+            got = made.get((id(s), sdt))
+            if got is None:
+                if any(isinstance(x, torch.Tensor) for x in s):
+                    return None
+                ts = _as_tensors(s, sdt, fw.device, cache)
+                got = made[(id(s), sdt)] = (ts, tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in ts))
+            ts, dims = got
+            groups.setdefault(head + (dims,) + tail, []).append((fw, g.view(-1) if flat else g, finner, ts, None))
+        return groups
 
 
 def _in_place(opt, layout, w, g, inner, s, cache, low=None):

@@ -1,0 +1,161 @@
+"""The executor's plan for large tensors (``engine._LargePlan``): a step over the same large tensors as a recent one
+reuses its 1-D views and graph keys. Whatever the user changes between steps (re-bound, transposed or frozen
+parameters, replaced, swapped, re-pointed or edited states, non-contiguous gradients, a reloaded state dict), the
+result equals the same step without plans bit for bit, and, for elementwise rules, the reference path's."""
+import pytest
+import torch
+
+import optzoo.torch as ot
+from optzoo.optimizer import engine
+
+#: elementwise (Adam, SGD), per-tensor norms (LARS), two phases on the CPU (LAMB), per-row states (GroupAdaGrad)
+OPTIMIZERS = {"Adam": {}, "SGD": {"momentum": 0.9, "wd": 1e-3}, "LARS": {"momentum": 0.9}, "LAMB": {},
+              "GroupAdaGrad": {}}
+ELEMENTWISE = ("Adam", "SGD")  # compiled kernels equal the reference path bit for bit
+
+
+def _model(seed, bias=True):
+    torch.manual_seed(seed)
+    # five square 256 x 256 weights (65,536 elements: large), a group of four and one alone; five small biases
+    # (packed; none for GroupAdaGrad, whose weights are 2-D)
+    return torch.nn.Sequential(*(torch.nn.Linear(256, 256, bias=bias) for _ in range(5)))
+
+
+def _backward(model, gen):
+    model(torch.randn(3, 256, generator=gen)).square().sum().backward()
+
+
+def _weights(ps):
+    return [p for p in ps if p.dim() == 2]
+
+
+def _rebind(opt, ps):
+    _weights(ps)[1].data = _weights(ps)[1].detach().clone()
+
+
+def _transpose(opt, ps):
+    w = _weights(ps)[2]
+    w.data = w.detach().t()  # the same address and shape, other strides
+    w.grad = w.grad.t().contiguous().t()
+
+
+def _strided_grad(opt, ps):
+    w = _weights(ps)[0]
+    w.grad = w.grad.t().contiguous().t()  # the same values, column-major
+
+
+def _freeze_one(opt, ps):
+    _weights(ps)[3].grad = None
+
+
+def _new_lr(opt, ps):
+    opt.param_groups[0]["lr"] *= 0.5
+
+
+def _state_names(opt, p):
+    return [k for k, v in opt.state[p].items() if k != "step" and isinstance(v, torch.Tensor)]
+
+
+def _replace_state(opt, ps):
+    st = opt.state[_weights(ps)[4]]
+    for name in _state_names(opt, _weights(ps)[4]):
+        st[name] = st[name].clone()
+
+
+def _swap_states(opt, ps):
+    a, b = opt.state[_weights(ps)[0]], opt.state[_weights(ps)[1]]
+    for name in _state_names(opt, _weights(ps)[0]):
+        a[name], b[name] = b[name], a[name]
+
+
+def _repoint_state(opt, ps):
+    for name in _state_names(opt, _weights(ps)[2]):
+        x = opt.state[_weights(ps)[2]][name]
+        x.set_(x.clone())  # the same tensor object, other memory
+
+
+def _edit_state(opt, ps):
+    for name in _state_names(opt, _weights(ps)[1]):
+        opt.state[_weights(ps)[1]][name].mul_(0.5)  # in place: the plan's views see it
+
+
+def _reload(opt, ps):
+    opt.load_state_dict(opt.state_dict())
+
+
+CHANGES = {f.__name__[1:]: f for f in (_rebind, _transpose, _strided_grad, _freeze_one, _new_lr, _replace_state,
+                                       _swap_states, _repoint_state, _edit_state, _reload)}
+
+
+def _run(name, change, fused, plans=True, monkeypatch=None):
+    model = _model(0, bias=name != "GroupAdaGrad")
+    opt = getattr(ot, name)(model.parameters(), lr=0.01, fused=fused, **OPTIMIZERS[name])
+    gen = torch.Generator().manual_seed(3)
+    ps = list(model.parameters())
+    with pytest.MonkeyPatch.context() as mp:
+        if not plans:
+            mp.setattr(engine._LargePlan, "make", classmethod(lambda cls, *args: None))
+        for step in range(5):
+            _backward(model, gen)
+            if step == 2:
+                change(opt, ps)
+            opt.step()
+            opt.zero_grad()
+    return model, opt
+
+
+def _assert_equal(a, b, what):
+    for (pa, pb) in zip(a[0].parameters(), b[0].parameters()):
+        assert torch.equal(pa, pb), what
+        sa, sb = a[1].state[pa], b[1].state[pb]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), (what, key)
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_plans_change_nothing_whatever_changes_between_steps(name, change):
+    planned = _run(name, CHANGES[change], None)
+    if change != "transpose":  # (a strided weight has none)
+        assert planned[1].mxnet_optimizer(0).__dict__.get("_large_plans")  # a plan was made (and kept)
+    _assert_equal(planned, _run(name, CHANGES[change], None, plans=False), (name, change, "without plans"))
+    if name in ELEMENTWISE:
+        _assert_equal(planned, _run(name, CHANGES[change], False), (name, change, "reference path"))
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant", "scheduled"])
+def test_a_steady_step_places_no_tensor_one_by_one(monkeypatch, scheduled):
+    """The plan is what steady steps use: no large tensor goes through ``_in_place`` again, also where a
+    scheduler's new lr makes the group's MXNet-style optimizer anew at every step (the plans go over)."""
+    model = _model(1)
+    opt = ot.Adam(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t)) if scheduled else None
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+    real = engine._in_place
+    monkeypatch.setattr(engine, "_in_place", lambda *args: calls.append(1) or real(*args))
+    inners = set()
+    for _ in range(4):
+        _backward(model, gen)
+        opt.step()
+        inners.add(id(opt.mxnet_optimizer(0)))
+        if sched is not None:
+            sched.step()
+    assert len(inners) == (4 if scheduled else 1)
+    assert len(calls) == 5  # the first step's five large weights, then none
+
+
+def test_a_changed_tensor_remakes_the_plan(monkeypatch):
+    model = _model(2)
+    opt = ot.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+    real = engine._in_place
+    monkeypatch.setattr(engine, "_in_place", lambda *args: calls.append(1) or real(*args))
+    for step in range(4):
+        _backward(model, gen)
+        if step == 2:
+            _replace_state(opt, list(model.parameters()))
+        opt.step()
+    assert len(calls) == 10  # placed one by one at the first step and after the replaced state
