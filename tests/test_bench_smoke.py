@@ -257,3 +257,17 @@ def test_ab_compares_this_tree_with_a_revision_in_one_process():
     for r in rows:
         ratios = [float(r[3]), float(r[5].rstrip("x,")), float(r[7].rstrip("x"))]
         assert all(math.isfinite(x) and x > 0 for x in ratios), r
+
+
+def test_gbps_limits_follow_the_issue():
+    """Without a flag every optimizer is held to 0.8 x torch fused Adam's GB/s; compiled to 0.9, SGLD to 0.5."""
+    from optzoo.bench.report import evaluate_targets
+    rows = [{"workload": w, "optimizer": o, "fused": f, "vs_adam_gbps": v}
+            for w in ("single", "resnet50")
+            for o, f, v in (("adam", None, 0.85), ("adam", True, 0.85), ("sgld", True, 0.55), ("sgld", None, 0.55),
+                            ("sgd", False, 0.1))]  # the reference path is not held to a target
+    got = evaluate_targets(rows)
+    assert got["checks"] == 8
+    assert sorted((c["optimizer"], c["fused"], c["limit"]) for c in got["misses"]) == \
+        [("adam", True, 0.9)] * 2 + [("sgld", None, 0.8)] * 2
+    assert {c["text"] for c in got["misses"]} == {"GB/s >= 0.9 x torch fused Adam's", "GB/s >= 0.8 x torch fused Adam's"}

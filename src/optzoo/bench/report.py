@@ -10,7 +10,8 @@ __all__ = ["TARGETS", "evaluate_targets", "text_report", "markdown_report", "wri
 
 README_START, README_END = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
 
-#: The issue's targets (CPU; ratios within one run). Checked for the fast modes (fused None and True).
+#: The issue's targets (CPU; ratios within one run). Checked for the fast modes (fused None and True). The GB/s
+#: limit is the compiled mode's; the default mode's and SGLD's are in :data:`GBPS_LIMITS`.
 TARGETS = {
     "gbps_vs_adam": (("single", "resnet50"), 0.9, "GB/s >= 0.9 x torch fused Adam's"),
     "time_vs_peer": (("single", "resnet50"), 1.0, "ms/step <= 1.0 x torch's fastest (same algorithm)"),
@@ -21,6 +22,13 @@ TARGETS = {
     "lazy_vs_peer": (("embedding",), 1.0, "lazy ms/step <= 1.0 x torch's sparse optimizer's"),
 }
 TARGET_MODES = (None, True)
+#: The GB/s target by mode and optimizer, as the issue sets it: without a flag (``fused=None``) every optimizer
+#: >= 0.8 x torch fused Adam's; compiled (``fused=True``) >= 0.9, SGLD (whose noise is made in the loop) >= 0.5.
+GBPS_LIMITS = {(None, None): 0.8, (True, None): 0.9, (True, "sgld"): 0.5}
+
+
+def _gbps_limit(fused, optimizer):
+    return GBPS_LIMITS.get((fused, optimizer), GBPS_LIMITS[(fused, None)])
 
 
 def mode_name(fused) -> str:
@@ -50,6 +58,9 @@ def evaluate_targets(rows: list) -> dict:
                      "lazy_vs_dense": row.get("vs_dense"), "lazy_vs_peer": row.get("vs_peer")}[key]
             if value is None:
                 continue
+            if key == "gbps_vs_adam":
+                limit = _gbps_limit(row["fused"], row["optimizer"])
+                text = f"GB/s >= {limit:g} x torch fused Adam's"
             met = value >= limit if key in ("gbps_vs_adam", "lazy_vs_dense") else value <= limit
             checks.append({"target": key, "text": text, "workload": row["workload"], "optimizer": row["optimizer"],
                            "fused": row["fused"], "value": value, "limit": limit, "met": met,
