@@ -92,6 +92,7 @@ def test_smoke_run(tmp_path, capsys):
     assert loaded["load"]["processes"] == os.cpu_count() == loaded["load"]["spinning_at_end"]
     for w in data["workloads"].values():
         _check_positive(w["baseline"], ["ms", "first_ms", "gbps"])
+        assert w["control_ratio"] > 0  # torch's fused Adam paired against another instance of itself
         assert w["baseline"]["bytes_per_element"] == (14 if w["dtype"] == "float16" else 28)
     peers = {(p["optimizer"], p["workload"]): p for p in data["peers"]}
     assert set(peers) == {(o, w) for o in optimizers for w in ("single", "resnet50", "small")}
@@ -107,6 +108,7 @@ def test_smoke_run(tmp_path, capsys):
     for w in data["workloads"].values():
         assert f"## {w['describe']}" in md
     assert "## Targets" in md and "| adam | None |" in md and "x Adam time" in md
+    assert md.count("paired against another instance of itself: r = ") == len(data["workloads"])
     scheduled = md.split(f"## {data['workloads']['scheduled']['describe']}")[1].split("\n## ")[0]
     assert "| x Adam time |" in scheduled and "torch peer" not in scheduled  # its target's ratio, no peers
     out = capsys.readouterr().out

@@ -319,6 +319,14 @@ def _baseline(data, workload, args) -> dict:
     return r
 
 
+def _control(data, workload, args):
+    """torch's fused Adam paired against another instance of itself (the same code on other allocations): the
+    ratio an ideal row would get. How far it lies from 1 is the pairing's own spread on this machine, as where
+    the weights and states land in memory moves a step's time (0.82-1.07x measured on 2 cores)."""
+    r = _measure(_adam, data.params, args, ref=(_adam, data.params), scheduled=workload.scheduled)
+    return r.get("ratio")
+
+
 def _measure_peers(data, workload, args) -> list:
     out = []
     for label, name, overrides in args.specs:
@@ -510,8 +518,10 @@ def _measure_workload(data, w, args):
     # the faster of two measurements (before and after the peers): the stricter reference
     baseline = min((b for b in (before, after) if "ms" in b), key=lambda b: b["ms"], default=before)
     _log(args, f"  torch fused Adam {baseline.get('ms', float('nan')):9.2f} ms")
+    control = _control(data, w, args)
     rows = _measure_optzoo(data, w, args, baseline, peers, args.modes)
-    return {"baseline": baseline, "baseline_runs_ms": [b.get("ms") for b in (before, after)], "peers": peers}, rows
+    return {"baseline": baseline, "baseline_runs_ms": [b.get("ms") for b in (before, after)], "peers": peers,
+            "control_ratio": control}, rows
 
 
 def _measure_loaded(data, w, args):
@@ -523,6 +533,7 @@ def _measure_loaded(data, w, args):
     with busy_cores(n, limit_s=limit) as load:
         _log(args, f"  load: {load.alive()} of {n} busy processes spinning")
         before = _baseline(data, w, args)
+        control = _control(data, w, args)
         rows = _measure_optzoo(data, w, args, before, [], args.loaded_modes)
         after = _baseline(data, w, args)
         alive = load.alive()
@@ -530,7 +541,7 @@ def _measure_loaded(data, w, args):
     _log(args, f"  torch fused Adam under load {baseline.get('ms', float('nan')):9.2f} ms")
     load_entry = {"processes": n, "spinning_at_end": alive, "limit_s": limit}
     return {"baseline": baseline, "baseline_runs_ms": [b.get("ms") for b in (before, after)], "load": load_entry,
-            "fused": args.loaded_modes, "peers": []}, rows
+            "fused": args.loaded_modes, "peers": [], "control_ratio": control}, rows
 
 
 def main(argv=None) -> int:

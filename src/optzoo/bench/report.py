@@ -145,8 +145,11 @@ def _baseline_line(results, key):
              "at the end; x Adam time = the paired ratio r)") if load else ""
     if _scheduled(results, key):
         under += " with the same LambdaLR (x Adam time = the paired ratio r)"
+    control = w.get("control_ratio")
+    spread = (f"; paired against another instance of itself: r = {_f(control)} (an ideal row's ratio: how far "
+              "it lies from 1 is the pairing's own spread)") if control else ""
     return (f"torch.optim.Adam(fused=True){under}: {_f(b['ms'])} ms/step, {_f(b['gbps'])} GB/s "
-            f"({_f(b['bytes_per_element'])} B/elt), first call {_f(b['first_ms'])} ms")
+            f"({_f(b['bytes_per_element'])} B/elt), first call {_f(b['first_ms'])} ms{spread}")
 
 
 def _device_line(results):

@@ -223,6 +223,14 @@ def _compiled(key, step=_fused_step):
             # LAMB's run in two phases on the CPU (u stored in a kept buffer), and LARS's kernel, with these, ran
             # its update loop at ~1.3-1.7x torch fused Adam's time on one 16M tensor, ~1.15-1.2x without
             options.update(realize_reads_threshold=16, realize_opcount_threshold=200, realize_acc_reads_threshold=64)
+        if getattr(key[0], "_kernel_noise", False):
+            # counter-based noise (SGLD): each mixing step reads its value twice (z ^ (z >> s)), and inductor
+            # generates a reused pointwise node's code again at every use, so the work doubled with each step: a
+            # cold first call spent 23 s (one tensor per call) and 57 s (four) in inductor's Python. Reused nodes
+            # of more than 16 ops are realized instead, then fused back into the one loop as locals (no memory
+            # traffic, the same step time and bits): 9.8 and 14.6 s, compiler start-up included, as Adam's 9.7
+            # and 13.4 s (2-core AMD EPYC, an empty inductor cache)
+            options["realize_opcount_threshold"] = 16
         fn = _COMPILED[key] = torch.compile(step, dynamic=True, options=options)
     return fn
 
@@ -427,7 +435,7 @@ def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, c
 
     A step over the same tensors as a recent one reuses that step's work (:class:`_LargePlan`: the 1-D views of
     the weights and states, each one's graph key without its scalars' part), checked in C-level maps: the
-    weights at the same addresses with the same sizes and dims, the same state tensors at the same addresses,
+    weights at the same addresses with the same shapes, the same state tensors at the same addresses,
     everything contiguous. Only the gradients' views and the scalars' tensors are made anew."""
     if not large:
         return {}, set()
@@ -463,7 +471,7 @@ class _LargePlan:
     tensor was placed, everything is contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy
     is written; the views keep the memory they view, so an address seen again is the same memory."""
 
-    __slots__ = ("cls", "layouts", "kinds", "numels", "leaves", "leaf_ptrs", "entries")
+    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries")
 
     @classmethod
     def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries, placed):
@@ -477,7 +485,7 @@ class _LargePlan:
         plan = cls()
         plan.cls, plan.layouts = type(opt), dict(layouts)
         plan.kinds = [kinds[k] for k in large]
-        plan.numels = list(map(torch.Tensor.numel, ws))
+        plan.shapes = list(map(_SHAPE, ws))
         plan.leaves, plan.leaf_ptrs = leaves, list(map(torch.Tensor.data_ptr, leaves))
         # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
         plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:5], key[6:], _scalar_dtype(m[0], _tree.leaves(m[2])))
@@ -487,7 +495,7 @@ class _LargePlan:
     def groups(self, opt, layouts, kinds, large, ws, grads, states, scalars, cache, lows):
         """This step's ``{key: members}``, or None where anything differs from the plan's step."""
         if type(opt) is not self.cls or layouts != self.layouts or [kinds[k] for k in large] != self.kinds \
-                or list(map(torch.Tensor.numel, ws)) != self.numels or not all(map(torch.Tensor.is_contiguous, ws)):
+                or list(map(_SHAPE, ws)) != self.shapes or not all(map(torch.Tensor.is_contiguous, ws)):
             return None
         leaves = list(itertools.chain.from_iterable(_tree.leaves(states[k]) for k in large))
         if len(leaves) != len(self.leaves) or not all(map(operator.is_, leaves, self.leaves)) or \
