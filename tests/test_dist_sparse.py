@@ -51,8 +51,10 @@ def test_workers_on_slices_equal_one_process_on_the_batch(launched, cfg):
         assert torch.equal(ours[1][name], ours[0][name]), f"{cfg[0]}: the workers hold other {name}"
         assert not torch.equal(ref[name], init[name].detach()), f"{cfg[0]}: {name} did not move"
         # the summed gradients add the same numbers as one process in another order (each worker coalesces
-        # its rows and the linear layer's terms first): equal up to float rounding, not bit for bit
-        torch.testing.assert_close(ours[0][name], ref[name], rtol=1e-6, atol=1e-7)
+        # its rows and the linear layer's terms first): equal up to float rounding, not bit for bit. AdaGrad's
+        # g / sqrt(h) passes a gradient's rounding on at full size where its terms nearly cancel: 4e-7 on one
+        # of fc.weight's 8 values on a 2-core AMD EPYC (a sum missing a worker's terms changes steps of ~lr = 0.1)
+        torch.testing.assert_close(ours[0][name], ref[name], rtol=1e-6, atol=1e-6)
     emb, ref_emb, init_emb = ours[0][W.EMB], ref[W.EMB], init[W.EMB].detach()
     if cfg[2].get("lazy_update", True):  # lazy: rows nobody touched are bit for bit the start
         assert torch.equal(emb[untouched], init_emb[untouched]) and torch.equal(ref_emb[untouched], init_emb[untouched])
