@@ -290,12 +290,20 @@ def _flat(t):
 
 
 def _key(opt, layout, w, inner, s, low=None):
-    kinds = tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in s)
     # dynamo specializes sizes 0 and 1: a graph of their own, so that [1, n] runs do not use up the others'
     # recompile limit
     ones = tuple(d <= 1 for d in w.shape)
-    return (type(opt), layout, w.dtype, w.device.type, _signature(inner), kinds, ones,
+    return (type(opt), layout, w.dtype, w.device.type, _signature(inner), _scalar_kinds(s), ones,
             None if low is None else low.dtype)
+
+
+#: Where :func:`_key` puts the scalars' part (:func:`_scalar_kinds`), which a :class:`_LargePlan` makes anew.
+_KINDS = 5
+
+
+def _scalar_kinds(s):
+    """What a compiled graph is specialized on in a scalar tuple: each tensor's dim, -1 for a Python value."""
+    return tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in s)
 
 
 def _signature(tree):
@@ -454,8 +462,9 @@ def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, c
         if got is not None:  # grouped with the large tensors that share its compiled graph
             groups.setdefault(got[0], []).append(got[1])
             placed.add(k)
-            entries.append((got[0], got[1]))
-    plan = _LargePlan.make(opt, layouts, kinds, large, ws, states, scalars, lows, entries, placed)
+            entries.append(got)
+    plan = None if len(placed) != len(large) else _LargePlan.make(opt, layouts, kinds, large, ws, states, scalars,
+                                                                   lows, entries)
     if plan is not None:
         plans[ptrs] = plan
     return groups, placed
@@ -474,8 +483,10 @@ class _LargePlan:
     __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries")
 
     @classmethod
-    def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries, placed):
-        if len(placed) != len(large) or any(low is not None for low in (lows[k] for k in large)):
+    def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries):
+        """The plan of a step that placed every one of the ``large`` tensors (``entries``: their keys and
+        arguments, in order), or None where it would not be reusable."""
+        if any(lows[k] is not None for k in large):
             return None
         if any(isinstance(x, torch.Tensor) for k in large for x in scalars[k]):
             return None
@@ -488,8 +499,8 @@ class _LargePlan:
         plan.shapes = list(map(_SHAPE, ws))
         plan.leaves, plan.leaf_ptrs = leaves, list(map(torch.Tensor.data_ptr, leaves))
         # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
-        plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:5], key[6:], _scalar_dtype(m[0], _tree.leaves(m[2])))
-                        for key, m in entries]
+        plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:_KINDS], key[_KINDS + 1:],
+                         _scalar_dtype(m[0], _tree.leaves(m[2]))) for key, m in entries]
         return plan
 
     def groups(self, opt, layouts, kinds, large, ws, grads, states, scalars, cache, lows):
@@ -513,7 +524,7 @@ class _LargePlan:
                 if any(isinstance(x, torch.Tensor) for x in s):
                     return None
                 ts = _as_tensors(s, sdt, fw.device, cache)
-                got = made[(id(s), sdt)] = (ts, tuple(x.dim() if isinstance(x, torch.Tensor) else -1 for x in ts))
+                got = made[(id(s), sdt)] = (ts, _scalar_kinds(ts))
             ts, dims = got
             groups.setdefault(head + (dims,) + tail, []).append((fw, g.view(-1) if flat else g, finner, ts, None))
         return groups
