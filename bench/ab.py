@@ -30,11 +30,11 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from optzoo.bench.workloads import make_workload  # noqa: E402
+from optzoo.bench.workloads import make_workload, param_shape  # noqa: E402
 
 OPTIMIZERS = {"adam": ("Adam", {}), "sgd": ("SGD", {"lr": 0.1, "momentum": 0.9}), "lamb": ("LAMB", {}),
               "lars": ("LARS", {"lr": 0.1, "momentum": 0.9}), "nadam": ("Nadam", {}), "rmsprop": ("RMSProp", {}),
-              "adagrad": ("AdaGrad", {}), "sgld": ("SGLD", {})}
+              "adagrad": ("AdaGrad", {}), "sgld": ("SGLD", {}), "groupadagrad": ("GroupAdaGrad", {})}
 MLP = ((10, 10), (10,), (10, 10), (10,), (1, 10), (1,))  # a 3-layer perceptron of width 10: per-step overhead
 
 
@@ -57,9 +57,10 @@ def shapes(workload: str):
     return MLP if workload == "mlp" else make_workload("resnet50" if workload == "resnet" else workload).shapes
 
 
-def params(workload: str, seed: int):
+def params(workload: str, seed: int, name: str = "adam"):
+    """The workload's parameters, shaped as optimizer ``name`` takes them (GroupAdaGrad: 2-D)."""
     gen = torch.Generator().manual_seed(seed)
-    out = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes(workload)]
+    out = [torch.nn.Parameter(torch.randn(param_shape(name, s), generator=gen)) for s in shapes(workload)]
     for p in out:
         p.grad = torch.randn(p.shape, generator=gen)
     return out
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
                 if args.scheduler:
                     with_scheduler(ref)
                 opts = {"torch": ref,
-                        "new": make(new, name, params(workload, 0), args.flat or args.this_flat, args.scheduler),
-                        "old": make(old, name, params(workload, 0), args.flat, args.scheduler)}
+                        "new": make(new, name, params(workload, 0, name), args.flat or args.this_flat, args.scheduler),
+                        "old": make(old, name, params(workload, 0, name), args.flat, args.scheduler)}
                 for opt in opts.values():
                     times(opt, 3)  # states made, kernels compiled
                 got = {k: [] for k in opts}

@@ -34,7 +34,7 @@ from .optimizer import registry as _registry
 from .optimizer._numerics import Shards
 from .optimizer import engine as _engine
 from .optimizer.base import Optimizer as _Optimizer
-from .optimizer.engine import adjacent
+from .optimizer.engine import adjacent, run_keys
 from ._torch_state import check_state_dict as _check_state_dict
 from ._torch_state import layout as _layout, named as _named, restore_wide_states, tree_of as _tree_of
 from ._torch_state import trees_of as _trees_of
@@ -310,7 +310,8 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             local_grads.append(g)
             trees.append(tree)
         if created:  # new states of small parameters end to end in one buffer: packed steps use them in place
-            for (k, layout, st, _), tree in zip(created, adjacent([c[3] for c in created])):
+            made = adjacent([c[3] for c in created], run_keys(inner, [weights[c[0]] for c in created]))
+            for (k, layout, st, _), tree in zip(created, made):
                 st.update(_named(layout, tree))
                 trees[k] = tree
         return weights, local_grads, trees

@@ -81,7 +81,8 @@ class Updater:
             opt._set_current_context(_device_id(weights[0]))
             new = [(i, w) for i, w in zip(indices, weights) if i not in self.states]
             if new:  # made together, small ones end to end in one buffer (the executor's packs use them in place)
-                for (i, _), st in zip(new, engine.adjacent([opt.create_state_multi_precision(i, w) for i, w in new])):
+                for (i, _), st in zip(new, engine.adjacent([opt.create_state_multi_precision(i, w) for i, w in new],
+                                                              engine.run_keys(opt, [w for _, w in new]))):
                     self.states[i] = st
                     self.states_synced[i] = True
             for i, w in zip(indices, weights):
