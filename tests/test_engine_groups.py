@@ -1,4 +1,5 @@
-"""Large tensors run ``engine.GROUP`` (4) per compiled call (the rest one by one), and give the
+"""Large tensors run ``engine.GROUP`` (4) per compiled call (a last, shorter group filled up with small stand-ins;
+a lone large tensor by itself), and give the
 reference path's numbers: shared and per-parameter scalars, per-tensor norms, noise keys, fp16 weights with
 fp32 master copies; a group graph serves every pattern of member sizes (no recompiles)."""
 import pytest
@@ -11,7 +12,7 @@ from optzoo.optimizer import engine
 from test_fast_path import assert_match, compiled_rtol
 from specs import SPECS
 
-#: 11 "large" tensors (engine.LARGE lowered to 12): two groups of 4, then three one by one; equal and distinct sizes
+#: 11 "large" tensors (engine.LARGE lowered to 12): two groups of 4, then three and a stand-in; equal and distinct sizes
 SHAPES = [(4, 5)] * 3 + [(6, 7), (13,), (4, 5), (30,), (2, 9), (21,), (4, 5), (17,)]
 NAMES = ["adam", "nadam", "lamb", "sgld"]
 
@@ -55,7 +56,7 @@ def group_graphs(name):
 def test_groups_of_large_tensors_match_the_reference_path(name, multipliers, grouped):
     ref = trained(name, False, multipliers=multipliers)
     got = trained(name, None, multipliers=multipliers)
-    # 11 members: 4, 4, then three one by one; with multipliers p1's group, and with noise keys every group,
+    # 11 members: 4, 4, then three and a stand-in; with multipliers p1's group, and with noise keys every group,
     # has scalars of its own per member
     shared = not multipliers and "stochastic" not in spec_of(name).flags
     assert (engine.GROUP, shared) in group_graphs(name)
@@ -127,3 +128,54 @@ def test_scalar_tensors_are_remade_only_where_a_value_changed():
     changed = [k for k, (a, b) in enumerate(zip(first, second)) if float(a) != float(b)]
     assert changed  # the bias-corrected lr
     assert all((a is b) == (k not in changed) for k, (a, b) in enumerate(zip(first, second)))
+
+
+def test_the_rest_of_the_large_tensors_runs_on_the_group_graph(monkeypatch):
+    """Large tensors that are not a multiple of ``GROUP``: the last group, filled up with small stand-ins, runs on
+    the group graph (no graph of its own for the rest: one compile and one trace fewer at the first step), with
+    the reference path's numbers bit for bit; a lone large tensor runs alone, on a graph of its own."""
+    monkeypatch.setattr(engine, "LARGE", 12)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+
+    def run(shapes, fused):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = ot.Adamax(params, lr=0.01, fused=fused)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in params] + [t for p in params for t in opt.state[p].values()
+                                           if isinstance(t, torch.Tensor) and t.dim()]
+
+    shapes = [(20,), (5, 9), (31,), (20,), (64,), (13,)]  # 4 + 2
+    assert_match(run(shapes, False), run(shapes, None), 0)
+    assert_match(run(shapes[:2], False), run(shapes[:2], None), 0)  # 2: one group call
+    assert [key[-3:] for key in engine._COMPILED] == [("group", engine.GROUP, True)]
+    run(shapes[:1], None)
+    assert len(engine._COMPILED) == 2 and not any("group" in key for key in list(engine._COMPILED)[1:])
+
+
+def test_members_with_scalars_of_their_own_fill_the_last_group_without_another_graph(monkeypatch):
+    """Where each member has scalars of its own (SGLD's noise keys), the stand-ins filling the last group get
+    keys of their own too: the one group graph, traced once, and the reference path's numbers bit for bit (the
+    members' own keys, whatever the stand-ins draw)."""
+    monkeypatch.setattr(engine, "LARGE", 12)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    shapes = [(20,), (5, 9), (31,), (20,), (64,), (13,)]
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = ot.SGLD(params, lr=0.01, fused=fused, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach() for p in params]
+
+    ref = run(False)
+    graphs = counters["stats"]["unique_graphs"]
+    assert_match(ref, run(None), 0)
+    assert [key[-3:] for key in engine._COMPILED] == [("group", engine.GROUP, False)]
+    assert counters["stats"]["unique_graphs"] == graphs + 1

@@ -3,8 +3,8 @@
 For every optimizer, ``--fused`` mode and dtype (``float32``; ``float16`` with ``multi_precision=True``),
 two fresh processes (``_first_call_worker.py``) each build ``optzoo.torch.create(name, params, ...)``
 over :data:`TENSORS` tensors of 512 x 512 (each 1/64 of workload (i), times ``--scale``): the executor runs
-large tensors four per compiled call and the rest one by one, so a first step compiles both graphs, as a
-model with many large tensors does. Each process times its first ``step()``:
+large tensors four per compiled call, a last, shorter group filled up with small stand-ins, so a first step
+compiles the group graph, as a model with many large tensors does. Each process times its first ``step()``:
 
 - cold: an empty inductor cache (``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` set to a fresh
   temporary folder in that process's environment only), so ``fused=True`` compiles from scratch;
@@ -41,7 +41,7 @@ DTYPES = {"float32": ("float32", False), "float16": ("float16", True)}
 #: seconds: the issue's bounds on a first call, cold and warm
 TARGETS = {"cold": 10.0, "warm": 1.0}
 TIMEOUT_S = 300
-#: tensors per first call: one compiled group of four and one alone
+#: tensors per first call: one compiled group of four, and one more (a group of its own, filled up with stand-ins)
 TENSORS = 5
 _WORKER = Path(__file__).with_name("_first_call_worker.py")
 

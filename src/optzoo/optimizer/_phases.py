@@ -55,20 +55,18 @@ def run(opt, key, seg, members, group):
 
 
 def _padding(opt, key, member, n):
-    """``n`` stand-in members like ``member`` (weight, gradient, states, fp16/bf16 copy, direction), of distinct
-    small sizes, kept by the optimizer per graph key."""
+    """``n`` stand-in members like ``member`` (:func:`~.engine.padding`) and a direction for each, as
+    ``(ws, gs, inners, lows, us)``."""
+    parts = _engine.padding(opt, key, member, n)
     cache = opt.__dict__.setdefault("_phases", {})
-    k = ("phase_padding", key)
-    got = cache.get(k)
-    if got is None or len(got[0]) < n:
-        w, g, inner, _, low = member
-        sizes = _engine.stand_in_sizes(n)
+    k = ("phase_directions", key)
+    us = cache.get(k)
+    if us is None or len(us) < n:
+        w = member[0]
         u_dtype = torch.promote_types(w.dtype, torch.float32)
-        got = cache[k] = ([_engine.stand_in(w, m) for m in sizes], [_engine.stand_in(g, m) for m in sizes],
-                          [_engine._map(inner, functools.partial(_engine.stand_in, n=m)) for m in sizes],
-                          [None if low is None else _engine.stand_in(low, m) for m in sizes],
-                          [torch.zeros(m, dtype=u_dtype, device=w.device) for m in sizes])
-    return tuple(part[:n] for part in got)
+        us = cache[k] = [torch.zeros(p[0].numel(), dtype=u_dtype, device=w.device) for p in parts]
+    ws, gs, inners, lows = map(list, zip(*parts))
+    return ws, gs, inners, lows, us[:n]
 
 
 def _first(opt, ws, gs, inners, s, seg, us):

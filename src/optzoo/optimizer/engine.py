@@ -177,6 +177,19 @@ def stand_in(t, n):
 _DISTINCT = 67
 
 
+def padding(opt, key, member, n):
+    """``n`` stand-in members like ``member`` (a group member's weight, gradient, states and fp16/bf16 copy,
+    1-D), of :func:`stand_in_sizes`, kept by the optimizer per graph ``key``: ``(w, g, inner, low)`` each."""
+    cache = opt.__dict__.setdefault("_phases", {})
+    k = ("padding", key)
+    got = cache.get(k)
+    if got is None or len(got) < n:
+        w, g, inner, _, low = member
+        got = cache[k] = [(stand_in(w, m), stand_in(g, m), _map(inner, functools.partial(stand_in, n=m)),
+                           None if low is None else stand_in(low, m)) for m in stand_in_sizes(n)]
+    return got[:n]
+
+
 def _lazy_step(opt, w, rows, values, inner, s, seg=None, low=None):
     """One lazy update in place: the gradient's ``rows`` of the weight and of every state gathered, the lazy
     kernel on them with the gradient's ``values``, the rows written back (one loop when compiled; nothing of
@@ -590,8 +603,9 @@ def _in_place(opt, layout, w, g, inner, s, cache, low=None):
 def _run_groups(opt, key, members):
     """Large tensors of one graph key, in place, up to :data:`GROUP` per compiled call (one parallel region
     with a loop per tensor): each call of a compiled step costs tens of microseconds of dynamo's and AOT's
-    wrappers, which ResNet-50's 42 large tensors paid one by one. Groups of :data:`GROUP` members, the rest one
-    by one: two graphs per key (a graph of another length would cost its compile time for a call or two saved)."""
+    wrappers, which ResNet-50's 42 large tensors paid one by one. Groups of :data:`GROUP` members, a last, shorter
+    group filled up with stand-ins: one graph per key (a graph for the rest would cost its compile time cold and
+    its tracing warm, at the first step); a lone large tensor runs alone, on a graph of its own."""
     seg = key[-1]
     key = key[:-1]
     if _phases.wanted(opt, key):  # two compiled loops, the direction stored between them (LAMB on the CPU)
@@ -600,6 +614,15 @@ def _run_groups(opt, key, members):
     whole = len(members) - len(members) % GROUP
     if key[1] == "rows" or any(x.dim() for x in members[0][3]):
         whole = 0  # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
+    elif len(members) > 1 and whole < len(members):
+        # the last, shorter chunk filled up with small stand-ins (as the two-phase rules' chunks): the group graph is
+        # the key's only graph, where one for the rest would cost its compile (cold) and its tracing (warm) at the
+        # first step; the stand-ins' loops cost microseconds. A lone member runs alone (one 16M tensor: no barrier
+        # per stand-in's loop, which a busy machine makes wait)
+        n = GROUP - len(members) % GROUP
+        members = members + [(w, g, inner, ts, low) for (w, g, inner, low), ts in
+                             zip(padding(opt, key, members[0], n), _padding_scalars(members, n))]
+        whole = len(members)
     for start in range(0, whole, GROUP):
         ws, gs, inners, tss, flows = map(list, zip(*members[start:start + GROUP]))
         shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))  # prepare's one tuple (the common case)
@@ -607,6 +630,19 @@ def _run_groups(opt, key, members):
              flows if flows[0] is not None else None, step=_group_step, stand_ins=_distinct)
     for fw, fg, finner, ts, flow in members[whole:]:
         _run(True, key, opt, fw, fg, finner, ts, seg, flow)
+
+
+def _padding_scalars(members, n):
+    """Scalars for ``n`` stand-ins after ``members``: prepare's one tuple where every member has it (the common
+    case); else the last member's, with a copy of its own of each scalar tensor that not every member shares (a
+    noise key): the dynamo graph of a group sees the same pattern of shared inputs as in a group of real members,
+    where one tuple for all would make another graph, and one tensor twice a recompile."""
+    ref = members[-1][3]
+    if all(map(operator.is_, map(operator.itemgetter(3), members), itertools.repeat(ref))):
+        return [ref] * n
+    own = [not all(m[3][k] is x for m in members) for k, x in enumerate(ref)]
+    return [tuple(x.clone() if mine and isinstance(x, torch.Tensor) else x for x, mine in zip(ref, own))
+            for _ in range(n)]
 
 
 def _view_1d(t):
