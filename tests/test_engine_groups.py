@@ -179,3 +179,27 @@ def test_members_with_scalars_of_their_own_fill_the_last_group_without_another_g
     assert_match(ref, run(None), 0)
     assert [key[-3:] for key in engine._COMPILED] == [("group", engine.GROUP, False)]
     assert counters["stats"]["unique_graphs"] == graphs + 1
+
+
+def test_two_phase_groups_with_scalars_of_their_own_fill_without_another_graph(monkeypatch):
+    """A two-phase rule (LAMB on the CPU) whose members each have their own lr: the last group, one member
+    filled up with stand-ins, runs on the pair of graphs of the full groups (not on a pair for scalars shared
+    by all members), with the reference path's numbers."""
+    monkeypatch.setattr(engine, "LARGE", 12)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    shapes = [(20,), (5, 9), (31,), (20,), (64,)]
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(0)
+        params = {f"p{k}": torch.nn.Parameter(torch.randn(s, generator=gen)) for k, s in enumerate(shapes)}
+        trainer = optzoo.Trainer(params, "lamb", {"wd": 0.01}, fused=fused)
+        trainer.set_lr_mult({f"p{k}": 0.5 + 0.25 * k for k in range(len(shapes))})
+        for _ in range(2):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=gen)
+            trainer.step(2)
+        return [p.detach() for p in params.values()]
+
+    assert_match(run(False), run(None), compiled_rtol(spec_of("lamb")))
+    assert {key[-4:] for key in engine._COMPILED} == {("phases", engine.GROUP, False, "first"),
+                                                      ("phases", engine.GROUP, False, "second")}

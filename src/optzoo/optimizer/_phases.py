@@ -44,7 +44,7 @@ def run(opt, key, seg, members, group):
             pad = _padding(opt, key, chunk[0], group - len(chunk))
             for got, extra in zip((ws, gs, inners, lows, us), pad):
                 got.extend(extra)
-            tss.extend([tss[0]] * (group - len(chunk)))
+            tss.extend(_engine._padding_scalars(members, group - len(chunk)))
         shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))
         lows = lows if lows[0] is not None else None
         sub = key + ("phases", group, shared)
