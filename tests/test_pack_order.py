@@ -125,3 +125,24 @@ def test_order_is_kept_where_it_costs_less():
     assert engine.pack_order("norms", views) is None
     assert engine.run_keys(adam, ws) is None and engine.run_keys(lamb, views) is None
     assert engine.run_keys(lamb, ws) == [w.numel() for w in ws]
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_sorted_fp16_packs_with_master_copies_equal_the_reference_path(name):
+    """fp16 weights with fp32 master copies (``multi_precision``): the masters, states and rounded fp16 weights
+    of a sorted pack go back to their own parameters, bit for bit as the reference path."""
+    results = []
+    for fused in (False, None):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).half()) for s in NORM_SHAPES]
+        opt = ot.create(name, params, fused=fused, multi_precision=True, **SETTINGS[name])
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).half()
+            opt.step()
+        results.append([p.detach().clone() for p in params] +
+                       [t.clone() for p in params for t in opt.state[p].values()
+                        if isinstance(t, torch.Tensor) and t.dim() > 0])
+    assert len(results[0]) > 2 * len(NORM_SHAPES)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
