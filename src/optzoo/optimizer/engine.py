@@ -88,6 +88,12 @@ class Segments:
             self.runs.append((k, stop, self.offsets[k], nrows, size, row))
             k, row = stop, row + nrows
 
+    @classmethod
+    def of(cls, layout, weights):
+        """The segments of a ``layout`` pack of ``weights`` (per-row states: ``"rows"``, the weights' row counts)."""
+        rows = [w.shape[0] for w in weights] if layout == "rows" else None
+        return cls(list(map(torch.Tensor.numel, weights)), weights[0].device, rows)
+
     def spread(self, values, dtype):
         """Per-segment values as a per-element tensor (written run by run: no per-element index)."""
         v = torch.tensor(values, dtype=dtype, device=self.device)
@@ -695,8 +701,7 @@ class Pack:
         self.order = pack_order(layout, weights)
         if self.order is not None:
             weights, = _ordered(self.order, weights)
-        rows = [w.shape[0] for w in weights] if layout == "rows" else None
-        self.segs = Segments(list(map(torch.Tensor.numel, weights)), weights[0].device, rows)
+        self.segs = Segments.of(layout, weights)
         self.scratch = None  # made at the first step that copies (never, where everything lies in one buffer)
         self.joins = [None, None]  # (data_ptrs, view) of the weights', the gradients' last join
 
@@ -733,8 +738,7 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
     if order is not None:
         weights, grads, states, scalars, lows = _ordered(order, weights, grads, states, scalars, lows)
     if pack is None:
-        rows = [w.shape[0] for w in weights] if layout == "rows" else None
-        segs = Segments([w.numel() for w in weights], weights[0].device, rows)
+        segs = Segments.of(layout, weights)
         w, g = _joined(weights), _joined(grads)
     else:
         segs = pack.segs
