@@ -82,6 +82,10 @@ class Optimizer:
     #: last scalar (SGLD), so that every path makes the same draws; ``_draw_all(weights, lrs, indices)`` makes a
     #: list's draws, the same as ``_draw`` index by index.
     _kernel_noise = False
+    #: The instance attributes that ``kernel`` reads (a compiled graph is specialized on their values): the
+    #: executor calls a compiled graph directly only while these keep the values of the call that dynamo ran
+    #: (see :mod:`optzoo.optimizer._direct`); a test checks every kernel against this.
+    _kernel_reads = ("clip_gradient",)
     #: A list is read index by index even when the counts agree (LBSGD reads its lr before counting).
     _reads_per_index = False
     #: MXNet's aggregated ``_update_impl`` counts a whole call, then reads the lr once, even when the indices'
@@ -785,7 +789,7 @@ _SCHEDULER_VARS = object()
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch",
                      "_state_specs", "_scalar_tensors", "_clip_memo", "_joined_states", "_lineage",
-                     "_structure", "_phases", "_large_plans"})
+                     "_structure", "_phases", "_large_plans", "_direct"})
 
 
 def _plain_arg(value):

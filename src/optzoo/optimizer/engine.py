@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-from . import _phases, _sparse, _tree
+from . import _direct, _phases, _sparse, _tree
 from ._numerics import ROWS, WHOLE, Key
 
 __all__ = ["LARGE", "Pack", "Segments", "adjacent", "execute", "layout_of", "pack_order", "run_keys", "run_pack"]
@@ -157,6 +157,10 @@ def _group_step(opt, ws, gs, inners, s, seg, lows=None):
         _fused_step(opt, ws[k], gs[k], inners[k], s[k] if per else s, seg, None if lows is None else lows[k])
 
 
+#: The steps whose steady-state calls skip dynamo where they can (:mod:`._direct`): updates in place, no result.
+_DIRECT_STEPS = (_fused_step, _group_step)
+
+
 def _distinct(args):
     """Stand-ins for a group call's arguments, each member's tensors of a size of its own: a group graph's first
     compile on them has no guard that two members are equally large (dynamo's duck sizing would otherwise
@@ -255,6 +259,7 @@ def _compiled(key, step=_fused_step):
     dynamo's own cache and recompile limit."""
     fn = _COMPILED.get(key)
     if fn is None:
+        direct = step in _DIRECT_STEPS
         code = step.__code__.replace(co_name=f"_step_{len(_COMPILED)}")
         step = types.FunctionType(code, step.__globals__, code.co_name, step.__defaults__, step.__closure__)
         # emulate_precision_casts: round fp16/bf16 intermediates as eager torch does (bit-exact); only there:
@@ -276,7 +281,11 @@ def _compiled(key, step=_fused_step):
             # traffic, the same step time and bits): 9.8 and 14.6 s, compiler start-up included, as Adam's 9.7
             # and 13.4 s (2-core AMD EPYC, an empty inductor cache)
             options["realize_opcount_threshold"] = 16
-        fn = _COMPILED[key] = torch.compile(step, dynamic=True, options=options)
+        # inductor, recording where each graph's inputs lie in a call's arguments: steady-state calls of the
+        # elementwise steps then skip dynamo (_direct)
+        backend = _direct.backend(options) if direct else None
+        fn = _COMPILED[key] = torch.compile(step, dynamic=True, options=options) if backend is None else \
+            torch.compile(step, dynamic=True, backend=backend)
     return fn
 
 
@@ -294,9 +303,16 @@ def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
         if key[1] == "rows":
             with _NoOuterLoopFusion():
                 return fn(*args)
+        if step not in _DIRECT_STEPS:
+            if first and stand_ins is not None and len(args[1]) > 1:
+                fn(*stand_ins(args))
+            return fn(*args)
         if first and stand_ins is not None and len(args[1]) > 1:
-            fn(*stand_ins(args))  # compiled on members of distinct sizes: one graph for every size pattern
-        return fn(*args)
+            # compiled on members of distinct sizes: one graph for every size pattern
+            _direct.through(key, fn, stand_ins(args))
+        if args[5] is not None and args[5] is not WHOLE:  # a pack's segments: dynamo specializes on them
+            return fn(*args)
+        return _direct.run(key, fn, args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
         warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "

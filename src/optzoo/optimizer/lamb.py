@@ -76,6 +76,7 @@ class LAMB(Optimizer):
     state_names = ("m", "v")  # the state's tensors, as the docstring names them
 
     capabilities = frozenset({"multi_precision", "aggregated"})
+    _kernel_reads = ("clip_gradient", "bias_correction")
     aggregate_num = 45
 
     _segment_kernel = True  # per-tensor norms: packed parameters run as rows of equal-sized parameters

@@ -64,6 +64,7 @@ class RMSProp(Optimizer):
     """
 
     state_names = ("n", "g", "delta")  # the state's tensors, as the docstring names them
+    _kernel_reads = ("clip_gradient", "centered", "clip_weights")
 
     def __init__(self, learning_rate=0.001, gamma1=0.9, gamma2=0.9, epsilon=1e-8, centered=False,
                  clip_weights=None, **kwargs):

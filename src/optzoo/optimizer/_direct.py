@@ -1,0 +1,250 @@
+"""Direct calls of compiled steps: a call like an earlier one skips dynamo's frame evaluation and guards.
+
+Why: a kernel that streams tens of MB leaves none of the Python objects that the next compiled call walks
+through in the CPU's caches. Dynamo's frame evaluation, its guards and AOT autograd's wrappers then cost
+~250 us per call instead of ~25 us (a tiny step after a 200 MB sweep, 2-core AMD EPYC, torch 2.13), and
+ResNet-50's step makes ~12 calls, each right after another's kernel. Called directly, the graph costs ~95 us.
+
+How: the compiled steps' backend is inductor, wrapped (:class:`Backend`). For each graph it compiles, it
+records where each graph input lies in that call's arguments (:class:`Graph`: the tensors depth first, each
+size as a tensor's dimension), and the graph notes itself as the one a call ran. After each call through
+dynamo, the executor keeps, per optimizer and graph key, that graph with what dynamo's guards checked of the
+call (:class:`_Site`). A later call with the same key calls the graph itself where its arguments pass the same
+checks, each cheap:
+
+- the same number of tensors, of the same types, dtypes, devices and dimensions, the same tensor object at
+  the places where the recorded call had one object twice, and no two distinct tensors of the recorded call
+  sharing memory (a graph compiled for aliased inputs is only ever used through dynamo);
+- the same non-tensor values among the arguments;
+- the same values of the attributes the optimizer's kernel reads (``Optimizer._kernel_reads``, checked
+  against the kernels by a test), for optzoo's own classes only (a subclass's kernel may read anything);
+- torch's global state as dynamo's own guard records it (grad mode, autocast, ...), no torch-function or
+  dispatch mode, and no tracing under way (a user's ``torch.compile`` around the step).
+
+Sizes and strides are not checked here: the graph's own code asserts every input's size and stride before it
+writes anything, and a failed assertion sends the call through dynamo. Anything else goes through dynamo,
+which checks its guards, compiles again where needed, and refreshes the record.
+"""
+from __future__ import annotations
+
+import operator
+import threading
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+class _Call(threading.local):
+    """The call passing through dynamo on this thread: its tensors (where a compiled graph's inputs are read
+    from) and the graph that dynamo ran for it."""
+
+    leaves = None
+    ran = None
+    runs = 0
+
+
+_CALL = _Call()
+
+
+def _flatten(x, tensors, consts):
+    """The tensors of ``x`` depth first (lists and tuples), and its other values."""
+    if isinstance(x, torch.Tensor):
+        tensors.append(x)
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            _flatten(y, tensors, consts)
+    else:
+        consts.append(x)
+
+
+def flatten(args):
+    """A step's arguments but the optimizer (``args[1:]``): its tensors and its other values."""
+    tensors, consts = [], []
+    _flatten(args[1:], tensors, consts)
+    return tensors, tuple(consts)
+
+
+class Graph:
+    """A compiled graph and where its inputs lie in a call's tensors: ``(k, None)`` the k-th tensor itself,
+    ``(k, d)`` its size in dimension ``d``."""
+
+    __slots__ = ("fn", "places", "boxed")
+
+    @classmethod
+    def make(cls, gm, example_inputs, leaves, fn):
+        """The graph ``fn`` compiled from ``gm`` for a call whose tensors are ``leaves``; None where an input
+        is not found among them (a tensor the step read from elsewhere, a size of no input's dimension)."""
+        if leaves is None:
+            return None
+        place = {id(t): k for k, t in enumerate(leaves)}
+        nodes = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(nodes) != len(example_inputs):
+            return None
+        dims = {}
+        for node, x in zip(nodes, example_inputs):
+            if isinstance(x, torch.Tensor) and id(x) in place:
+                for d, size in enumerate(getattr(node.meta.get("example_value"), "shape", ())):
+                    if isinstance(size, torch.SymInt):
+                        dims.setdefault(str(size), (place[id(x)], d))
+        places = []
+        for node, x in zip(nodes, example_inputs):
+            got = (place.get(id(x)), None) if isinstance(x, torch.Tensor) else \
+                dims.get(str(node.meta.get("example_value")), (None, None)) if isinstance(x, torch.SymInt) else \
+                (None, None)
+            if got[0] is None:
+                return None
+            places.append(got)
+        graph = cls()
+        graph.fn, graph.places, graph.boxed = fn, tuple(places), False
+        return graph
+
+    def __call__(self, leaves):
+        args = [leaves[k] if d is None else leaves[k].size(d) for k, d in self.places]
+        return self.fn(args) if self.boxed else self.fn(*args)
+
+
+class Backend:
+    """Inductor (with ``options``), each graph it compiles wrapped so that a call notes it ran
+    (:data:`_CALL`), with its :class:`Graph` record."""
+
+    def __init__(self, options):
+        self.inductor = torch._TorchCompileInductorWrapper(None, options, True)
+
+    def __call__(self, gm, example_inputs):
+        fn = self.inductor(gm, example_inputs)
+        graph = Graph.make(gm, example_inputs, _CALL.leaves, fn)
+        if graph is None:
+            return fn
+
+        def ran(*args):
+            # dynamo's calling convention, seen: the inputs one by one, or one list of them ("boxed")
+            graph.boxed = len(args) == 1 and isinstance(args[0], list) and len(graph.places) != 1
+            _CALL.ran, _CALL.runs = graph, _CALL.runs + 1
+            return fn(*args)
+        if hasattr(fn, "_boxed_call"):
+            ran._boxed_call = fn._boxed_call
+        return ran
+
+
+def backend(options):
+    """The backend for ``torch.compile`` (:class:`Backend`), or None where this torch lacks what it needs
+    (then the plain inductor backend, and every call through dynamo)."""
+    try:
+        torch._C._dynamo.guards.GlobalStateGuard  # noqa: B018 - present since torch 2.1
+        torch._C._len_torch_function_stack  # noqa: B018
+        torch._C._len_torch_dispatch_stack  # noqa: B018
+        return Backend(options)
+    except Exception:  # pragma: no cover - an older or other torch
+        return None
+
+
+_DTYPE = operator.attrgetter("dtype")
+
+
+def _signature(tensors):
+    """The tensors' types, dtypes, devices and dimensions (C-level maps: a direct call checks them each time)."""
+    return (tuple(map(type, tensors)), tuple(map(_DTYPE, tensors)), tuple(map(torch.Tensor.get_device, tensors)),
+            tuple(map(torch.Tensor.dim, tensors)))
+
+
+def _repeats(tensors):
+    """Pairs of places holding one tensor object (a later place and the first)."""
+    first, pairs = {}, []
+    for k, t in enumerate(tensors):
+        j = first.setdefault(id(t), k)
+        if j != k:
+            pairs.append((k, j))
+    return tuple(pairs)
+
+
+def _modes_off():
+    return not torch._C._len_torch_function_stack() and not torch._C._len_torch_dispatch_stack() and \
+        not torch.compiler.is_compiling()
+
+
+class _Site:
+    """What a call through dynamo ran (:class:`Graph`) and what of it a direct call must match."""
+
+    __slots__ = ("graph", "n", "distinct", "signature", "repeats", "consts", "reads", "state")
+
+    @classmethod
+    def make(cls, opt, graph, tensors, consts):
+        if graph is None or not _modes_off() or not all(type(t) in _PLAIN for t in tensors):
+            return None
+        repeats = _repeats(tensors)
+        seen = {id(t): t for t in tensors}
+        if len({t.untyped_storage().data_ptr() for t in seen.values()}) != len(seen):
+            return None  # inputs sharing memory: dynamo's graph for them may expect it
+        site = cls()
+        site.graph, site.n, site.distinct, site.repeats = graph, len(tensors), len(seen), repeats
+        site.signature, site.consts, site.reads = _signature(tensors), consts, _reads(opt)
+        site.state = torch._C._dynamo.guards.GlobalStateGuard()
+        return site
+
+    def matches(self, opt, tensors, consts):
+        """Whether a call with these tensors and other values passes the checks of the call recorded."""
+        return len(tensors) == self.n and consts == self.consts and len(set(map(id, tensors))) == self.distinct \
+            and all(tensors[k] is tensors[j] for k, j in self.repeats) and _signature(tensors) == self.signature \
+            and _reads(opt) == self.reads and self.state.check() and _modes_off()
+
+
+def _reads(opt):
+    return tuple(getattr(opt, name, None) for name in type(opt)._kernel_reads)
+
+
+def eligible(opt):
+    """Whether ``opt``'s steps may be called directly: optzoo's own classes, whose kernels read only
+    ``_kernel_reads`` of the instance."""
+    return type(opt).__module__.startswith("optzoo.")
+
+
+def run(key, fn, args):
+    """``fn(*args)`` (a compiled step of graph ``key``): the graph itself where an earlier call of ``key``
+    through dynamo ran one and these arguments pass its checks (:class:`_Site`); else :func:`through`."""
+    opt = args[0]
+    tensors, consts = flatten(args)
+    site = opt.__dict__.get("_direct", {}).get(key)
+    if site is not None and site.matches(opt, tensors, consts):
+        try:
+            return site.graph(tensors)
+        except AssertionError:  # a size or stride the graph does not take: asserted before any write
+            opt.__dict__["_direct"].pop(key, None)
+    return through(key, fn, args, tensors, consts)
+
+
+#: Graph keys whose compiling broke a graph (Python between graphs, which a direct call would skip).
+_BROKEN = set()
+
+
+def _breaks():
+    try:
+        from torch._dynamo.utils import counters
+        return sum(counters["graph_break"].values())
+    except Exception:  # pragma: no cover - another dynamo layout: no direct calls
+        return None
+
+
+def through(key, fn, args, tensors=None, consts=None):
+    """``fn(*args)`` through dynamo, the graphs it compiles recorded against these arguments' tensors; what it
+    ran kept for direct calls of ``key`` (:func:`run`) where it was one whole graph."""
+    if tensors is None:
+        tensors, consts = flatten(args)
+    breaks = _breaks()
+    _CALL.leaves, _CALL.ran, _CALL.runs = tensors, None, 0
+    try:
+        out = fn(*args)
+    finally:
+        _CALL.leaves = None
+    ran, runs = _CALL.ran, _CALL.runs
+    _CALL.ran = None
+    if breaks is None or _breaks() != breaks:
+        _BROKEN.add(key)
+    opt = args[0]
+    site = _Site.make(opt, ran, tensors, consts) if runs == 1 and key not in _BROKEN and eligible(opt) else None
+    sites = opt.__dict__.setdefault("_direct", {})
+    if site is None:
+        sites.pop(key, None)
+    else:
+        sites[key] = site
+    return out

@@ -1,0 +1,239 @@
+"""Steady-state compiled calls skip dynamo (``optimizer._direct``): a call like one that dynamo ran calls that
+graph itself. The numbers stay the reference path's bit for bit; whatever dynamo's guards would catch (a kernel
+attribute changed, autocast on, a size of another pattern, memory shared between inputs, a class from outside
+optzoo) sends the call through dynamo again; and every kernel reads only the attributes it declares."""
+import pytest
+import torch
+
+import optzoo.torch as ot
+from optzoo import optimizer
+from optzoo.optimizer import _direct, engine
+from specs import SPECS
+
+#: three 256 x 256 weights (65,536 elements each: large, one group with a stand-in) and five small biases (a pack)
+SHAPES = [(256, 256)] * 3 + [(256,)] * 5
+
+
+def _params(seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+class Calls:
+    """Compiled calls counted: ``direct`` (a graph called by itself), ``through`` (through dynamo), and per
+    step (:meth:`mark`) each one's increments."""
+
+    def __init__(self):
+        self.direct = self.through = 0
+        self.steps = []
+        self._at = (0, 0)
+
+    def mark(self):
+        self.steps.append((self.direct - self._at[0], self.through - self._at[1]))
+        self._at = (self.direct, self.through)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    counted = Calls()
+    graph_call, through = _direct.Graph.__call__, _direct.through
+
+    def direct(self, leaves):
+        counted.direct += 1
+        return graph_call(self, leaves)
+
+    def dynamo(*args, **kwargs):
+        counted.through += 1
+        return through(*args, **kwargs)
+
+    monkeypatch.setattr(_direct.Graph, "__call__", direct)
+    monkeypatch.setattr(_direct, "through", dynamo)
+    return counted
+
+
+def _run_both(cls, kw, steps, calls, between=None, shapes=SHAPES):
+    """The same steps on the compiled path and on the reference path, ``calls`` marked after each;
+    ``between(opt, step)`` changes both optimizers alike before a step."""
+    fast, ref = _params(shapes=shapes), _params(shapes=shapes)
+    a, b = cls(fast, fused=True, **kw), cls(ref, fused=False, **kw)
+    for k in range(steps):
+        if between is not None:
+            between(a, k)
+            between(b, k)
+        _grads(fast, k)
+        _grads(ref, k)
+        a.step()
+        b.step()
+        calls.mark()
+    return fast, ref, a
+
+
+def _equal(xs, ys):
+    return all(torch.equal(x, y) for x, y in zip(xs, ys))
+
+
+#: Per step after the first: the group of three large weights (with a stand-in) and the pack of five biases
+STEADY = (2, 0)
+
+
+@pytest.mark.parametrize("cls, kw", [(ot.Adam, {}), (ot.SGD, {"momentum": 0.9, "weight_decay": 1e-3}),
+                                     (ot.RMSProp, {"centered": True})])
+def test_steady_steps_call_the_graphs_directly_with_the_reference_numbers(cls, kw, calls):
+    fast, ref, _ = _run_both(cls, kw, 4, calls)
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [STEADY] * 3
+
+
+def test_a_scheduled_lr_keeps_the_direct_calls(calls):
+    """A scheduler's new lr rebuilds the face's MXNet-style optimizer: what it recorded carries over."""
+    def halve(opt, k):
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * 0.5 ** k
+    fast, ref, _ = _run_both(ot.SGD, {"momentum": 0.9}, 4, calls, between=halve)
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [STEADY] * 3
+
+
+def _mx_run(name, steps, calls=None, between=None, fused=True, **kw):
+    """``steps`` MXNet-style updates of SHAPES (one list call each; ``calls`` marked after each): the
+    weights; ``between(opt, step)`` first."""
+    opt = optimizer.create(name, learning_rate=0.01, **kw)
+    opt._fused = fused
+    weights = [w.detach().clone() for w in _params()]
+    states = [opt.create_state(i, w) for i, w in enumerate(weights)]
+    gen = torch.Generator().manual_seed(5)
+    for k in range(steps):
+        if between is not None:
+            between(opt, k)
+        opt.update(list(range(len(weights))), weights, [torch.randn(w.shape, generator=gen) for w in weights], states)
+        if calls is not None:
+            calls.mark()
+    return weights, opt
+
+
+def test_a_changed_kernel_attribute_goes_through_dynamo(calls):
+    def clip_from_step_three(opt, k):
+        if k == 2:
+            opt.clip_gradient = 0.05  # the kernel reads it: dynamo specializes a graph on it
+    fast, _ = _mx_run("sgd", 4, calls, clip_from_step_three, momentum=0.9)
+    ref, _ = _mx_run("sgd", 4, None, clip_from_step_three, fused=False, momentum=0.9)
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [STEADY, (0, 2), STEADY]
+
+
+def test_autocast_around_the_step_goes_through_dynamo(calls):
+    fast, ref = _params(), _params()
+    a, b = ot.Adam(fast, fused=True), ot.Adam(ref, fused=False)
+    for k in range(4):
+        _grads(fast, k)
+        _grads(ref, k)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k == 2):  # dynamo's global-state guard differs
+            a.step()
+            b.step()
+        calls.mark()
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [STEADY, (0, 2), (0, 2)]  # step 4 runs as recorded under autocast: through dynamo
+
+
+def test_new_sizes_of_the_same_graphs_are_called_directly(calls):
+    """A graph serves every size: an optimizer over weights of other sizes calls the graphs that another's
+    steps compiled, directly from its second step on (its first records what dynamo ran)."""
+    _run_both(ot.Adam, {}, 2, calls)
+    shapes = [(300, 300)] * 3 + [(100,)] * 5
+    fast, ref, _ = _run_both(ot.Adam, {}, 3, calls, shapes=shapes)
+    assert _equal(fast, ref)
+    assert calls.steps[2:] == [(0, 2), STEADY, STEADY]
+
+
+def test_inputs_sharing_memory_go_through_dynamo(calls):
+    """Weights that are views of one buffer (the opt-in flat layout, or a user's own): never called directly."""
+    def views(seed):
+        flat = torch.randn(3 * 65536, generator=torch.Generator().manual_seed(seed))
+        return [torch.nn.Parameter(v) for v in flat.split(65536)]
+
+    fast, ref = views(0), views(0)
+    a, b = ot.SGD(fast, momentum=0.9, fused=True), ot.SGD(ref, momentum=0.9, fused=False)
+    for k in range(3):
+        _grads(fast, k)
+        _grads(ref, k)
+        a.step()
+        b.step()
+        calls.mark()
+    assert _equal(fast, ref)
+    assert calls.direct == 0 and calls.steps[1:] == [(0, 1)] * 2
+
+
+def test_a_class_from_outside_optzoo_goes_through_dynamo(calls):
+    class MyAdam(type(optimizer.create("adam"))):
+        pass
+
+    opt = MyAdam(learning_rate=0.01)
+    assert not _direct.eligible(opt)
+    weights = [torch.randn(70000) for _ in range(2)]
+    states = [opt.create_state(i, w) for i, w in enumerate(weights)]
+    for _ in range(3):
+        opt.update([0, 1], weights, [torch.randn(70000) for _ in range(2)], states)
+        calls.mark()
+    assert calls.direct == 0 and calls.steps[1:] == [(0, 1)] * 2
+
+
+def test_a_refused_direct_call_goes_through_dynamo(monkeypatch, calls):
+    """The graph asserts its inputs' sizes and strides before it writes: a refused call runs through dynamo."""
+    def refuse(self, leaves):
+        raise AssertionError("expected size 300 == 256")
+
+    def refusing_at_step_three(opt, k):
+        if k == 2:
+            monkeypatch.setattr(_direct.Graph, "__call__", refuse)
+    fast, _ = _mx_run("adam", 3, calls, refusing_at_step_three)
+    ref, _ = _mx_run("adam", 3, fused=False)
+    assert _equal(fast, ref)
+    assert calls.steps[2] == (0, 2)  # the group and the pack refused, each then run through dynamo
+
+
+def _reads(spec, variant, clip):
+    """The instance attributes ``kernel`` reads for one configuration (a recording subclass)."""
+    kw = dict(variant)
+    if "no_wd" not in spec.flags:
+        kw.setdefault("wd", 0.01)
+    if clip:
+        kw["clip_gradient"] = 0.5
+    opt = optimizer.create(spec.name, **kw)
+    base, reads = type(opt), set()
+
+    class Recording(base):
+        recording = False
+
+        def __getattribute__(self, name):
+            if type(self).recording and name in object.__getattribute__(self, "__dict__"):
+                reads.add(name)
+            return super().__getattribute__(name)
+
+        def kernel(self, *args, **kwargs):
+            type(self).recording = True
+            try:
+                return base.kernel(self, *args, **kwargs)
+            finally:
+                type(self).recording = False
+
+    opt.__class__ = Recording
+    for i, shape in enumerate(spec.shapes):
+        w = torch.randn(shape)
+        state = opt.create_state(i, w)
+        for _ in range(2):
+            opt.update(i, w, torch.randn(shape), state)
+    return reads
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS])
+def test_kernels_read_only_the_attributes_they_declare(spec):
+    declared = set(type(optimizer.create(spec.name))._kernel_reads)
+    for variant in spec.variants:
+        for clip in (False, True):
+            assert _reads(spec, variant, clip) <= declared, (spec.name, variant, clip)
