@@ -237,3 +237,11 @@ def test_kernels_read_only_the_attributes_they_declare(spec):
     for variant in spec.variants:
         for clip in (False, True):
             assert _reads(spec, variant, clip) <= declared, (spec.name, variant, clip)
+
+
+def test_a_size_below_two_is_refused():
+    """Dynamo gives sizes 0 and 1 graphs of their own: a graph for dynamic sizes refuses them (before any write)."""
+    graph = _direct.Graph()
+    graph.fn, graph.places, graph.boxed = (lambda *args: pytest.fail("called")), ((0, None), (0, 0)), False
+    with pytest.raises(AssertionError):
+        graph([torch.zeros(1)])

@@ -101,6 +101,8 @@ class Graph:
 
     def __call__(self, leaves):
         args = [leaves[k] if d is None else leaves[k].size(d) for k, d in self.places]
+        if any(type(x) is int and x < 2 for x in args):  # dynamo specializes sizes 0 and 1: not this graph's
+            raise AssertionError("a size below 2 for a dynamic dimension")
         return self.fn(args) if self.boxed else self.fn(*args)
 
 

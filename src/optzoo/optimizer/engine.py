@@ -10,8 +10,10 @@ updated in place, gradients are read, states are the caller's tensors.
   dynamic-shape graph per optimizer class, state layout and group length serves every size), over 1-D views
   of the weight, gradient and states (per-tensor norms are then full reductions, :data:`~._numerics.WHOLE`).
   Large tensors of one graph run :data:`GROUP` per compiled call (a loop per tensor in one parallel region):
-  each call costs tens of microseconds of dynamo's and AOT autograd's wrappers. On the CPU, a two-phase rule's
-  (``_two_phase``: LAMB) run as two compiled calls, its direction stored between them (:mod:`._phases`).
+  each call costs tens of microseconds of dynamo's and AOT autograd's wrappers (hundreds right after a kernel that
+  evicted them from the caches: a call like one that dynamo ran calls its graph directly, :mod:`._direct`).
+  On the CPU, a two-phase rule's (``_two_phase``: LAMB) run as two compiled calls, its direction stored between
+  them (:mod:`._phases`).
 - **Small** tensors of one dtype and device are packed: concatenated into scratch buffers, updated by
   one kernel call (per-parameter scalars spread per element, per-tensor norms as row sums over runs of
   equal-sized parameters, see :class:`Segments`; such packs sorted by size, :func:`pack_order`), and copied back.
