@@ -7,22 +7,16 @@ import torch
 
 import optzoo.torch as ot
 from optzoo import optimizer
-from optzoo.optimizer import _direct, engine
+from optzoo.optimizer import _direct
 from specs import SPECS
+from test_engine_scratch import _grads, _params as _seeded
 
 #: three 256 x 256 weights (65,536 elements each: large, one group with a stand-in) and five small biases (a pack)
 SHAPES = [(256, 256)] * 3 + [(256,)] * 5
 
 
 def _params(seed=0, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
-
-
-def _grads(params, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+    return _seeded(shapes, seed)
 
 
 class Calls:
