@@ -135,6 +135,23 @@ def test_autocast_around_the_step_goes_through_dynamo(calls):
     assert calls.steps[1:] == [STEADY, (0, 2), (0, 2)]  # step 4 runs as recorded under autocast: through dynamo
 
 
+def test_a_forced_eager_stance_goes_through_dynamo(calls):
+    fast, ref = _params(), _params()
+    a, b = ot.Adam(fast, fused=True), ot.Adam(ref, fused=False)
+    for k in range(4):
+        _grads(fast, k)
+        _grads(ref, k)
+        if k == 2:
+            with torch.compiler.set_stance("force_eager"):  # the user asks dynamo to run everything eagerly
+                a.step()
+        else:
+            a.step()
+        b.step()
+        calls.mark()
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [STEADY, (0, 2), (0, 2)]  # dynamo ran no graph at step 3: step 4 records anew
+
+
 def test_new_sizes_of_the_same_graphs_are_called_directly(calls):
     """A graph serves every size: an optimizer over weights of other sizes calls the graphs that another's
     steps compiled, directly from its second step on (its first records what dynamo ran)."""

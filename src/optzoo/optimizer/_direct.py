@@ -19,7 +19,8 @@ checks, each cheap:
 - the same values of the attributes the optimizer's kernel reads (``Optimizer._kernel_reads``, checked
   against the kernels by a test), for optzoo's own classes only (a subclass's kernel may read anything);
 - torch's global state as dynamo's own guard records it (grad mode, autocast, ...), no torch-function or
-  dispatch mode, and no tracing under way (a user's ``torch.compile`` around the step).
+  dispatch mode, no tracing under way (a user's ``torch.compile`` around the step), and dynamo on as by default
+  (no ``force_eager`` stance).
 
 Sizes and strides are not checked here: the graph's own code asserts every input's size and stride before it
 writes anything, and a failed assertion sends the call through dynamo. Anything else goes through dynamo,
@@ -161,8 +162,18 @@ def _repeats(tensors):
 
 
 def _modes_off():
+    """No torch-function or dispatch mode, no tracing under way, and dynamo on as by default (no
+    ``torch.compiler.set_stance("force_eager")``, no ``torch._dynamo.config.disable``): else dynamo decides."""
     return not torch._C._len_torch_function_stack() and not torch._C._len_torch_dispatch_stack() and \
-        not torch.compiler.is_compiling()
+        not torch.compiler.is_compiling() and _dynamo_default()
+
+
+def _dynamo_default():
+    try:
+        from torch._dynamo import config, eval_frame
+        return eval_frame._stance.stance == "default" and not config.disable
+    except Exception:  # pragma: no cover - another dynamo layout: no direct calls
+        return False
 
 
 class _Site:
