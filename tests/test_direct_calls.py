@@ -256,3 +256,23 @@ def test_a_size_below_two_is_refused():
     graph.fn, graph.places, graph.boxed = (lambda *args: pytest.fail("called")), ((0, None), (0, 0)), False
     with pytest.raises(AssertionError):
         graph([torch.zeros(1)])
+
+
+def test_states_viewed_into_a_buffer_are_called_directly(monkeypatch, calls):
+    """GroupAdaGrad's per-row states of large weights lie end to end in one buffer: their graphs take the storage
+    offset as an input too. Called directly, the same bits as through dynamo."""
+    shapes = [(300, 250), (260, 400), (512, 200)]
+
+    def run():
+        params = _params(shapes=shapes)
+        opt = ot.GroupAdaGrad(params, fused=True)
+        for k in range(3):
+            _grads(params, k)
+            opt.step()
+            calls.mark()
+        return params
+
+    direct = run()
+    assert calls.steps[1:] == [(3, 0)] * 2
+    monkeypatch.setattr(_direct, "run", lambda key, fn, args: _direct.through(key, fn, args))
+    assert _equal(direct, run())

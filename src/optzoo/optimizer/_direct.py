@@ -68,14 +68,15 @@ def flatten(args):
 
 class Graph:
     """A compiled graph and where its inputs lie in a call's tensors: ``(k, None)`` the k-th tensor itself,
-    ``(k, d)`` its size in dimension ``d``."""
+    ``(k, d)`` its size in dimension ``d``, ``(k, -1)`` its storage offset, ``(k, -2 - d)`` its stride in ``d``."""
 
     __slots__ = ("fn", "places", "boxed")
 
     @classmethod
     def make(cls, gm, example_inputs, leaves, fn):
         """The graph ``fn`` compiled from ``gm`` for a call whose tensors are ``leaves``; None where an input
-        is not found among them (a tensor the step read from elsewhere, a size of no input's dimension)."""
+        is not found among them (a tensor the step read from elsewhere, a symbol that is no input's size,
+        storage offset or stride)."""
         if leaves is None:
             return None
         place = {id(t): k for k, t in enumerate(leaves)}
@@ -84,10 +85,15 @@ class Graph:
             return None
         dims = {}
         for node, x in zip(nodes, example_inputs):
-            if isinstance(x, torch.Tensor) and id(x) in place:
-                for d, size in enumerate(getattr(node.meta.get("example_value"), "shape", ())):
-                    if isinstance(size, torch.SymInt):
-                        dims.setdefault(str(size), (place[id(x)], d))
+            val = node.meta.get("example_value")
+            if isinstance(x, torch.Tensor) and id(x) in place and isinstance(val, torch.Tensor):
+                k = place[id(x)]
+                # a size (d >= 0), the storage offset (-1: a view into a buffer of states), a stride (-2 - d)
+                found = [(size, d) for d, size in enumerate(val.shape)] + [(val.storage_offset(), -1)] + \
+                    [(stride, -2 - d) for d, stride in enumerate(val.stride())]
+                for sym, d in found:
+                    if isinstance(sym, torch.SymInt):
+                        dims.setdefault(str(sym), (k, d))
         places = []
         for node, x in zip(nodes, example_inputs):
             got = (place.get(id(x)), None) if isinstance(x, torch.Tensor) else \
@@ -101,9 +107,10 @@ class Graph:
         return graph
 
     def __call__(self, leaves):
-        args = [leaves[k] if d is None else leaves[k].size(d) for k, d in self.places]
-        if any(type(x) is int and x < 2 for x in args):  # dynamo specializes sizes 0 and 1: not this graph's
-            raise AssertionError("a size below 2 for a dynamic dimension")
+        args = [leaves[k] if d is None else leaves[k].size(d) if d >= 0 else leaves[k].storage_offset() if d == -1
+                else leaves[k].stride(-2 - d) for k, d in self.places]
+        if any(type(x) is int and x < 2 for x in args):  # dynamo specializes 0 and 1: not this graph's
+            raise AssertionError("a size, offset or stride below 2 for a dynamic one")
         return self.fn(args) if self.boxed else self.fn(*args)
 
 

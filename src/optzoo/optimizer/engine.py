@@ -304,7 +304,7 @@ def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
         fn = _compiled(key, step)
         if key[1] == "rows":
             with _NoOuterLoopFusion():
-                return fn(*args)
+                return _direct.run(key, fn, args) if step in _DIRECT_STEPS and args[5] is None else fn(*args)
         if step not in _DIRECT_STEPS:
             if first and stand_ins is not None and len(args[1]) > 1:
                 fn(*stand_ins(args))
