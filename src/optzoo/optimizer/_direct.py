@@ -7,7 +7,7 @@ ResNet-50's step makes ~12 calls, each right after another's kernel. Called dire
 
 How: the compiled steps' backend is inductor, wrapped (:class:`Backend`). For each graph it compiles, it
 records where each graph input lies in that call's arguments (:class:`Graph`: the tensors depth first, each
-size as a tensor's dimension), and the graph notes itself as the one a call ran. After each call through
+dynamic size, storage offset or stride as a tensor's), and the graph notes itself as the one a call ran. After each call through
 dynamo, the executor keeps, per optimizer and graph key, that graph with what dynamo's guards checked of the
 call (:class:`_Site`). A later call with the same key calls the graph itself where its arguments pass the same
 checks, each cheap:
@@ -23,7 +23,8 @@ checks, each cheap:
   (no ``force_eager`` stance).
 
 Sizes and strides are not checked here: the graph's own code asserts every input's size and stride before it
-writes anything, and a failed assertion sends the call through dynamo. Anything else goes through dynamo,
+writes anything, and a failed assertion sends the call through dynamo (as does a dynamic value below 2, which
+dynamo would give a graph of its own). Anything else goes through dynamo,
 which checks its guards, compiles again where needed, and refreshes the record.
 """
 from __future__ import annotations
