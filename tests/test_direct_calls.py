@@ -2,6 +2,8 @@
 graph itself. The numbers stay the reference path's bit for bit; whatever dynamo's guards would catch (a kernel
 attribute changed, autocast on, a size of another pattern, memory shared between inputs, a class from outside
 optzoo) sends the call through dynamo again; and every kernel reads only the attributes it declares."""
+import contextlib
+
 import pytest
 import torch
 
@@ -121,35 +123,23 @@ def test_a_changed_kernel_attribute_goes_through_dynamo(calls):
     assert calls.steps[1:] == [STEADY, (0, 2), STEADY]
 
 
-def test_autocast_around_the_step_goes_through_dynamo(calls):
+@pytest.mark.parametrize("around", [
+    pytest.param(lambda: torch.autocast("cpu", dtype=torch.bfloat16), id="autocast"),  # dynamo's global state
+    pytest.param(lambda: torch.compiler.set_stance("force_eager"), id="force_eager"),  # the user's stance
+])
+def test_a_context_around_the_step_goes_through_dynamo(around, calls):
     fast, ref = _params(), _params()
     a, b = ot.Adam(fast, fused=True), ot.Adam(ref, fused=False)
     for k in range(4):
         _grads(fast, k)
         _grads(ref, k)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=k == 2):  # dynamo's global-state guard differs
+        with around() if k == 2 else contextlib.nullcontext():
             a.step()
             b.step()
         calls.mark()
     assert _equal(fast, ref)
-    assert calls.steps[1:] == [STEADY, (0, 2), (0, 2)]  # step 4 runs as recorded under autocast: through dynamo
-
-
-def test_a_forced_eager_stance_goes_through_dynamo(calls):
-    fast, ref = _params(), _params()
-    a, b = ot.Adam(fast, fused=True), ot.Adam(ref, fused=False)
-    for k in range(4):
-        _grads(fast, k)
-        _grads(ref, k)
-        if k == 2:
-            with torch.compiler.set_stance("force_eager"):  # the user asks dynamo to run everything eagerly
-                a.step()
-        else:
-            a.step()
-        b.step()
-        calls.mark()
-    assert _equal(fast, ref)
-    assert calls.steps[1:] == [STEADY, (0, 2), (0, 2)]  # dynamo ran no graph at step 3: step 4 records anew
+    # step 4 goes through dynamo too: step 3 recorded what it ran under autocast, or nothing (eager)
+    assert calls.steps[1:] == [STEADY, (0, 2), (0, 2)]
 
 
 def test_new_sizes_of_the_same_graphs_are_called_directly(calls):
