@@ -302,19 +302,19 @@ def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
     try:
         first = key not in _COMPILED
         fn = _compiled(key, step)
+        recorded = step in _DIRECT_STEPS  # its graphs recorded for direct calls (_direct)
+        # called directly where it can be: not with a pack's segments (a Python object dynamo specializes on)
+        direct = recorded and (args[5] is None or args[5] is WHOLE)
         if key[1] == "rows":
             with _NoOuterLoopFusion():
-                return _direct.run(key, fn, args) if step in _DIRECT_STEPS and args[5] is None else fn(*args)
-        if step not in _DIRECT_STEPS:
-            if first and stand_ins is not None and len(args[1]) > 1:
-                fn(*stand_ins(args))
-            return fn(*args)
+                return _direct.run(key, fn, args) if direct else fn(*args)
         if first and stand_ins is not None and len(args[1]) > 1:
             # compiled on members of distinct sizes: one graph for every size pattern
-            _direct.through(key, fn, stand_ins(args))
-        if args[5] is not None and args[5] is not WHOLE:  # a pack's segments: dynamo specializes on them
-            return fn(*args)
-        return _direct.run(key, fn, args)
+            if recorded:
+                _direct.through(key, fn, stand_ins(args))
+            else:
+                fn(*stand_ins(args))
+        return _direct.run(key, fn, args) if direct else fn(*args)
     except Exception as exc:  # compilation happens before the kernel writes anything
         _COMPILED[key] = None
         warnings.warn(f"optzoo: compiling the fused optimizer kernel failed ({type(exc).__name__}: "
