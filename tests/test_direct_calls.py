@@ -38,17 +38,17 @@ class Calls:
 @pytest.fixture
 def calls(monkeypatch):
     counted = Calls()
-    graph_call, through = _direct.Graph.__call__, _direct.through
+    graph_call, through = _direct.Graph.call, _direct.through
 
-    def direct(self, leaves):
+    def direct(self, args):
         counted.direct += 1
-        return graph_call(self, leaves)
+        return graph_call(self, args)
 
     def dynamo(*args, **kwargs):
         counted.through += 1
         return through(*args, **kwargs)
 
-    monkeypatch.setattr(_direct.Graph, "__call__", direct)
+    monkeypatch.setattr(_direct.Graph, "call", direct)
     monkeypatch.setattr(_direct, "through", dynamo)
     return counted
 
@@ -186,12 +186,12 @@ def test_a_class_from_outside_optzoo_goes_through_dynamo(calls):
 
 def test_a_refused_direct_call_goes_through_dynamo(monkeypatch, calls):
     """The graph asserts its inputs' sizes and strides before it writes: a refused call runs through dynamo."""
-    def refuse(self, leaves):
+    def refuse(self, args):
         raise AssertionError("expected size 300 == 256")
 
     def refusing_at_step_three(opt, k):
         if k == 2:
-            monkeypatch.setattr(_direct.Graph, "__call__", refuse)
+            monkeypatch.setattr(_direct.Graph, "call", refuse)
     fast = _mx_run("adam", 3, calls, refusing_at_step_three)
     ref = _mx_run("adam", 3, fused=False)
     assert _equal(fast, ref)

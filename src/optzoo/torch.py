@@ -213,12 +213,12 @@ class OptzooOptimizer(_torch.optim.Optimizer):
                 self._step_group(*plan)
 
     def _lane(self, group, inner, indices, params, grads):
-        """The steady state of a param group whose graded parameters (``indices``, ``params``, ``grads``) form one
-        pack (small plain tensors of one dtype and device, dense gradients of their shapes, every state made):
-        ``(lane, states, steps)``, else None (the general path, which checks and names what is wrong). The
-        :class:`_Lane` (what the pack needs beyond its tensors) is kept while the parameters are the same
-        objects with the same dtypes, shapes and devices, under the same hyperparameters; the gradients,
-        states and step counts are read at every step."""
+        """The steady state of a param group whose graded parameters (``indices``, ``params``, ``grads``) the
+        executor runs as one :class:`~optzoo.optimizer.engine.Plan` (plain tensors of one dtype, device and state
+        layout, dense gradients of their shapes, every state made): ``(lane, states, steps)``, else None (the
+        general path, which checks and names what is wrong). The :class:`_Lane` (what the plan needs beyond the
+        tensors) is kept while the parameters are the same objects with the same dtypes, shapes and devices,
+        under the same hyperparameters; the gradients, states and step counts are read at every step."""
         if len(params) < _engine.PACK_MIN:
             return None
         lanes = self.__dict__.setdefault("_lanes", {})
@@ -226,14 +226,14 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         ids = list(map(id, params))
         known = lane is not None and lane.group is group and lane.lineage is inner._lineage and lane.ids == ids \
             and lane.indices == indices
-        if known and lane.pack is None:  # not one pack (large tensors, several dtypes, ...): decided once for
-            return None                  # these parameters under these hyperparameters, at no cost per step
+        if known and lane.plan is None:  # not one plan (several dtypes, ...): decided once for these
+            return None                  # parameters under these hyperparameters, at no cost per step
         sig = list(map(_SIG, params))
         if list(map(_SIG, grads)) != sig:
             return None
         if not known or lane.sig != sig:
             lane = lanes[id(group)] = _Lane(group, inner, params, sig, ids, indices)
-        if lane.pack is None or not inner._has_fast_path():  # (LBSGD's depends on settings one may edit)
+        if lane.plan is None or not inner._has_fast_path():  # (LBSGD's depends on settings one may edit)
             return None
         sts = list(map(self.state.__getitem__, params))
         steps = list(map(dict.get, sts, _repeat("step")))
@@ -248,13 +248,14 @@ class OptzooOptimizer(_torch.optim.Optimizer):
                 setattr(inner, attr, book[attr])
         counts = inner._index_update_count
         counts.clear()
-        if lane is not None:  # the parameters themselves (the pack only copies them, or views their buffer)
+        if lane is not None:  # the parameters themselves (the plan updates them in place, copies them, or views
+            # their buffer)
             lane, sts, steps = lane
             trees = _trees_of(lane.layouts, lane.keys, sts)
             counts.update(zip(indices, map(int, steps)))
             inner._shards = inner._counter_offsets = None
             scalars = inner._fast_scalars(indices, params, lane.chunks)
-            _engine.run_pack(inner, inner._fused, lane.pack, params, grads, trees, scalars)
+            _engine.run_plan(inner, inner._fused, lane.plan, params, grads, trees, scalars)
         else:
             sts = list(map(self.state.__getitem__, params))
             weights = list(map(_detach, params))
@@ -399,22 +400,21 @@ def _structure(opt):
 
 
 class _Lane:
-    """A param group's pack as :meth:`OptzooOptimizer._lane` keeps it: the graded parameters (their ids, indices
+    """A param group's step as :meth:`OptzooOptimizer._lane` keeps it: the graded parameters (their ids, indices
     and ``(dtype, shape, device, layout)``s), the state layouts, the MXNet calls, and the engine's
-    :class:`~optzoo.optimizer.engine.Pack`; ``pack`` is None where the group is not one pack the fast path
-    runs (then the general path runs, and this says so until the parameters or hyperparameters change)."""
+    :class:`~optzoo.optimizer.engine.Plan`; ``plan`` is None where the fast path does not run the group as one
+    plan (then the general path runs, and this says so until the parameters or hyperparameters change)."""
 
-    __slots__ = ("group", "lineage", "ids", "indices", "sig", "keys", "layouts", "chunks", "pack")
+    __slots__ = ("group", "lineage", "ids", "indices", "sig", "keys", "layouts", "chunks", "plan")
 
     def __init__(self, group, inner, params, sig, ids, indices):
         self.group, self.lineage, self.ids, self.indices, self.sig = group, inner._lineage, ids, indices, sig
-        self.pack = None
+        self.plan = None
         dtype = sig[0][0]
         if (type(inner).update is not _Optimizer.update or inner._fused is False or not inner._has_fast_path()
                 or not set(map(type, params)) <= _PLAIN or not dtype.is_floating_point
                 or any(len(set(map(_operator.itemgetter(k), sig))) != 1 for k in (0, 2, 3))
-                or sig[0][3] is not _STRIDED or (inner.multi_precision and inner._mp(params[0]))
-                or max(map(_Tensor.numel, params)) >= _engine.LARGE):
+                or sig[0][3] is not _STRIDED or (inner.multi_precision and inner._mp(params[0]))):
             return
         kinds = {p.dim() == 2: p for p in params}.values()  # the engine's layout depends on 2-D or not
         layouts = {_engine.layout_of(inner, p) for p in kinds}
@@ -423,7 +423,7 @@ class _Lane:
         self.keys = [(d, shape) for d, shape, _, _ in sig]
         self.layouts = {key: _layout(inner, w) for key, w in dict(zip(self.keys, params)).items()}
         self.chunks = _calls(inner, list(range(len(params))), params)
-        self.pack = _engine.Pack(inner, layouts.pop(), params)
+        self.plan = _engine.Plan(inner, layouts.pop(), params)
 
 
 def _is_dtensor(t) -> bool:

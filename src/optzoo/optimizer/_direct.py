@@ -108,11 +108,22 @@ class Graph:
         return graph
 
     def __call__(self, leaves):
-        args = [leaves[k] if d is None else leaves[k].size(d) if d >= 0 else leaves[k].storage_offset() if d == -1
-                else leaves[k].stride(-2 - d) for k, d in self.places]
+        return self.call(list(map(_input, map(leaves.__getitem__, map(_FIRST, self.places)),
+                                  map(_SECOND, self.places))))
+
+    def call(self, args):
+        """The graph on its inputs ``args``."""
         if any(type(x) is int and x < 2 for x in args):  # dynamo specializes 0 and 1: not this graph's
             raise AssertionError("a size, offset or stride below 2 for a dynamic one")
         return self.fn(args) if self.boxed else self.fn(*args)
+
+
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _input(t, d):
+    """What a graph input at place ``(k, d)`` is of the call's k-th tensor ``t`` (see :class:`Graph`)."""
+    return t if d is None else t.size(d) if d >= 0 else t.storage_offset() if d == -1 else t.stride(-2 - d)
 
 
 class Backend:
@@ -232,6 +243,58 @@ def run(key, fn, args):
         except AssertionError:  # a size or stride the graph does not take: asserted before any write
             opt.__dict__["_direct"].pop(key, None)
     return through(key, fn, args, tensors, consts)
+
+
+class Replay:
+    """A call that :func:`run` would make directly, prepared for later calls that differ from it only in some of
+    its tensors (a step's gradients and scalars, ``variable``): the graph's inputs are computed once, and a
+    later call puts the new tensors in their places, with the checks of :meth:`_Site.matches` on them alone.
+    Its other tensors must stay the same objects of the same sizes (the caller's views, which it checks)."""
+
+    __slots__ = ("key", "site", "args", "spots", "fixed", "signature")
+
+    @classmethod
+    def make(cls, key, args, variable):
+        """The replay of ``fn(*args)`` (graph ``key``); None where :func:`run` would not call it directly.
+        ``variable``: distinct tensors among ``args``, in the order later calls give theirs."""
+        opt = args[0]
+        tensors, consts = flatten(args)
+        site = opt.__dict__.get("_direct", {}).get(key)
+        ids = {id(t): j for j, t in enumerate(variable)}
+        if site is None or len(ids) != len(variable) or not site.matches(opt, tensors, consts):
+            return None
+        rep = cls()
+        rep.key, rep.site, rep.signature = key, site, _signature(variable)
+        rep.args, rep.spots = [], [[] for _ in variable]
+        for pos, (k, d) in enumerate(site.graph.places):
+            j = ids.get(id(tensors[k]))
+            if j is not None:
+                rep.spots[j].append((pos, d))
+            rep.args.append(_input(tensors[k], d))
+        for spots in rep.spots:  # (not keeping the recorded call's gradients alive)
+            for pos, _ in spots:
+                rep.args[pos] = None
+        rep.fixed = frozenset(id(t) for t in tensors if id(t) not in ids)
+        return rep
+
+    def __call__(self, opt, variable):
+        """The graph called with ``variable`` in the recorded ones' places: True, or False where a check fails
+        (nothing ran; the caller goes the usual way)."""
+        site = self.site
+        if opt.__dict__.get("_direct", {}).get(self.key) is not site or _signature(variable) != self.signature \
+                or len(set(map(id, variable))) != len(variable) or not self.fixed.isdisjoint(map(id, variable)) \
+                or _reads(opt) != site.reads or not site.state.check() or not _modes_off():
+            return False
+        args = self.args.copy()
+        for t, spots in zip(variable, self.spots):
+            for pos, d in spots:
+                args[pos] = _input(t, d)
+        try:
+            site.graph.call(args)
+        except AssertionError:  # a size or stride the graph does not take: asserted before any write
+            opt.__dict__["_direct"].pop(self.key, None)
+            return False
+        return True
 
 
 #: Graph keys whose compiling broke a graph (Python between graphs, which a direct call would skip).

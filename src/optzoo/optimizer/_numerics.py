@@ -344,8 +344,6 @@ def sum_sq_of(x, seg=None):
     return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)
 
 
-#: The smallest normal fp32 number: a sum of squares below it has lost digits (or all of them).
-_NORMAL32 = 2.0 ** -126
 
 
 def norm_of(x, seg=None):
@@ -372,7 +370,10 @@ def norm_of(x, seg=None):
 
 def _lost(s32):
     """Where an fp32 sum of squares lost the norm: underflowed below the normal range, or overflowed."""
-    return (s32 < _NORMAL32) | (s32 == math.inf)
+    # 2^-126, the smallest normal fp32 number: a sum of squares below it has lost digits (or all of them). A
+    # literal: dynamo makes a module's float global read by a compiled kernel a tensor input of its graph (which
+    # then takes no direct calls, _direct)
+    return (s32 < 1.1754943508222875e-38) | (s32 == math.inf)
 
 
 # ------------------------------------------------------------------------------------------ counter-based noise

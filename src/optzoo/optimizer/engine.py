@@ -43,7 +43,8 @@ import torch
 from . import _direct, _phases, _sparse, _tree
 from ._numerics import ROWS, WHOLE, Key
 
-__all__ = ["LARGE", "Pack", "Segments", "adjacent", "execute", "layout_of", "pack_order", "run_keys", "run_pack"]
+__all__ = ["LARGE", "Pack", "Plan", "Segments", "adjacent", "execute", "layout_of", "pack_order", "run_keys",
+           "run_plan"]
 
 #: A tensor this large (elements) is updated by itself, in place; smaller ones are packed.
 LARGE = 1 << 16
@@ -483,14 +484,12 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
     packs = {}
     with torch.no_grad():
         large = [k for k, n in enumerate(numels) if n >= LARGE]
-        groups, placed = _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
+        placed = _run_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
         for k, n in enumerate(numels):
             if n >= LARGE and k in placed:
                 continue
             dtype, device, _ = kinds[k]
             packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
-        for key, members in groups.items():
-            _run_groups(opt, key, members)
         for (_, _, lay), members in packs.items():
             if len(members) == 1 and not fused:
                 k = members[0]
@@ -500,25 +499,53 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
                       [states[k] for k in members], [scalars[k] for k in members], cache, [lows[k] for k in members])
 
 
-def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
-    """The large tensors (indices ``large``) grouped by compiled graph: ``{key: members}`` (:func:`_in_place`'s
-    keys and arguments) and the set of indices placed (the others have no flat form: they are packed).
+def _run_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
+    """The large tensors (indices ``large``) with a flat form updated in place, graph by graph
+    (:func:`_run_groups`); the set of those updated (the others are packed). Everything is checked and planned
+    before the first kernel runs.
 
     A step over the same tensors as a recent one reuses that step's work (:class:`_LargePlan`: the 1-D views of
-    the weights and states, each one's graph key without its scalars' part), checked in C-level maps: the
-    weights at the same addresses with the same shapes, the same state tensors at the same addresses,
-    everything contiguous. Only the gradients' views and the scalars' tensors are made anew."""
+    the weights and states, each one's graph key without its scalars' part, and the compiled calls the step
+    made), checked in C-level maps: the weights at the same addresses with the same shapes, the same state
+    tensors at the same addresses, everything contiguous. Only the gradients' views and the scalars' tensors
+    are made anew, and the recorded calls made again with them (:class:`~._direct.Replay`)."""
     if not large:
-        return {}, set()
+        return set()
     plans = _kept(opt, "_large_plans", _PLANS_KEPT)
     ws = [weights[k] for k in large]
     ptrs = tuple(map(torch.Tensor.data_ptr, ws))
     plan = plans.get(ptrs)
+    groups, tape = None, None
     if plan is not None:
-        got = plan.groups(opt, layouts, kinds, large, ws, grads, states, scalars, cache, lows)
-        if got is not None:
-            return got, set(large)
-        plans.pop(ptrs, None)
+        got = None
+        if plan.same(opt, layouts, kinds, large, ws, grads, states, lows):
+            if plan.replay(opt, large, grads, scalars, cache):
+                return set(large)
+            got = plan.groups(large, grads, scalars, cache)
+        if got is None:
+            plans.pop(ptrs, None)
+            plan = None
+        else:
+            groups, views = got
+            tape = [] if plan.calls is None else None  # recorded once: the calls of the plan's second step
+    if groups is None:
+        groups, placed, plan = _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache,
+                                             lows)
+        if plan is not None:
+            plans[ptrs] = plan
+    else:
+        placed = set(large)
+    for key, members in groups.items():
+        _run_groups(opt, key, members, tape)
+    if tape is not None:
+        plan.record(tape, views, large, scalars, cache)
+    return placed
+
+
+def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
+    """The large tensors (indices ``large``) grouped by compiled graph: ``{key: members}`` (:func:`_in_place`'s
+    keys and arguments), the set of indices placed (the others have no flat form: they are packed), and the
+    :class:`_LargePlan` of the step where it can be one (else None)."""
     groups, placed, entries = {}, set(), []
     for k in large:
         got = _in_place(opt, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k], cache, lows[k])
@@ -526,11 +553,10 @@ def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, c
             groups.setdefault(got[0], []).append(got[1])
             placed.add(k)
             entries.append(got)
-    plan = None if len(placed) != len(large) else _LargePlan.make(opt, layouts, kinds, large, ws, states, scalars,
+    plan = None if len(placed) != len(large) else _LargePlan.make(opt, layouts, kinds, large,
+                                                                   [weights[k] for k in large], states, scalars,
                                                                    lows, entries)
-    if plan is not None:
-        plans[ptrs] = plan
-    return groups, placed
+    return groups, placed, plan
 
 
 #: Sets of large tensors whose :class:`_LargePlan` an optimizer keeps (the oldest dropped beyond).
@@ -543,7 +569,7 @@ class _LargePlan:
     tensor was placed, everything is contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy
     is written; the views keep the memory they view, so an address seen again is the same memory."""
 
-    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries")
+    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "calls")
 
     @classmethod
     def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries):
@@ -564,23 +590,28 @@ class _LargePlan:
         # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
         plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:_KINDS], key[_KINDS + 1:],
                          _scalar_dtype(m[0], _tree.leaves(m[2]))) for key, m in entries]
+        plan.calls = None  # the compiled calls, recorded at the next step (:meth:`record`)
         return plan
 
-    def groups(self, opt, layouts, kinds, large, ws, grads, states, scalars, cache, lows):
-        """This step's ``{key: members}``, or None where anything differs from the plan's step."""
+    def same(self, opt, layouts, kinds, large, ws, grads, states, lows):
+        """Whether this step's large tensors are the plan's step's: the same weights' shapes (the caller found
+        their addresses), the same state tensors at the same addresses, everything contiguous."""
         if type(opt) is not self.cls or layouts != self.layouts or [kinds[k] for k in large] != self.kinds \
                 or list(map(_SHAPE, ws)) != self.shapes or not all(map(torch.Tensor.is_contiguous, ws)):
-            return None
+            return False
         leaves = list(itertools.chain.from_iterable(_tree.leaves(states[k]) for k in large))
         if len(leaves) != len(self.leaves) or not all(map(operator.is_, leaves, self.leaves)) or \
                 list(map(torch.Tensor.data_ptr, leaves)) != self.leaf_ptrs or \
                 not all(map(torch.Tensor.is_contiguous, leaves)):
-            return None
-        gs = [grads[k] for k in large]
-        if not all(map(torch.Tensor.is_contiguous, gs)) or any(lows[k] is not None for k in large):
-            return None
-        made, groups = {}, {}
-        for (fw, finner, flat, head, tail, sdt), g, k in zip(self.entries, gs, large):
+            return False
+        return all(map(torch.Tensor.is_contiguous, map(grads.__getitem__, large))) and \
+            not any(lows[k] is not None for k in large)
+
+    def groups(self, large, grads, scalars, cache):
+        """This step's ``{key: members}`` and the gradients as the members hold them (after :meth:`same`), or
+        None where a scalar is a tensor (drawn noise)."""
+        made, groups, views = {}, {}, self._views(large, grads)
+        for (fw, finner, flat, head, tail, sdt), g, k in zip(self.entries, views, large):
             s = scalars[k]
             got = made.get((id(s), sdt))
             if got is None:
@@ -589,8 +620,75 @@ class _LargePlan:
                 ts = _as_tensors(s, sdt, fw.device, cache)
                 got = made[(id(s), sdt)] = (ts, _scalar_kinds(ts))
             ts, dims = got
-            groups.setdefault(head + (dims,) + tail, []).append((fw, g.view(-1) if flat else g, finner, ts, None))
-        return groups
+            groups.setdefault(head + (dims,) + tail, []).append((fw, g, finner, ts, None))
+        return groups, views
+
+    def _views(self, large, grads):
+        """The gradients as the members hold them: 1-D views (2-D for per-row states)."""
+        return [grads[k].view(-1) if e[2] else grads[k] for e, k in zip(self.entries, large)]
+
+    def _shared(self, large, scalars, cache):
+        """The scalars' tensors where every tensor has prepare's one tuple of numbers (the common case), else None."""
+        s, sdt = scalars[large[0]], self.entries[0][5]
+        if not all(map(operator.is_, map(scalars.__getitem__, large), itertools.repeat(s))) or \
+                any(isinstance(x, torch.Tensor) for x in s) or any(e[5] != sdt for e in self.entries):
+            return None
+        return _as_tensors(s, sdt, self.entries[0][0].device, cache)
+
+    def record(self, tape, views, large, scalars, cache):
+        """The compiled calls of a step (``tape``: :func:`_run_groups`' ``(key, step, args)``, made with the
+        members of :meth:`groups`, whose gradients are ``views``), kept for :meth:`replay` where each would be
+        called directly and every tensor shares prepare's one scalar tuple; else none are kept."""
+        self.calls = ()
+        ts = self._shared(large, scalars, cache)
+        if ts is None:
+            return
+        place = {id(g): j for j, g in enumerate(views)}
+        calls = []
+        for key, step, args in tape:
+            if step not in _DIRECT_STEPS or args[4] is not ts:
+                return
+            group = isinstance(args[2], list)
+            gs = args[2] if group else [args[2]]
+            slots = [pos for pos, g in enumerate(gs) if id(g) in place]  # (a group's stand-ins stay)
+            mine = [place[id(gs[pos])] for pos in slots]
+            rep = _direct.Replay.make(key, args, [gs[pos] for pos in slots] + list(ts))
+            if rep is None:
+                return
+            rest = list(args[1:])  # the arguments but the optimizer, without this step's gradients and scalars
+            rest[1] = [None if pos in slots else g for pos, g in enumerate(gs)] if group else None
+            rest[3] = None
+            calls.append((rep, mine, key, step, rest, slots))
+        self.calls = tuple(calls)
+
+    def replay(self, opt, large, grads, scalars, cache):
+        """This step's large tensors by the recorded calls (after :meth:`same`): True, or False where none are
+        recorded or the scalars are not every tensor's one tuple (then nothing ran). A call whose checks fail
+        goes through dynamo (and the calls are recorded again at the next step)."""
+        if not self.calls:
+            return False
+        ts = self._shared(large, scalars, cache)
+        if ts is None:
+            return False
+        views = self._views(large, grads)
+        if opt.clip_gradient:
+            opt._clip_bounds()
+        for rep, mine, key, step, rest, slots in self.calls:
+            new = [views[j] for j in mine]
+            new.extend(ts)
+            if rep(opt, new):
+                continue
+            self.calls = None  # recorded again at the next step
+            args = list(rest)
+            if isinstance(args[1], list):
+                args[1] = list(args[1])
+                for pos, j in zip(slots, mine):
+                    args[1][pos] = views[j]
+            else:
+                args[1] = views[mine[0]]
+            args[3] = ts
+            _run(True, key, opt, *args, step=step, stand_ins=_distinct if step is _group_step else None)
+        return True
 
 
 def _in_place(opt, layout, w, g, inner, s, cache, low=None):
@@ -624,16 +722,19 @@ def _in_place(opt, layout, w, g, inner, s, cache, low=None):
     return _key(opt, layout, fw, finner, ts, flow) + (seg,), (fw, fg, finner, ts, flow)
 
 
-def _run_groups(opt, key, members):
+def _run_groups(opt, key, members, tape=None):
     """Large tensors of one graph key, in place, up to :data:`GROUP` per compiled call (one parallel region
     with a loop per tensor): each call of a compiled step costs tens of microseconds of dynamo's and AOT's
     wrappers, which ResNet-50's 42 large tensors paid one by one. Groups of :data:`GROUP` members, a last, shorter
     group filled up with stand-ins: one graph per key (a graph for the rest would cost its compile time cold and
-    its tracing warm, at the first step); a lone large tensor runs alone, on a graph of its own."""
+    its tracing warm, at the first step); a lone large tensor runs alone, on a graph of its own. ``tape``: a
+    list that gets each compiled call's ``(key, step, args)``."""
     seg = key[-1]
     key = key[:-1]
     if _phases.wanted(opt, key):  # two compiled loops, the direction stored between them (LAMB on the CPU)
         _phases.run(opt, key, seg, members, GROUP)
+        if tape is not None:
+            tape.append((key, _phases.run, None))  # (not replayed)
         return
     whole = len(members) - len(members) % GROUP
     if key[1] == "rows" or any(x.dim() for x in members[0][3]):
@@ -650,10 +751,15 @@ def _run_groups(opt, key, members):
     for start in range(0, whole, GROUP):
         ws, gs, inners, tss, flows = map(list, zip(*members[start:start + GROUP]))
         shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))  # prepare's one tuple (the common case)
-        _run(True, key + ("group", GROUP, shared), opt, ws, gs, inners, tss[0] if shared else tss, seg,
-             flows if flows[0] is not None else None, step=_group_step, stand_ins=_distinct)
+        args = (opt, ws, gs, inners, tss[0] if shared else tss, seg, flows if flows[0] is not None else None)
+        _run(True, key + ("group", GROUP, shared), *args, step=_group_step, stand_ins=_distinct)
+        if tape is not None:
+            tape.append((key + ("group", GROUP, shared), _group_step, args))
     for fw, fg, finner, ts, flow in members[whole:]:
-        _run(True, key, opt, fw, fg, finner, ts, seg, flow)
+        args = (opt, fw, fg, finner, ts, seg, flow)
+        _run(True, key, *args)
+        if tape is not None:
+            tape.append((key, _fused_step, args))
 
 
 def _padding_scalars(members, n):
@@ -709,7 +815,7 @@ def _per_element(col, segs):
 
 class Pack:
     """What a pack of small tensors of one dtype, device and layout needs beyond its tensors, for as long as
-    their shapes stay (the torch face keeps one per param group, :meth:`OptzooOptimizer._lane`): where each
+    their shapes stay (a :class:`Plan` keeps one for its small tensors): where each
     lies (:class:`Segments`), its scratch buffers, and the last step's one-buffer views of weights and
     gradients that lay end to end (``flatten_parameters``), found again by their addresses alone (~0.15 ms
     instead of ~0.85 ms of :func:`_joined`'s checks for 2,000 tensors)."""
@@ -737,12 +843,48 @@ class Pack:
         return flat
 
 
-def run_pack(opt, fused, pack, weights, grads, states, scalars):
-    """One :class:`Pack`'s step (the caller checked that the tensors are still the pack's shapes, dtype and
+class Plan:
+    """:func:`execute`'s sorting of a list of tensors, done once for as long as their dtypes, shapes and device
+    stay (the torch face keeps one per param group, :meth:`OptzooOptimizer._lane`): which are large (updated in
+    place, :func:`_placed_large`) and the :class:`Pack` of the small ones. One dtype, device and layout."""
+
+    __slots__ = ("layout", "large", "small", "pick", "pack", "kinds", "layouts", "no_lows")
+
+    def __init__(self, opt, layout, weights):
+        numels = list(map(torch.Tensor.numel, weights))
+        self.layout = layout
+        self.large = [k for k, n in enumerate(numels) if n >= LARGE]
+        self.small = [k for k, n in enumerate(numels) if n < LARGE]
+        self.pick = operator.itemgetter(*self.small) if len(self.small) > 1 else None
+        self.pack = None if self.pick is None else Pack(opt, layout, list(self.pick(weights)))
+        self.kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
+        self.layouts = dict.fromkeys(self.kinds, layout)
+        self.no_lows = [None] * len(weights)
+
+
+def run_plan(opt, fused, plan, weights, grads, states, scalars):
+    """One :class:`Plan`'s step (the caller checked that the tensors are still the plan's dtypes, shapes and
     device, dense, with their states made): :func:`execute` without its per-tensor sorting."""
     with torch.no_grad():
-        _run_pack(opt, fused, pack.layout, weights, grads, states, scalars,
-                  _kept(opt, "_scalar_tensors", _SCALARS_KEPT), None, pack)
+        cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
+        if plan.large:
+            placed = _run_large(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
+                                plan.no_lows)
+            if len(placed) != len(plan.large):  # a large weight with no flat form now (re-bound to a transposed
+                rest = [k for k in plan.large if k not in placed] + plan.small  # view): packed, as execute does
+                execute(opt, fused, *([x[k] for k in rest] for x in (weights, grads, states, scalars)))
+                return
+        if plan.pack is not None:
+            if plan.large:
+                pick = plan.pick
+                weights, grads, states, scalars = (list(pick(x)) for x in (weights, grads, states, scalars))
+            _run_pack(opt, fused, plan.layout, weights, grads, states, scalars, cache, None, plan.pack)
+        elif plan.small:  # one small tensor: as execute runs it
+            k = plan.small[0]
+            if fused:
+                _run_pack(opt, fused, plan.layout, [weights[k]], [grads[k]], [states[k]], [scalars[k]], cache, [None])
+            else:
+                _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, None)
 
 
 def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, pack=None):
