@@ -277,20 +277,25 @@ class Replay:
         rep.fixed = frozenset(id(t) for t in tensors if id(t) not in ids)
         return rep
 
-    def __call__(self, opt, variable):
-        """The graph called with ``variable`` in the recorded ones' places: True, or False where a check fails
-        (nothing ran; the caller goes the usual way)."""
+    def inputs(self, opt, variable):
+        """The graph's inputs with ``variable`` in the recorded ones' places, or None where a check fails. A step
+        prepares all of its calls before the first kernel runs: right after a kernel that streamed tens of MB,
+        the same checks cost several times as much (the objects they read are out of the CPU's caches)."""
         site = self.site
         if opt.__dict__.get("_direct", {}).get(self.key) is not site or _signature(variable) != self.signature \
                 or len(set(map(id, variable))) != len(variable) or not self.fixed.isdisjoint(map(id, variable)) \
                 or _reads(opt) != site.reads or not site.state.check() or not _modes_off():
-            return False
+            return None
         args = self.args.copy()
         for t, spots in zip(variable, self.spots):
             for pos, d in spots:
                 args[pos] = _input(t, d)
+        return args
+
+    def run(self, opt, args):
+        """The graph on :meth:`inputs`' ``args``: True, or False where it refused them (nothing ran)."""
         try:
-            site.graph.call(args)
+            self.site.graph.call(args)
         except AssertionError:  # a size or stride the graph does not take: asserted before any write
             opt.__dict__["_direct"].pop(self.key, None)
             return False

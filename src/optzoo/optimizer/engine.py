@@ -673,10 +673,9 @@ class _LargePlan:
         views = self._views(large, grads)
         if opt.clip_gradient:
             opt._clip_bounds()
-        for rep, mine, key, step, rest, slots in self.calls:
-            new = [views[j] for j in mine]
-            new.extend(ts)
-            if rep(opt, new):
+        inputs = [rep.inputs(opt, [views[j] for j in mine] + list(ts)) for rep, mine, *_ in self.calls]
+        for (rep, mine, key, step, rest, slots), args in zip(self.calls, inputs):
+            if args is not None and rep.run(opt, args):
                 continue
             self.calls = None  # recorded again at the next step
             args = list(rest)
@@ -875,10 +874,9 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
                 execute(opt, fused, *([x[k] for k in rest] for x in (weights, grads, states, scalars)))
                 return
         if plan.pack is not None:
-            if plan.large:
-                pick = plan.pick
-                weights, grads, states, scalars = (list(pick(x)) for x in (weights, grads, states, scalars))
-            _run_pack(opt, fused, plan.layout, weights, grads, states, scalars, cache, None, plan.pack)
+            pick = plan.pick
+            _run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)), cache,
+                      None, plan.pack)
         elif plan.small:  # one small tensor: as execute runs it
             k = plan.small[0]
             if fused:
