@@ -863,16 +863,11 @@ class Plan:
 
 def run_plan(opt, fused, plan, weights, grads, states, scalars):
     """One :class:`Plan`'s step (the caller checked that the tensors are still the plan's dtypes, shapes and
-    device, dense, with their states made): :func:`execute` without its per-tensor sorting."""
+    device, dense, with their states made): :func:`execute` without its per-tensor sorting. The small tensors
+    first: the pack's Python then runs before the large tensors' kernels have streamed its objects out of the
+    CPU's caches (ResNet-50's shapes: 0.94-0.97x the step time of the large ones first)."""
     with torch.no_grad():
         cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
-        if plan.large:
-            placed = _run_large(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
-                                plan.no_lows)
-            if len(placed) != len(plan.large):  # a large weight with no flat form now (re-bound to a transposed
-                rest = [k for k in plan.large if k not in placed] + plan.small  # view): packed, as execute does
-                execute(opt, fused, *([x[k] for k in rest] for x in (weights, grads, states, scalars)))
-                return
         if plan.pack is not None:
             pick = plan.pick
             _run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)), cache,
@@ -883,6 +878,12 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
                 _run_pack(opt, fused, plan.layout, [weights[k]], [grads[k]], [states[k]], [scalars[k]], cache, [None])
             else:
                 _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, None)
+        if plan.large:
+            placed = _run_large(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
+                                plan.no_lows)
+            if len(placed) != len(plan.large):  # a large weight with no flat form now (re-bound to a transposed
+                rest = [k for k in plan.large if k not in placed]  # view): packed, as execute does
+                execute(opt, fused, *([x[k] for k in rest] for x in (weights, grads, states, scalars)))
 
 
 def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, pack=None):
