@@ -9,7 +9,7 @@ import torch
 
 import optzoo.torch as ot
 from optzoo import optimizer
-from optzoo.optimizer import _direct
+from optzoo.optimizer import _direct, engine
 from specs import SPECS
 from test_engine_scratch import _grads, _params as _seeded
 
@@ -84,6 +84,32 @@ def test_steady_steps_call_the_graphs_directly_with_the_reference_numbers(cls, k
     fast, ref = _run_both(cls, kw, 4, calls)
     assert _equal(fast, ref)
     assert calls.steps[1:] == [STEADY] * 3
+
+
+@pytest.mark.parametrize("cls, kw, shapes, steady", [
+    # the group's two phases, the pack's one run (the biases' norms as row sums)
+    (ot.LAMB, {}, SHAPES, (3, 0)),
+    (ot.LARS, {"momentum": 0.9}, SHAPES, (2, 0)),  # the group, the pack's run
+    # per-row states: the large weights one by one, the small ones' run
+    (ot.GroupAdaGrad, {}, [(256, 256)] * 3 + [(4, 8)] * 5, (4, 0)),
+], ids=["LAMB", "LARS", "GroupAdaGrad"])
+def test_steady_steps_with_norms_phases_and_rows_call_every_graph_directly(cls, kw, shapes, steady, calls,
+                                                                           monkeypatch):
+    """Per-tensor norms (whose graphs read no tensor but their inputs), LAMB's two phases (in place, their scales
+    and directions in buffers of their own) and packs' runs take direct calls: the numbers of the same steps
+    made through dynamo alone."""
+    def run(mark):
+        ps = _params(shapes=shapes)
+        opt = cls(ps, fused=True, **kw)  # (the pack compiled too, however small)
+        for k in range(4):
+            _grads(ps, k)
+            opt.step()
+            mark()
+        return ps
+    fast = run(calls.mark)
+    assert calls.steps[1:] == [steady] * 3
+    monkeypatch.setattr(engine, "_DIRECT_STEPS", {})  # no call recorded or replayed: every one through dynamo
+    assert _equal(fast, run(lambda: None))
 
 
 def test_a_scheduled_lr_keeps_the_direct_calls(calls):

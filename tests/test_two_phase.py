@@ -1,7 +1,8 @@
 """Two-phase rules (LAMB) on the CPU: large tensors run as two compiled loops with the direction stored in a kept
 buffer, four per call (a last, shorter group filled up with small stand-ins: one pair of graphs; a lone tensor
 alone). Their numbers are the one-graph compiled step's bit for bit, and the reference path's within the compiled
-norms' bound; the buffer is one per dtype, sized to the largest call, and kept through a scheduler's rebuild."""
+norms' bound; the buffers are one per place in a call, each sized to the largest tensor it held, in memory of
+its own (so the calls may be direct ones), and kept through a scheduler's rebuild."""
 import pytest
 import torch
 
@@ -67,13 +68,16 @@ def test_two_phases_in_other_dtypes(dtype, kw, monkeypatch):
     assert_match(one_graph(monkeypatch, None, dtype, **kw), got, 0)
 
 
-def test_one_kept_buffer_sized_to_the_largest_call():
+def test_kept_buffers_one_per_place_sized_to_the_largest_tensor_there():
     _, mx = run(None, steps=3)
     bufs = {k: v for k, v in mx._phases.items() if k[0] == "phases"}
-    assert list(bufs) == [("phases", torch.float32, torch.device("cpu"))]
-    chunks = [SHAPES[0:4], SHAPES[4:8], SHAPES[8:9]]
-    largest = max(sum(torch.Size(s).numel() for s in c) for c in chunks)
-    assert next(iter(bufs.values())).numel() == largest
+    assert list(bufs) == [("phases", torch.float32, torch.float32, torch.device("cpu"))]
+    directions, scales = next(iter(bufs.values()))
+    chunks = [SHAPES[0:4], SHAPES[4:8], SHAPES[8:9]]  # (the last one's stand-ins have their own)
+    assert [d.numel() for d in directions] == [max(torch.Size(c[j]).numel() for c in chunks if j < len(c))
+                                               for j in range(4)]
+    assert [tuple(x.shape) for x in scales] == [(1,)] * 4
+    assert len({x.untyped_storage().data_ptr() for x in directions + scales}) == 8
 
 
 def test_accelerators_keep_the_one_graph_step():
@@ -98,7 +102,7 @@ def test_the_buffer_is_kept_through_a_schedule_and_is_no_state():
         opt.step()
         sched.step()
         mx = opt.mxnet_optimizer(0)
-        bufs.append(mx._phases[("phases", torch.float32, torch.device("cpu"))])
+        bufs.append(mx._phases[("phases", torch.float32, torch.float32, torch.device("cpu"))])
     assert bufs[0] is bufs[1] is bufs[2]
     assert "_phases" not in copy.deepcopy(mx).__dict__
     assert "_phases" not in pickle.loads(pickle.dumps(mx)).__dict__

@@ -160,8 +160,9 @@ def _group_step(opt, ws, gs, inners, s, seg, lows=None):
         _fused_step(opt, ws[k], gs[k], inners[k], s[k] if per else s, seg, None if lows is None else lows[k])
 
 
-#: The steps whose steady-state calls skip dynamo where they can (:mod:`._direct`): updates in place, no result.
-_DIRECT_STEPS = (_fused_step, _group_step)
+#: The steps whose steady-state calls skip dynamo where they can (:mod:`._direct`): updates in place, no result;
+#: ``{step: where its reduction argument is}`` (a call with a pack's segments there goes through dynamo).
+_DIRECT_STEPS = {_fused_step: 5, _group_step: 5, **_phases.DIRECT_STEPS}
 
 
 def _distinct(args):
@@ -304,8 +305,9 @@ def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
         first = key not in _COMPILED
         fn = _compiled(key, step)
         recorded = step in _DIRECT_STEPS  # its graphs recorded for direct calls (_direct)
-        # called directly where it can be: not with a pack's segments (a Python object dynamo specializes on)
-        direct = recorded and (args[5] is None or args[5] is WHOLE)
+        # called directly where it can be: not on the local shards of sharded parameters (their sums are collectives)
+        at = _DIRECT_STEPS.get(step)
+        direct = recorded and (at is None or args[at] is None or args[at] is WHOLE or args[at] is ROWS)
         if key[1] == "rows":
             with _NoOuterLoopFusion():
                 return _direct.run(key, fn, args) if direct else fn(*args)
@@ -879,6 +881,11 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
             else:
                 _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, None)
         if plan.large:
+            # detached, as the general path passes them: the parameters themselves made dynamo's tracing refuse a
+            # view made under no_grad after a parameter was re-bound (``p.data = ...``; tests/test_face_lane.py)
+            weights = list(weights)
+            for k in plan.large:
+                weights[k] = _DETACH(weights[k])
             placed = _run_large(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
                                 plan.no_lows)
             if len(placed) != len(plan.large):  # a large weight with no flat form now (re-bound to a transposed
@@ -1010,6 +1017,7 @@ def _joined(tensors):
 
 
 _BASE = operator.attrgetter("_base")
+_DETACH = torch.Tensor.detach  # (``Parameter.detach`` would go through ``__torch_function__``)
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
@@ -1142,7 +1150,9 @@ def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
             s = tuple(_scalar_tensor(x, sdt, device) for x in s)
         run_w = w[offset:offset + nrows * size].view(nrows, size)
         run_inner = _run_views(inner, segs, offset, nrows, size, row)
-        _run(compiled, _key(opt, kind, run_w, run_inner, s), opt, run_w,
+        # (ROWS in the key: GroupAdaGrad's large weights run on the same kind of views, one by one, and each key
+        # keeps one graph for direct calls)
+        _run(compiled, _key(opt, kind, run_w, run_inner, s) + (ROWS,), opt, run_w,
              g[offset:offset + nrows * size].view(nrows, size), run_inner, s, ROWS)
 
 
