@@ -27,14 +27,14 @@ def wanted(opt, key) -> bool:
     return opt._two_phase and key[3] == "cpu"
 
 
-def run(opt, key, seg, members, group):
+def run(opt, key, seg, members, group, tape=None):
     """``members`` (the executor's ``(w, g, inner, scalars, low)`` of one graph key, 1-D views) in chunks of
     ``group``, two compiled calls per chunk. A last, shorter chunk is filled up with small stand-in members kept
     by the optimizer (a few dozen elements each): one pair of graphs per key, not a second pair for the rest
     (each graph costs its compile time cold and ~0.3 s of loading warm; the stand-ins' loops cost microseconds).
     A lone member (one large tensor: a graph key of its own) runs alone: each member's loop ends at a barrier, and
     on a shared machine each barrier waits for a descheduled thread (one 16M tensor under a busy process per core,
-    padded to four: 3.3x torch fused Adam's time)."""
+    padded to four: 3.3x torch fused Adam's time). ``tape``: as :func:`~.engine._run_groups`'."""
     if len(members) == 1:
         group = 1
     for start in range(0, len(members), group):
@@ -51,10 +51,12 @@ def run(opt, key, seg, members, group):
         shared = all(map(operator.is_, tss, itertools.repeat(tss[0])))
         lows = lows if lows[0] is not None else None
         sub = key + ("phases", group, shared)
-        _engine._run(True, sub + ("first",), opt, ws, gs, inners, tss[0] if shared else tss, seg, us, scales,
-                     step=_first, stand_ins=_first_stand_ins)
-        _engine._run(True, sub + ("second",), opt, ws, us, scales, lows, step=_second,
-                     stand_ins=_second_stand_ins)
+        first = (opt, ws, gs, inners, tss[0] if shared else tss, seg, us, scales)
+        _engine._run(True, sub + ("first",), *first, step=_first, stand_ins=_first_stand_ins)
+        second = (opt, ws, us, scales, lows)
+        _engine._run(True, sub + ("second",), *second, step=_second, stand_ins=_second_stand_ins)
+        if tape is not None:
+            tape += [(sub + ("first",), _first, first), (sub + ("second",), _second, second)]
 
 
 def _padding(opt, key, member, n, sdt):
@@ -136,5 +138,5 @@ def _like(tensors, sizes):
 
 
 #: The phases' steps, which update in place and return nothing: their steady-state calls may skip dynamo
-#: (:mod:`._direct`); ``{step: where its reduction argument is}`` (None: it has none).
-DIRECT_STEPS = {_first: 5, _second: None}
+#: (:mod:`._direct`); ``{step: where its reduction, gradients and scalars are among its arguments}``.
+DIRECT_STEPS = {_first: (5, 2, 4), _second: (None, None, None)}

@@ -161,8 +161,9 @@ def _group_step(opt, ws, gs, inners, s, seg, lows=None):
 
 
 #: The steps whose steady-state calls skip dynamo where they can (:mod:`._direct`): updates in place, no result;
-#: ``{step: where its reduction argument is}`` (a call with a pack's segments there goes through dynamo).
-_DIRECT_STEPS = {_fused_step: 5, _group_step: 5, **_phases.DIRECT_STEPS}
+#: ``{step: where its reduction (a shard's goes through dynamo), gradients and scalars are among its arguments}``
+#: (None: none), the last two for a :class:`_LargePlan`'s replays.
+_DIRECT_STEPS = {_fused_step: (5, 2, 4), _group_step: (5, 2, 4), **_phases.DIRECT_STEPS}
 
 
 def _distinct(args):
@@ -306,7 +307,7 @@ def _run(compiled, key, *args, step=_fused_step, stand_ins=None):
         fn = _compiled(key, step)
         recorded = step in _DIRECT_STEPS  # its graphs recorded for direct calls (_direct)
         # called directly where it can be: not on the local shards of sharded parameters (their sums are collectives)
-        at = _DIRECT_STEPS.get(step)
+        at = _DIRECT_STEPS[step][0] if recorded else None
         direct = recorded and (at is None or args[at] is None or args[at] is WHOLE or args[at] is ROWS)
         if key[1] == "rows":
             with _NoOuterLoopFusion():
@@ -648,18 +649,23 @@ class _LargePlan:
         place = {id(g): j for j, g in enumerate(views)}
         calls = []
         for key, step, args in tape:
-            if step not in _DIRECT_STEPS or args[4] is not ts:
+            if step not in _DIRECT_STEPS:
                 return
-            group = isinstance(args[2], list)
-            gs = args[2] if group else [args[2]]
+            _, at_g, at_s = _DIRECT_STEPS[step]
+            if at_s is not None and args[at_s] is not ts:
+                return
+            group = at_g is not None and isinstance(args[at_g], list)
+            gs = [] if at_g is None else args[at_g] if group else [args[at_g]]
             slots = [pos for pos, g in enumerate(gs) if id(g) in place]  # (a group's stand-ins stay)
             mine = [place[id(gs[pos])] for pos in slots]
-            rep = _direct.Replay.make(key, args, [gs[pos] for pos in slots] + list(ts))
+            rep = _direct.Replay.make(key, args, [gs[pos] for pos in slots] + (list(ts) if at_s is not None else []))
             if rep is None:
                 return
             rest = list(args[1:])  # the arguments but the optimizer, without this step's gradients and scalars
-            rest[1] = [None if pos in slots else g for pos, g in enumerate(gs)] if group else None
-            rest[3] = None
+            if at_g is not None:
+                rest[at_g - 1] = [None if pos in slots else g for pos, g in enumerate(gs)] if group else None
+            if at_s is not None:
+                rest[at_s - 1] = None
             calls.append((rep, mine, key, step, rest, slots))
         self.calls = tuple(calls)
 
@@ -675,19 +681,24 @@ class _LargePlan:
         views = self._views(large, grads)
         if opt.clip_gradient:
             opt._clip_bounds()
-        inputs = [rep.inputs(opt, [views[j] for j in mine] + list(ts)) for rep, mine, *_ in self.calls]
+        variable = [[views[j] for j in mine] + (list(ts) if _DIRECT_STEPS[step][2] is not None else [])
+                    for _, mine, _, step, _, _ in self.calls]
+        inputs = [rep.inputs(opt, new) for (rep, *_), new in zip(self.calls, variable)]
         for (rep, mine, key, step, rest, slots), args in zip(self.calls, inputs):
             if args is not None and rep.run(opt, args):
                 continue
             self.calls = None  # recorded again at the next step
+            _, at_g, at_s = _DIRECT_STEPS[step]
             args = list(rest)
-            if isinstance(args[1], list):
-                args[1] = list(args[1])
-                for pos, j in zip(slots, mine):
-                    args[1][pos] = views[j]
-            else:
-                args[1] = views[mine[0]]
-            args[3] = ts
+            if at_g is not None:
+                if isinstance(args[at_g - 1], list):
+                    args[at_g - 1] = list(args[at_g - 1])
+                    for pos, j in zip(slots, mine):
+                        args[at_g - 1][pos] = views[j]
+                else:
+                    args[at_g - 1] = views[mine[0]]
+            if at_s is not None:
+                args[at_s - 1] = ts
             _run(True, key, opt, *args, step=step, stand_ins=_distinct if step is _group_step else None)
         return True
 
@@ -733,9 +744,7 @@ def _run_groups(opt, key, members, tape=None):
     seg = key[-1]
     key = key[:-1]
     if _phases.wanted(opt, key):  # two compiled loops, the direction stored between them (LAMB on the CPU)
-        _phases.run(opt, key, seg, members, GROUP)
-        if tape is not None:
-            tape.append((key, _phases.run, None))  # (not replayed)
+        _phases.run(opt, key, seg, members, GROUP, tape)
         return
     whole = len(members) - len(members) % GROUP
     if key[1] == "rows" or any(x.dim() for x in members[0][3]):
