@@ -1,4 +1,4 @@
-"""The executor's plan for large tensors (``engine._LargePlan``): a step over the same large tensors as a recent one
+"""The executor's plan for large tensors (``_large._LargePlan``): a step over the same large tensors as a recent one
 reuses its 1-D views and graph keys. Whatever the user changes between steps (re-bound, transposed or frozen
 parameters, replaced, swapped, re-pointed or edited states, non-contiguous gradients, a reloaded state dict), the
 result equals the same step without plans bit for bit, and, for elementwise rules, the reference path's."""
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import optzoo.torch as ot
-from optzoo.optimizer import engine
+from optzoo.optimizer import _large, engine
 
 #: elementwise (Adam, SGD), per-tensor norms (LARS), two phases on the CPU (LAMB), per-row states (GroupAdaGrad)
 OPTIMIZERS = {"Adam": {}, "SGD": {"momentum": 0.9, "wd": 1e-3}, "LARS": {"momentum": 0.9}, "LAMB": {},
@@ -94,7 +94,7 @@ def _run(name, change, fused, plans=True, monkeypatch=None):
     ps = list(model.parameters())
     with pytest.MonkeyPatch.context() as mp:
         if not plans:
-            mp.setattr(engine._LargePlan, "make", classmethod(lambda cls, *args: None))
+            mp.setattr(_large._LargePlan, "make", classmethod(lambda cls, *args: None))
         for step in range(5):
             _backward(model, gen)
             if step == 2:
@@ -133,8 +133,8 @@ def test_a_steady_step_places_no_tensor_one_by_one(monkeypatch, scheduled):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t)) if scheduled else None
     gen = torch.Generator().manual_seed(0)
     calls = []
-    real = engine._in_place
-    monkeypatch.setattr(engine, "_in_place", lambda *args: calls.append(1) or real(*args))
+    real = _large._in_place
+    monkeypatch.setattr(_large, "_in_place", lambda *args: calls.append(1) or real(*args))
     inners = []  # the objects themselves (ids of freed ones may be reused)
     for _ in range(4):
         _backward(model, gen)
@@ -152,8 +152,8 @@ def test_a_changed_tensor_remakes_the_plan(monkeypatch):
     opt = ot.SGD(model.parameters(), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     calls = []
-    real = engine._in_place
-    monkeypatch.setattr(engine, "_in_place", lambda *args: calls.append(1) or real(*args))
+    real = _large._in_place
+    monkeypatch.setattr(_large, "_in_place", lambda *args: calls.append(1) or real(*args))
     for step in range(4):
         _backward(model, gen)
         if step == 2:

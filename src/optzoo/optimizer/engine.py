@@ -5,7 +5,7 @@ every input, counted and read every index and called ``prepare`` in index order;
 moves tensors. It never re-binds, re-strides or aliases a parameter or its gradient: weights are
 updated in place, gradients are read, states are the caller's tensors.
 
-- A **large** tensor (at least :data:`LARGE` elements) is updated in place: the kernel compiled by
+- A **large** tensor (at least :data:`LARGE` elements) is updated in place (:mod:`._large`): the kernel compiled by
   ``torch.compile`` (one fused loop that reads each input once and writes each output once; one
   dynamic-shape graph per optimizer class, state layout and group length serves every size), over 1-D views
   of the weight, gradient and states (per-tensor norms are then full reductions, :data:`~._numerics.WHOLE`).
@@ -40,7 +40,7 @@ import warnings
 
 import torch
 
-from . import _direct, _phases, _sparse, _tree
+from . import _direct, _large, _phases, _sparse, _tree
 from ._numerics import ROWS, WHOLE, Key
 
 __all__ = ["LARGE", "Pack", "Plan", "Segments", "adjacent", "execute", "layout_of", "pack_order", "run_keys",
@@ -162,7 +162,7 @@ def _group_step(opt, ws, gs, inners, s, seg, lows=None):
 
 #: The steps whose steady-state calls skip dynamo where they can (:mod:`._direct`): updates in place, no result;
 #: ``{step: where its reduction (a shard's goes through dynamo), gradients and scalars are among its arguments}``
-#: (None: none), the last two for a :class:`_LargePlan`'s replays.
+#: (None: none), the last two for a :class:`~._large._LargePlan`'s replays.
 _DIRECT_STEPS = {_fused_step: (5, 2, 4), _group_step: (5, 2, 4), **_phases.DIRECT_STEPS}
 
 
@@ -364,7 +364,8 @@ def _key(opt, layout, w, inner, s, low=None):
             None if low is None else low.dtype)
 
 
-#: Where :func:`_key` puts the scalars' part (:func:`_scalar_kinds`), which a :class:`_LargePlan` makes anew.
+#: Where :func:`_key` puts the scalars' part (:func:`_scalar_kinds`), which a :class:`~._large._LargePlan` makes
+#: anew.
 _KINDS = 5
 
 
@@ -487,7 +488,7 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
     packs = {}
     with torch.no_grad():
         large = [k for k, n in enumerate(numels) if n >= LARGE]
-        placed = _run_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
+        placed = _large.run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
         for k, n in enumerate(numels):
             if n >= LARGE and k in placed:
                 continue
@@ -500,238 +501,6 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
                 continue
             _run_pack(opt, fused, lay, [weights[k] for k in members], [grads[k] for k in members],
                       [states[k] for k in members], [scalars[k] for k in members], cache, [lows[k] for k in members])
-
-
-def _run_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
-    """The large tensors (indices ``large``) with a flat form updated in place, graph by graph
-    (:func:`_run_groups`); the set of those updated (the others are packed). Everything is checked and planned
-    before the first kernel runs.
-
-    A step over the same tensors as a recent one reuses that step's work (:class:`_LargePlan`: the 1-D views of
-    the weights and states, each one's graph key without its scalars' part, and the compiled calls the step
-    made), checked in C-level maps: the weights at the same addresses with the same shapes, the same state
-    tensors at the same addresses, everything contiguous. Only the gradients' views and the scalars' tensors
-    are made anew, and the recorded calls made again with them (:class:`~._direct.Replay`)."""
-    if not large:
-        return set()
-    plans = _kept(opt, "_large_plans", _PLANS_KEPT)
-    ws = [weights[k] for k in large]
-    ptrs = tuple(map(torch.Tensor.data_ptr, ws))
-    plan = plans.get(ptrs)
-    groups, tape = None, None
-    if plan is not None:
-        got = None
-        if plan.same(opt, layouts, kinds, large, ws, grads, states, lows):
-            if plan.replay(opt, large, grads, scalars, cache):
-                return set(large)
-            got = plan.groups(large, grads, scalars, cache)
-        if got is None:
-            plans.pop(ptrs, None)
-            plan = None
-        else:
-            groups, views = got
-            tape = [] if plan.calls is None else None  # recorded once: the calls of the plan's second step
-    if groups is None:
-        groups, placed, plan = _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache,
-                                             lows)
-        if plan is not None:
-            plans[ptrs] = plan
-    else:
-        placed = set(large)
-    for key, members in groups.items():
-        _run_groups(opt, key, members, tape)
-    if tape is not None:
-        plan.record(tape, views, large, scalars, cache)
-    return placed
-
-
-def _placed_large(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
-    """The large tensors (indices ``large``) grouped by compiled graph: ``{key: members}`` (:func:`_in_place`'s
-    keys and arguments), the set of indices placed (the others have no flat form: they are packed), and the
-    :class:`_LargePlan` of the step where it can be one (else None)."""
-    groups, placed, entries = {}, set(), []
-    for k in large:
-        got = _in_place(opt, layouts[kinds[k]], weights[k], grads[k], states[k], scalars[k], cache, lows[k])
-        if got is not None:  # grouped with the large tensors that share its compiled graph
-            groups.setdefault(got[0], []).append(got[1])
-            placed.add(k)
-            entries.append(got)
-    plan = None if len(placed) != len(large) else _LargePlan.make(opt, layouts, kinds, large,
-                                                                   [weights[k] for k in large], states, scalars,
-                                                                   lows, entries)
-    return groups, placed, plan
-
-
-#: Sets of large tensors whose :class:`_LargePlan` an optimizer keeps (the oldest dropped beyond).
-_PLANS_KEPT = 4
-
-
-class _LargePlan:
-    """What a step over the same large tensors can reuse from an earlier one (see :func:`_placed_large`): each
-    tensor's 1-D views of the weight and states and its graph key less the scalars' part. Made only where every
-    tensor was placed, everything is contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy
-    is written; the views keep the memory they view, so an address seen again is the same memory."""
-
-    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "calls")
-
-    @classmethod
-    def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries):
-        """The plan of a step that placed every one of the ``large`` tensors (``entries``: their keys and
-        arguments, in order), or None where it would not be reusable."""
-        if any(lows[k] is not None for k in large):
-            return None
-        if any(isinstance(x, torch.Tensor) for k in large for x in scalars[k]):
-            return None
-        leaves = list(itertools.chain.from_iterable(_tree.leaves(states[k]) for k in large))
-        if not all(map(torch.Tensor.is_contiguous, itertools.chain(ws, leaves))):
-            return None
-        plan = cls()
-        plan.cls, plan.layouts = type(opt), dict(layouts)
-        plan.kinds = [kinds[k] for k in large]
-        plan.shapes = list(map(_SHAPE, ws))
-        plan.leaves, plan.leaf_ptrs = leaves, list(map(torch.Tensor.data_ptr, leaves))
-        # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
-        plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:_KINDS], key[_KINDS + 1:],
-                         _scalar_dtype(m[0], _tree.leaves(m[2]))) for key, m in entries]
-        plan.calls = None  # the compiled calls, recorded at the next step (:meth:`record`)
-        return plan
-
-    def same(self, opt, layouts, kinds, large, ws, grads, states, lows):
-        """Whether this step's large tensors are the plan's step's: the same weights' shapes (the caller found
-        their addresses), the same state tensors at the same addresses, everything contiguous."""
-        if type(opt) is not self.cls or layouts != self.layouts or [kinds[k] for k in large] != self.kinds \
-                or list(map(_SHAPE, ws)) != self.shapes or not all(map(torch.Tensor.is_contiguous, ws)):
-            return False
-        leaves = list(itertools.chain.from_iterable(_tree.leaves(states[k]) for k in large))
-        if len(leaves) != len(self.leaves) or not all(map(operator.is_, leaves, self.leaves)) or \
-                list(map(torch.Tensor.data_ptr, leaves)) != self.leaf_ptrs or \
-                not all(map(torch.Tensor.is_contiguous, leaves)):
-            return False
-        return all(map(torch.Tensor.is_contiguous, map(grads.__getitem__, large))) and \
-            not any(lows[k] is not None for k in large)
-
-    def groups(self, large, grads, scalars, cache):
-        """This step's ``{key: members}`` and the gradients as the members hold them (after :meth:`same`), or
-        None where a scalar is a tensor (drawn noise)."""
-        made, groups, views = {}, {}, self._views(large, grads)
-        for (fw, finner, flat, head, tail, sdt), g, k in zip(self.entries, views, large):
-            s = scalars[k]
-            got = made.get((id(s), sdt))
-            if got is None:
-                if any(isinstance(x, torch.Tensor) for x in s):
-                    return None
-                ts = _as_tensors(s, sdt, fw.device, cache)
-                got = made[(id(s), sdt)] = (ts, _scalar_kinds(ts))
-            ts, dims = got
-            groups.setdefault(head + (dims,) + tail, []).append((fw, g, finner, ts, None))
-        return groups, views
-
-    def _views(self, large, grads):
-        """The gradients as the members hold them: 1-D views (2-D for per-row states)."""
-        return [grads[k].view(-1) if e[2] else grads[k] for e, k in zip(self.entries, large)]
-
-    def _shared(self, large, scalars, cache):
-        """The scalars' tensors where every tensor has prepare's one tuple of numbers (the common case), else None."""
-        s, sdt = scalars[large[0]], self.entries[0][5]
-        if not all(map(operator.is_, map(scalars.__getitem__, large), itertools.repeat(s))) or \
-                any(isinstance(x, torch.Tensor) for x in s) or any(e[5] != sdt for e in self.entries):
-            return None
-        return _as_tensors(s, sdt, self.entries[0][0].device, cache)
-
-    def record(self, tape, views, large, scalars, cache):
-        """The compiled calls of a step (``tape``: :func:`_run_groups`' ``(key, step, args)``, made with the
-        members of :meth:`groups`, whose gradients are ``views``), kept for :meth:`replay` where each would be
-        called directly and every tensor shares prepare's one scalar tuple; else none are kept."""
-        self.calls = ()
-        ts = self._shared(large, scalars, cache)
-        if ts is None:
-            return
-        place = {id(g): j for j, g in enumerate(views)}
-        calls = []
-        for key, step, args in tape:
-            if step not in _DIRECT_STEPS:
-                return
-            _, at_g, at_s = _DIRECT_STEPS[step]
-            if at_s is not None and args[at_s] is not ts:
-                return
-            group = at_g is not None and isinstance(args[at_g], list)
-            gs = [] if at_g is None else args[at_g] if group else [args[at_g]]
-            slots = [pos for pos, g in enumerate(gs) if id(g) in place]  # (a group's stand-ins stay)
-            mine = [place[id(gs[pos])] for pos in slots]
-            rep = _direct.Replay.make(key, args, [gs[pos] for pos in slots] + (list(ts) if at_s is not None else []))
-            if rep is None:
-                return
-            rest = list(args[1:])  # the arguments but the optimizer, without this step's gradients and scalars
-            if at_g is not None:
-                rest[at_g - 1] = [None if pos in slots else g for pos, g in enumerate(gs)] if group else None
-            if at_s is not None:
-                rest[at_s - 1] = None
-            calls.append((rep, mine, key, step, rest, slots))
-        self.calls = tuple(calls)
-
-    def replay(self, opt, large, grads, scalars, cache):
-        """This step's large tensors by the recorded calls (after :meth:`same`): True, or False where none are
-        recorded or the scalars are not every tensor's one tuple (then nothing ran). A call whose checks fail
-        goes through dynamo (and the calls are recorded again at the next step)."""
-        if not self.calls:
-            return False
-        ts = self._shared(large, scalars, cache)
-        if ts is None:
-            return False
-        views = self._views(large, grads)
-        if opt.clip_gradient:
-            opt._clip_bounds()
-        variable = [[views[j] for j in mine] + (list(ts) if _DIRECT_STEPS[step][2] is not None else [])
-                    for _, mine, _, step, _, _ in self.calls]
-        inputs = [rep.inputs(opt, new) for (rep, *_), new in zip(self.calls, variable)]
-        for (rep, mine, key, step, rest, slots), args in zip(self.calls, inputs):
-            if args is not None and rep.run(opt, args):
-                continue
-            self.calls = None  # recorded again at the next step
-            _, at_g, at_s = _DIRECT_STEPS[step]
-            args = list(rest)
-            if at_g is not None:
-                if isinstance(args[at_g - 1], list):
-                    args[at_g - 1] = list(args[at_g - 1])
-                    for pos, j in zip(slots, mine):
-                        args[at_g - 1][pos] = views[j]
-                else:
-                    args[at_g - 1] = views[mine[0]]
-            if at_s is not None:
-                args[at_s - 1] = ts
-            _run(True, key, opt, *args, step=step, stand_ins=_distinct if step is _group_step else None)
-        return True
-
-
-def _in_place(opt, layout, w, g, inner, s, cache, low=None):
-    """A large tensor's in-place kernel call: its graph's key and arguments (1-D views of the weight, gradient,
-    states and fp16/bf16 copy, the scalars as tensors, the reduction); None when its layout has no flat form
-    (then it is packed)."""
-    leaves = _tree.leaves(inner)
-    if low is not None:
-        leaves.append(low)
-    if layout == "rows":
-        if not (w.is_contiguous() and g.is_contiguous() and all(map(torch.Tensor.is_contiguous, leaves))):
-            return None
-        fw, fg, finner, seg, flow = w, g, inner, None, low
-    else:
-        if w.is_contiguous() and g.is_contiguous() and all(map(torch.Tensor.is_contiguous, leaves)):
-            fw, fg, finner = w.view(-1), g.view(-1), _map(inner, _view_1d)  # the common case, in a few us
-        else:
-            fw, fg = _flat(w), _flat(g)
-            if fw is None or fg is None or g.stride() != w.stride() or any(x.stride() != w.stride() for x in leaves):
-                return None
-            finner = _map(inner, _flat)
-        flow = None if low is None else _flat(low)
-        seg = WHOLE if layout == "norms" else None  # per-tensor sums: full reductions of the 1-D views
-    sdt = _scalar_dtype(fw, leaves)
-    if any(isinstance(x, torch.Tensor) for x in s):  # per-element scalars (drawn noise) laid out as the weight
-        if layout != "rows":
-            s = tuple(_flat(x).view(fw.shape) if isinstance(x, torch.Tensor) else x for x in s)
-        ts = tuple(_scalar_tensor(x, sdt, w.device) for x in s)
-    else:
-        ts = _as_tensors(s, sdt, w.device, cache)
-    return _key(opt, layout, fw, finner, ts, flow) + (seg,), (fw, fg, finner, ts, flow)
 
 
 def _run_groups(opt, key, members, tape=None):
@@ -856,7 +625,7 @@ class Pack:
 class Plan:
     """:func:`execute`'s sorting of a list of tensors, done once for as long as their dtypes, shapes and device
     stay (the torch face keeps one per param group, :meth:`OptzooOptimizer._lane`): which are large (updated in
-    place, :func:`_placed_large`) and the :class:`Pack` of the small ones. One dtype, device and layout."""
+    place, :func:`._large.run`) and the :class:`Pack` of the small ones. One dtype, device and layout."""
 
     __slots__ = ("layout", "large", "small", "pick", "pack", "kinds", "layouts", "no_lows")
 
@@ -895,7 +664,7 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
             weights = list(weights)
             for k in plan.large:
                 weights[k] = _DETACH(weights[k])
-            placed = _run_large(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
+            placed = _large.run(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
                                 plan.no_lows)
             if len(placed) != len(plan.large):  # a large weight with no flat form now (re-bound to a transposed
                 rest = [k for k in plan.large if k not in placed]  # view): packed, as execute does
