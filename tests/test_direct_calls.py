@@ -122,6 +122,17 @@ def test_a_scheduled_lr_keeps_the_direct_calls(calls):
     assert calls.steps[1:] == [STEADY] * 3
 
 
+def test_a_dynamo_reset_sends_the_next_step_through_dynamo(calls):
+    """``torch._dynamo.reset()`` (a user's, to compile again under a new configuration): the graphs compiled before
+    are no longer called; the step after records the new ones, and the next is direct again."""
+    def reset_before_step_three(opt, k):
+        if k == 2:
+            torch._dynamo.reset()
+    fast, ref = _run_both(ot.Adam, {}, 4, calls, between=reset_before_step_three)
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [STEADY, (0, 2), STEADY]
+
+
 def _mx_run(name, steps, calls=None, between=None, fused=True, **kw):
     """The weights after ``steps`` MXNet-style updates of SHAPES (one list call each; ``calls`` marked after
     each); ``between(opt, step)`` before each."""

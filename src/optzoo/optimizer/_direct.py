@@ -20,7 +20,8 @@ checks, each cheap:
   against the kernels by a test), for optzoo's own classes only (a subclass's kernel may read anything);
 - torch's global state as dynamo's own guard records it (grad mode, autocast, ...), no torch-function or
   dispatch mode, no tracing under way (a user's ``torch.compile`` around the step), and dynamo on as by default
-  (no ``force_eager`` stance).
+  (no ``force_eager`` stance), and no ``torch._dynamo.reset()`` since the graph was compiled (a reset makes
+  dynamo compile again, with the configuration of then).
 
 Sizes and strides are not checked here: the graph's own code asserts every input's size and stride before it
 writes anything, and a failed assertion sends the call through dynamo (as does a dynamic value below 2, which
@@ -198,11 +199,14 @@ def _dynamo_default():
 class _Site:
     """What a call through dynamo ran (:class:`Graph`) and what of it a direct call must match."""
 
-    __slots__ = ("graph", "n", "distinct", "signature", "repeats", "consts", "reads", "state")
+    __slots__ = ("graph", "n", "distinct", "signature", "repeats", "consts", "reads", "state", "code")
 
     @classmethod
-    def make(cls, opt, graph, tensors, consts):
-        if graph is None or not _modes_off() or not all(type(t) in _PLAIN for t in tensors):
+    def make(cls, opt, graph, tensors, consts, code=None):
+        """``code``: the compiled function's code object, while dynamo's record of what it compiled holds it
+        (``torch._dynamo.reset()`` empties that record: the graphs compiled before are no longer called)."""
+        if graph is None or not _modes_off() or not all(type(t) in _PLAIN for t in tensors) or \
+                (code is not None and not _compiled_before(code)):
             return None
         repeats = _repeats(tensors)
         seen = {id(t): t for t in tensors}
@@ -212,13 +216,35 @@ class _Site:
         site.graph, site.n, site.distinct, site.repeats = graph, len(tensors), len(seen), repeats
         site.signature, site.consts, site.reads = _signature(tensors), consts, _reads(opt)
         site.state = torch._C._dynamo.guards.GlobalStateGuard()
+        site.code = code
         return site
 
     def matches(self, opt, tensors, consts):
         """Whether a call with these tensors and other values passes the checks of the call recorded."""
         return len(tensors) == self.n and consts == self.consts and len(set(map(id, tensors))) == self.distinct \
             and all(tensors[k] is tensors[j] for k, j in self.repeats) and _signature(tensors) == self.signature \
-            and _reads(opt) == self.reads and self.state.check() and _modes_off()
+            and self.current(opt)
+
+    def current(self, opt):
+        """The checks that do not depend on the call's tensors: the kernel's attributes, torch's global state, no
+        mode or tracing under way, and no ``torch._dynamo.reset()`` since the graph was compiled."""
+        return _reads(opt) == self.reads and self.state.check() and _modes_off() and \
+            (self.code is None or _compiled_before(self.code))
+
+
+def _compiled_before(code):
+    """Whether dynamo's record of the code objects it compiled holds ``code`` (emptied by ``torch._dynamo.reset()``);
+    True where this torch has no such record."""
+    if not _INPUT_CODES:
+        try:
+            from torch._dynamo import convert_frame
+            _INPUT_CODES.append(convert_frame.input_codes)  # (reset empties this object; it is never replaced)
+        except Exception:  # pragma: no cover - another dynamo layout
+            _INPUT_CODES.append(None)
+    return _INPUT_CODES[0] is None or code in _INPUT_CODES[0]
+
+
+_INPUT_CODES = []
 
 
 def _reads(opt):
@@ -284,7 +310,7 @@ class Replay:
         site = self.site
         if opt.__dict__.get("_direct", {}).get(self.key) is not site or _signature(variable) != self.signature \
                 or len(set(map(id, variable))) != len(variable) or not self.fixed.isdisjoint(map(id, variable)) \
-                or _reads(opt) != site.reads or not site.state.check() or not _modes_off():
+                or not site.current(opt):
             return None
         args = self.args.copy()
         for t, spots in zip(variable, self.spots):
@@ -330,7 +356,9 @@ def through(key, fn, args, tensors=None, consts=None):
     if breaks is None or _breaks() != breaks:
         _BROKEN.add(key)
     opt = args[0]
-    site = _Site.make(opt, ran, tensors, consts) if runs == 1 and key not in _BROKEN and eligible(opt) else None
+    code = getattr(getattr(fn, "_torchdynamo_orig_callable", None), "__code__", None)
+    site = _Site.make(opt, ran, tensors, consts, code) if runs == 1 and key not in _BROKEN and eligible(opt) \
+        else None
     sites = opt.__dict__.setdefault("_direct", {})
     if site is None:
         sites.pop(key, None)

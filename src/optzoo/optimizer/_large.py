@@ -83,10 +83,11 @@ _PLANS_KEPT = 4
 
 
 class _LargePlan:
-    """What a step over the same large tensors can reuse from an earlier one (see :func:`_placed_large`): each
-    tensor's 1-D views of the weight and states and its graph key less the scalars' part. Made only where every
-    tensor was placed, everything is contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy
-    is written; the views keep the memory they view, so an address seen again is the same memory."""
+    """What a step over the same large tensors can reuse from an earlier one (see :func:`run`): each tensor's 1-D
+    views of the weight and states and its graph key less the scalars' part, and the compiled calls of the plan's
+    second step (:meth:`record`, :meth:`replay`). Made only where every tensor was placed, everything is
+    contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy is written; the views keep the
+    memory they view, so an address seen again is the same memory."""
 
     __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "calls")
 
