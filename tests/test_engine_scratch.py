@@ -110,3 +110,33 @@ def test_one_dimensional_packs_copied_in_by_one_cat_equal_the_reference():
     assert fast[4].stride() == (2,)  # still the user's strided tensor
     (entry,) = opt.mxnet_optimizer(0).__dict__["_scratch"].values()
     assert entry[-1] is True  # the pack took the one-cat copy
+
+
+def test_mxnet_style_updates_keep_the_pack_of_the_small_tensors_among_large_ones():
+    """The MXNet-style ``update`` (the Trainer's) over large and small tensors keeps the small ones' Pack from call
+    to call (one per shape pattern), runs it before the large ones, and updates a large weight with no flat form
+    (re-bound to a transposed layout) after them: the reference path's numbers at every step."""
+    shapes = [(300, 300), (8,), (3, 5), (8,), (256, 256)]
+
+    def run(fused, between=None):
+        opt = create("adam", learning_rate=0.01)
+        opt._fused = fused
+        weights = [p.detach() for p in _params(shapes, 0)]
+        states = [opt.create_state(i, w) for i, w in enumerate(weights)]
+        for step in range(4):
+            if between is not None:
+                between(weights, step)
+            gen = torch.Generator().manual_seed(step)
+            opt.update(list(range(5)), weights, [torch.randn(w.shape, generator=gen) for w in weights], states)
+        return opt, weights
+
+    def transpose(weights, step):
+        if step == 2:
+            weights[4].data = weights[4].t().contiguous().t()  # the same values, column-major: no flat form
+
+    for between in (None, transpose):
+        opt, fast = run(None, between)
+        _, ref = run(False, between)
+        assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+        packs = list(opt.__dict__["_packs"].values())
+        assert len(packs) == 1 and packs[0].segs.sizes == [8, 15, 8]  # (a lone large weight runs by itself)

@@ -364,7 +364,7 @@ def _plain_pairs(params, grads):
 
 #: An optimizer's caches keyed by values or by checked identities (scratch buffers, joined states, scalar
 #: tensors), and those that follow its state's structure (layouts, expected state specs).
-_VALUE_CACHES = ("_scratch", "_joined_states", "_scalar_tensors", "_phases", "_large_plans", "_direct")
+_VALUE_CACHES = ("_scratch", "_joined_states", "_scalar_tensors", "_phases", "_large_plans", "_direct", "_packs")
 _STRUCTURE_CACHES = ("_layouts", "_face_layouts", "_state_specs")
 
 

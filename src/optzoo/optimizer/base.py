@@ -789,7 +789,7 @@ _SCHEDULER_VARS = object()
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch",
                      "_state_specs", "_scalar_tensors", "_clip_memo", "_joined_states", "_lineage",
-                     "_structure", "_phases", "_large_plans", "_direct"})
+                     "_structure", "_phases", "_large_plans", "_direct", "_packs"})
 
 
 def _plain_arg(value):

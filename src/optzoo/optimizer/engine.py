@@ -485,22 +485,47 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
         with torch.no_grad():
             _run_pack(opt, fused, next(iter(targets))[2], weights, grads, states, scalars, cache, lows)
         return
-    packs = {}
     with torch.no_grad():
         large = [k for k, n in enumerate(numels) if n >= LARGE]
+        args = (kinds, layouts, weights, grads, states, scalars, cache, lows)
+        # the small tensors first (as run_plan, for the same reason), then the large ones in place; a large one
+        # with no flat form (a transposed view) is packed after them
+        _run_packs(opt, fused, [k for k, n in enumerate(numels) if n < LARGE], *args)
         placed = _large.run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
-        for k, n in enumerate(numels):
-            if n >= LARGE and k in placed:
-                continue
-            dtype, device, _ = kinds[k]
-            packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
-        for (_, _, lay), members in packs.items():
-            if len(members) == 1 and not fused:
-                k = members[0]
-                _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, lows[k])
-                continue
-            _run_pack(opt, fused, lay, [weights[k] for k in members], [grads[k] for k in members],
-                      [states[k] for k in members], [scalars[k] for k in members], cache, [lows[k] for k in members])
+        _run_packs(opt, fused, [k for k in large if k not in placed], *args)
+
+
+def _run_packs(opt, fused, indices, kinds, layouts, weights, grads, states, scalars, cache, lows):
+    """The tensors at ``indices`` packed by dtype, device and layout (a lone one eagerly, unless ``fused``)."""
+    packs = {}
+    for k in indices:
+        dtype, device, _ = kinds[k]
+        packs.setdefault((dtype, device, layouts[kinds[k]]), []).append(k)
+    for (_, _, lay), members in packs.items():
+        if len(members) == 1 and not fused:
+            k = members[0]
+            _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, lows[k])
+            continue
+        ws = [weights[k] for k in members]
+        _run_pack(opt, fused, lay, ws, [grads[k] for k in members], [states[k] for k in members],
+                  [scalars[k] for k in members], cache, [lows[k] for k in members], _pack(opt, lay, ws))
+
+
+#: Packs (by layout, dtype, device and shapes) an optimizer keeps for :func:`execute` (the least recently used
+#: beyond are dropped).
+_PACKS_KEPT = 4
+
+
+def _pack(opt, layout, weights):
+    """The :class:`Pack` of tensors of these shapes, kept by the optimizer between calls (the MXNet-style
+    ``update``'s, the Trainer's; the torch face keeps its own in a :class:`Plan`)."""
+    w0 = weights[0]
+    key = (layout, w0.dtype, w0.device, tuple(map(_SHAPE, weights)))
+    got = opt.__dict__.get("_packs", {}).pop(key, None)
+    if got is None:
+        got = Pack(opt, layout, weights)
+    _kept(opt, "_packs", _PACKS_KEPT - 1)[key] = got  # most recently used last
+    return got
 
 
 def _run_groups(opt, key, members, tape=None):
