@@ -89,7 +89,7 @@ class _LargePlan:
     contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy is written; the views keep the
     memory they view, so an address seen again is the same memory."""
 
-    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "calls")
+    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "sdt", "calls")
 
     @classmethod
     def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries):
@@ -110,6 +110,8 @@ class _LargePlan:
         # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
         plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:_engine._KINDS], key[_engine._KINDS + 1:],
                          _engine._scalar_dtype(m[0], _tree.leaves(m[2]))) for key, m in entries]
+        sdts = {e[5] for e in plan.entries}
+        plan.sdt = sdts.pop() if len(sdts) == 1 else None  # the scalars' one dtype, where replays may share them
         plan.calls = None  # the compiled calls, recorded at the next step (:meth:`record`)
         return plan
 
@@ -149,11 +151,11 @@ class _LargePlan:
 
     def _shared(self, large, scalars, cache):
         """The scalars' tensors where every tensor has prepare's one tuple of numbers (the common case), else None."""
-        s, sdt = scalars[large[0]], self.entries[0][5]
-        if not all(map(operator.is_, map(scalars.__getitem__, large), itertools.repeat(s))) or \
-                any(isinstance(x, torch.Tensor) for x in s) or any(e[5] != sdt for e in self.entries):
+        s = scalars[large[0]]
+        if self.sdt is None or not all(map(operator.is_, map(scalars.__getitem__, large), itertools.repeat(s))) or \
+                any(isinstance(x, torch.Tensor) for x in s):
             return None
-        return _engine._as_tensors(s, sdt, self.entries[0][0].device, cache)
+        return _engine._as_tensors(s, self.sdt, self.entries[0][0].device, cache)
 
     def record(self, tape, views, large, scalars, cache):
         """The compiled calls of a step (``tape``: :func:`~.engine._run_groups`' ``(key, step, args)``, made with the
@@ -183,7 +185,7 @@ class _LargePlan:
                 rest[at_g - 1] = [None if pos in slots else g for pos, g in enumerate(gs)] if group else None
             if at_s is not None:
                 rest[at_s - 1] = None
-            calls.append((rep, mine, key, step, rest, slots))
+            calls.append((rep, mine, key, step, rest, slots, at_g, at_s))
         self.calls = tuple(calls)
 
     def replay(self, opt, large, grads, scalars, cache):
@@ -198,14 +200,12 @@ class _LargePlan:
         views = self._views(large, grads)
         if opt.clip_gradient:
             opt._clip_bounds()
-        variable = [[views[j] for j in mine] + (list(ts) if _engine._DIRECT_STEPS[step][2] is not None else [])
-                    for _, mine, _, step, _, _ in self.calls]
-        inputs = [rep.inputs(opt, new) for (rep, *_), new in zip(self.calls, variable)]
-        for (rep, mine, key, step, rest, slots), args in zip(self.calls, inputs):
+        inputs = [rep.inputs(opt, [views[j] for j in mine] + (list(ts) if at_s is not None else []))
+                  for rep, mine, *_, at_s in self.calls]
+        for (rep, mine, key, step, rest, slots, at_g, at_s), args in zip(self.calls, inputs):
             if args is not None and rep.run(opt, args):
                 continue
             self.calls = None  # recorded again at the next step
-            _, at_g, at_s = _engine._DIRECT_STEPS[step]
             args = list(rest)
             if at_g is not None:
                 if isinstance(args[at_g - 1], list):

@@ -673,16 +673,13 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
     CPU's caches (ResNet-50's shapes: 0.94-0.97x the step time of the large ones first)."""
     with torch.no_grad():
         cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
+        args = (plan.kinds, plan.layouts, weights, grads, states, scalars, cache, plan.no_lows)
         if plan.pack is not None:
             pick = plan.pick
             _run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)), cache,
                       None, plan.pack)
         elif plan.small:  # one small tensor: as execute runs it
-            k = plan.small[0]
-            if fused:
-                _run_pack(opt, fused, plan.layout, [weights[k]], [grads[k]], [states[k]], [scalars[k]], cache, [None])
-            else:
-                _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None, None)
+            _run_packs(opt, fused, plan.small, *args)
         if plan.large:
             # detached, as the general path passes them: the parameters themselves made dynamo's tracing refuse a
             # view made under no_grad after a parameter was re-bound (``p.data = ...``; tests/test_face_lane.py)
@@ -691,9 +688,9 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
                 weights[k] = _DETACH(weights[k])
             placed = _large.run(opt, plan.layouts, plan.kinds, plan.large, weights, grads, states, scalars, cache,
                                 plan.no_lows)
-            if len(placed) != len(plan.large):  # a large weight with no flat form now (re-bound to a transposed
-                rest = [k for k in plan.large if k not in placed]  # view): packed, as execute does
-                execute(opt, fused, *([x[k] for k in rest] for x in (weights, grads, states, scalars)))
+            # a large weight with no flat form now (re-bound to a transposed view): packed, as execute does
+            _run_packs(opt, fused, [k for k in plan.large if k not in placed], plan.kinds, plan.layouts, weights,
+                       grads, states, scalars, cache, plan.no_lows)
 
 
 def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, pack=None):
