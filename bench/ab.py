@@ -48,7 +48,9 @@ def export(rev: str, into: pathlib.Path) -> None:
     for path in (into / "optzoo_base").rglob("*.py"):  # older trees import themselves by absolute name
         text = path.read_text()
         for a, b in (("from optzoo.", "from optzoo_base."), ("from optzoo import", "from optzoo_base import"),
-                     ("import optzoo.", "import optzoo_base.")):
+                     ("import optzoo.", "import optzoo_base."),
+                     # revisions before 2026-12-07 took direct calls (_direct.eligible) for "optzoo." classes only
+                     ('startswith("optzoo.")', 'startswith("optzoo_base.")')):
             text = text.replace(a, b)
         path.write_text(text)
 
