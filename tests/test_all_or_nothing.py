@@ -252,6 +252,82 @@ def test_a_bad_state_anywhere_in_a_call_changes_nothing(w, bad):
     _good_call_matches(a, b)
 
 
+def _other_dtype(t):
+    return torch.float64 if t.dtype != torch.float64 else torch.float32
+
+
+#: Changes made in place, on the objects a checked call passed (``.data =``): nothing a caller passes anew.
+IN_PLACE = {
+    "a state re-bound to another shape": lambda leaf: torch.zeros(leaf.numel() + 1, dtype=leaf.dtype),
+    "a state re-bound to another dtype": lambda leaf: leaf.data.to(_other_dtype(leaf)),
+}
+
+
+@SETTINGS
+@given(w=worlds(), how=st.sampled_from(sorted(IN_PLACE)))
+def test_a_state_changed_in_place_after_a_checked_call_is_still_refused(w, how):
+    """A call over the same indices and state objects as the last checked one skips the per-index checks
+    (``Optimizer._checks_hold``); a state tensor re-bound in place since is still refused by name, nothing changed."""
+    a, b = Twin(w), Twin(w)
+    a.step(5), b.step(5)  # a call over these very objects: its checks remembered
+    store = a.up.states if a.up is not None else a.states
+    leaves = optimizer._tree.leaves(store[w["pos"]])
+    assume(leaves)
+    leaf = leaves[-1]
+    kept = leaf.data
+    leaf.data = IN_PLACE[how](leaf)
+    before = a.snapshot()
+    with pytest.raises((TypeError, ValueError), match="state for index"):
+        a.step(7)
+    assert a.snapshot() == before
+    leaf.data = kept
+    _good_call_matches(a, b)
+
+
+@SETTINGS
+@given(w=worlds())
+def test_a_weight_re_bound_to_another_shape_after_a_checked_call_is_refused(w):
+    """The same objects as a checked call, the weight (and its gradient) re-bound to another shape: its state no
+    longer fits, and the call says so by name with nothing changed."""
+    a, b = Twin(w), Twin(w)
+    a.step(5), b.step(5)
+    store = a.up.states if a.up is not None else a.states
+    assume(optimizer._tree.leaves(store[w["pos"]]))
+    weight = a.ws[w["pos"]]
+    kept = weight.data
+    weight.data = torch.zeros((weight.shape[0] + 1,) + tuple(weight.shape[1:]), dtype=weight.dtype)
+    before = a.snapshot()
+    with pytest.raises((TypeError, ValueError), match="state for index"):
+        a.step(7)
+    assert a.snapshot() == before
+    weight.data = kept
+    _good_call_matches(a, b)
+
+
+@pytest.mark.parametrize("kind", ["update", "updater"])
+def test_a_call_over_the_objects_of_the_last_checked_one_skips_the_per_index_checks(kind, monkeypatch):
+    """What the two tests above rely on: the second of two calls over the same objects runs no per-index state
+    check (and a new state object brings them back)."""
+    opt = optimizer.create("adam")
+    ws = [torch.randn(5, 3) for _ in range(3)]
+    gs = [torch.randn(5, 3) for _ in range(3)]
+    states = [opt.create_state(k, w) for k, w in enumerate(ws)]
+    up = optimizer.get_updater(opt) if kind == "updater" else None
+    step = (lambda: up([0, 1, 2], gs, ws)) if up else (lambda: opt.update([0, 1, 2], ws, gs, states))
+    step()
+    seen = []
+    real = type(opt)._check_state
+    monkeypatch.setattr(type(opt), "_check_state", lambda self, i, w, s: (seen.append(i), real(self, i, w, s)))
+    step()
+    assert seen == []
+    if up:
+        up.states[1] = opt.create_state(1, ws[1])
+    else:
+        states[1] = opt.create_state(1, ws[1])
+    step()
+    assert seen == [0, 1, 2]
+
+
 @SETTINGS
 @given(w=worlds(), setter=st.sampled_from(["set_learning_rate", "set_lr_mult", "set_wd_mult"]),
        value=st.sampled_from([float("nan"), float("inf"), -1.0, "0.1", None, [0.1]]))

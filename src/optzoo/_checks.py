@@ -137,6 +137,22 @@ def check_tensor_pair(index, weight, grad) -> None:
     _check_dtype_device(index, weight, grad)
 
 
+def plain_pairs(weights, grads):
+    """:func:`check_tensor_pair`'s common case for every pair at once, in C-level maps (no Python loop body per
+    pair): tensors, floating weights, dense gradients of their weights' dtypes, shapes and devices. The
+    weights' ``(dtype, shape, device)``s, or None where a pair is not plain (ask :func:`check_tensor_pair`,
+    which names what is wrong or passes a row-sparse gradient)."""
+    tensor = itertools.repeat(torch.Tensor)
+    if not (all(map(isinstance, weights, tensor)) and all(map(isinstance, grads, tensor))
+            and all(map(operator.is_, map(_LAYOUT, grads), itertools.repeat(torch.strided)))):
+        return None
+    keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights), map(_DEVICE, weights)))
+    if list(zip(map(_DTYPE, grads), map(_SHAPE, grads), map(_DEVICE, grads))) == keys \
+            and all(map(torch.Tensor.is_floating_point, weights)):
+        return keys
+    return None
+
+
 def _check_dtype_device(index, weight, grad) -> None:
     if grad.dtype != weight.dtype:
         raise TypeError(f"grad for index {index!r} has dtype {grad.dtype}: expected the weight's dtype {weight.dtype}")
@@ -232,3 +248,4 @@ def _distinct_fast(indices, weights) -> bool:
 
 
 _DEVICE, _LAYOUT = operator.attrgetter("device"), operator.attrgetter("layout")
+_DTYPE, _SHAPE = operator.attrgetter("dtype"), operator.attrgetter("shape")

@@ -28,7 +28,7 @@ from itertools import compress as _compress, repeat as _repeat
 import torch as _torch
 
 from ._gc import paused as _gc_paused
-from ._checks import check_tensor_pair
+from ._checks import check_tensor_pair, plain_pairs as _plain_pairs
 from ._flat import flatten_parameters
 from .optimizer import registry as _registry
 from .optimizer._numerics import Shards
@@ -203,7 +203,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             if lane is not None:  # the steady state of a pack: its facts kept from the last step
                 plans.append((group, inner, indices, params, grads, None, lane))
                 continue
-            keys = _plain_pairs(params, grads)  # the weights' (dtype, shape)s where every pair is plain
+            keys = _plain_pairs(params, grads)  # the weights' (dtype, shape, device)s where every pair is plain
             if keys is None:  # the full check, for its message
                 for k, p, grad in zip(indices, params, grads):
                     check_tensor_pair(k, p, grad)
@@ -346,20 +346,6 @@ _SIG = _operator.attrgetter("dtype", "shape", "device", "layout")
 _PLAIN = {_torch.Tensor, _torch.nn.Parameter}  # parameters whose ops are torch's own (no __torch_function__)
 _DEVICE, _LAYOUT = _operator.attrgetter("device"), _operator.attrgetter("layout")
 _is, _is_not = _operator.is_, _operator.is_not
-
-
-def _plain_pairs(params, grads):
-    """The common case of :func:`check_tensor_pair` for every parameter at once, in C-level maps (no Python
-    loop body per parameter): dense floating gradients of the parameters' shapes, dtypes and devices. The
-    parameters' ``(dtype, shape)`` pairs (which the step reads next), or None where a pair is not plain."""
-    if not all(map(_is, map(_LAYOUT, grads), _repeat(_STRIDED))):
-        return None
-    dtypes, shapes = list(map(_DTYPE, params)), list(map(_SHAPE, params))
-    if (list(map(_DTYPE, grads)) == dtypes and list(map(_SHAPE, grads)) == shapes
-            and list(map(_DEVICE, grads)) == list(map(_DEVICE, params))
-            and all(map(_Tensor.is_floating_point, params))):
-        return list(zip(dtypes, shapes))
-    return None
 
 
 #: An optimizer's caches keyed by values or by checked identities (scratch buffers, joined states, scalar

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .._gc import pausing
-from .._checks import (check_bool, check_distinct_weights, check_nonnegative, check_number, check_optional_clip,
+from .._checks import (check_bool, check_distinct_weights, plain_pairs, check_nonnegative, check_number, check_optional_clip,
                        check_positive_int, check_tensor_pair, plain)
 from . import _sparse, _tree, engine
 from ._numerics import in_dtype, mx_param
@@ -382,9 +382,11 @@ class Optimizer:
         one, then updated lazily (:meth:`lazy_rule`, only its rows) or by the dense rule (:meth:`standard_rule`).
         """
         indices, weights, grads, states = _as_lists(index, weight, grad, state)
-        for i, w, g, s in zip(indices, weights, grads, states):
-            check_tensor_pair(i, w, g)
-            self._check_state(i, w, s)
+        if not self._checks_hold("update", indices, weights, grads, states):
+            for i, w, g, s in zip(indices, weights, grads, states):
+                check_tensor_pair(i, w, g)
+                self._check_state(i, w, s)
+            self._checks_passed("update", indices, weights, grads, states)
         check_distinct_weights(indices, weights)
         self._step_lists(indices, weights, grads, states)
 
@@ -693,14 +695,16 @@ class Optimizer:
     def _update_calls(self, chunks, indices, weights, grads, states):
         """The Updater's MXNet calls (lists of positions ``chunks``; None: one call), checked, then run as one
         step."""
-        ours = type(self).update is Optimizer.update
-        for i, w, g, s in zip(indices, weights, grads, states):
-            check_tensor_pair(i, w, g)
-            if self._mp(w):  # the master copy, then the state of the rule that runs on it
-                self._check_master(i, w, s)
-                w, s = self._split_mp(s)
-            if ours:
-                self._check_state(i, w, s)
+        if not self._checks_hold("calls", indices, weights, grads, states):
+            ours = type(self).update is Optimizer.update
+            for i, w, g, s in zip(indices, weights, grads, states):
+                check_tensor_pair(i, w, g)
+                if self._mp(w):  # the master copy, then the state of the rule that runs on it
+                    self._check_master(i, w, s)
+                    w, s = self._split_mp(s)
+                if ours:
+                    self._check_state(i, w, s)
+            self._checks_passed("calls", indices, weights, grads, states)
         check_distinct_weights(indices, weights)
         self._run_checked(indices, weights, grads, states, chunks)
 
@@ -736,6 +740,33 @@ class Optimizer:
             raise ValueError(f"{what} is {_tree.describe(state)}: expected {_tree.describe(expected)} for a "
                              f"parameter of shape {tuple(param.shape)}")
         return self._mark_state(state)
+
+    def _checks_hold(self, how, indices, weights, grads, states):
+        """Whether the per-index checks of the last call (``how``: ``"update"`` or the Updater's ``"calls"``)
+        passed on these inputs and would pass again, found in C-level maps: the same indices, the same state
+        objects (trees of tuples, whose leaves are then the same tensors), each leaf and each weight of the same
+        dtype, shape, device and layout as then, plain gradients of their weights' (:func:`plain_pairs`), and
+        the same settings that shape a state. ResNet-50's 161 tensors (Adam): ~0.3 ms instead of ~1 ms a call."""
+        got = self.__dict__.get("_checked")
+        if got is None or got[0] != self._checks_key(how) or got[1] != indices or len(got[2]) != len(states) \
+                or not all(map(operator.is_, got[2], states)):
+            return False
+        return plain_pairs(weights, grads) == got[3] and list(map(_LEAF, got[4])) == got[5]
+
+    def _checks_passed(self, how, indices, weights, grads, states):
+        """Remember a call whose per-index checks all passed, for :meth:`_checks_hold` (where every state is a
+        tree of tuples and every gradient plain; else nothing is remembered)."""
+        self.__dict__.pop("_checked", None)
+        keys = plain_pairs(weights, grads)
+        if keys is None or not all(map(_frozen, states)):
+            return
+        leaves = list(itertools.chain.from_iterable(map(_tree.leaves, states)))
+        self._checked = (self._checks_key(how), list(indices), list(states), keys, leaves, list(map(_LEAF, leaves)))
+
+    def _checks_key(self, how):
+        # what else the checks read: the settings that shape a state (as _check_state's spec cache) and the mark
+        return (how, self.multi_precision, getattr(self, "momentum", None), getattr(self, "centered", None),
+                self._state_owner)
 
     def _check_state(self, index, weight, state):
         """Reject a state of another layout, shape, dtype, device or optimizer before any update."""
@@ -789,7 +820,17 @@ _SCHEDULER_VARS = object()
 #: Attributes that only cache derived values: not part of the bookkeeping a failed update restores.
 _CACHES = frozenset({"_prepared", "_face_layouts", "_layouts", "_shards", "_counter_offsets", "_scratch",
                      "_state_specs", "_scalar_tensors", "_clip_memo", "_joined_states", "_lineage",
-                     "_structure", "_phases", "_large_plans", "_direct", "_packs"})
+                     "_structure", "_phases", "_large_plans", "_direct", "_packs", "_checked"})
+
+#: What a state tensor's check reads of it.
+_LEAF = operator.attrgetter("dtype", "shape", "device", "layout")
+
+
+def _frozen(tree):
+    """Whether ``tree`` is None, a tensor, or tuples of those (its leaves are then fixed by its identity)."""
+    if tree is None or isinstance(tree, torch.Tensor):
+        return True
+    return type(tree) is tuple and all(map(_frozen, tree))
 
 
 def _plain_arg(value):

@@ -14,7 +14,8 @@ import warnings
 import torch
 
 from .. import _io
-from .._checks import check_tensor_pair
+from .._gc import pausing
+from .._checks import check_tensor_pair, plain_pairs
 from . import _tree, engine
 from .base import _CACHES, Optimizer
 from .registry import get_record, records
@@ -62,6 +63,7 @@ class Updater:
         self.states_synced = {}
         self.aggregate_updates = optimizer.aggregate_num > 0
 
+    @pausing  # as Optimizer.update and the Trainer: a call's thousands of small containers never trigger a collection
     def __call__(self, index, grad, weight):
         if isinstance(index, (list, tuple)):
             indices, grads, weights = list(index), list(grad), list(weight)
@@ -71,8 +73,9 @@ class Updater:
         else:
             indices, grads, weights = [index], [grad], [weight]
         indices = [i.decode() if isinstance(i, bytes) else i for i in indices]
-        for i, w, g in zip(indices, weights, grads):
-            check_tensor_pair(i, w, g)
+        if plain_pairs(weights, grads) is None:  # (the common case in C-level maps; else each pair, by name)
+            for i, w, g in zip(indices, weights, grads):
+                check_tensor_pair(i, w, g)
         opt = self.optimizer
         # all or nothing: states made or moved for this call, and the optimizer's context, are put back on error
         before = {i: (self.states[i], self.states_synced[i]) for i in indices if i in self.states}
