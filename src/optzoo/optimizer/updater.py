@@ -46,7 +46,8 @@ def calls(opt, positions, weights):
 
 
 def _device_id(weight):
-    return weight.device.index or 0
+    # (not a tensor: the update's checks name it, after which the context is put back)
+    return getattr(getattr(weight, "device", None), "index", None) or 0
 
 
 class Updater:
@@ -73,7 +74,10 @@ class Updater:
         else:
             indices, grads, weights = [index], [grad], [weight]
         indices = [i.decode() if isinstance(i, bytes) else i for i in indices]
-        if plain_pairs(weights, grads) is None:  # (the common case in C-level maps; else each pair, by name)
+        # states to make or move first: every pair checked before (the common case in C-level maps, else each pair,
+        # by name); otherwise the update's own checks come before anything changes
+        synced = self.states_synced
+        if any(i not in synced or not synced[i] for i in indices) and plain_pairs(weights, grads) is None:
             for i, w, g in zip(indices, weights, grads):
                 check_tensor_pair(i, w, g)
         opt = self.optimizer
