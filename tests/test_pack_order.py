@@ -1,5 +1,5 @@
 """Packs of rules with per-tensor sums (LAMB's and LARS's norms, GroupAdaGrad's row sums) lay their parameters
-out sorted by size (``engine.pack_order``), so that equal sizes form one run (one kernel call) whatever order the
+out sorted by size (``_packs.pack_order``), so that equal sizes form one run (one kernel call) whatever order the
 model lists them in; their states are made in that order and used in place. The numbers are those of the
 reference path (no packs), bit for bit where the pack runs eagerly, and do not depend on the model's order."""
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import optzoo.torch as ot
-from optzoo.optimizer import create, engine, get_updater
+from optzoo.optimizer import _packs, create, engine, get_updater
 
 # sizes interleaved as a network's are (conv, norm scale, norm shift, conv, ...): 8 runs as listed, 3 sorted
 NORM_SHAPES = [(6, 5), (6,), (6,), (4, 3), (6,), (6,), (6, 5), (4, 3)]
@@ -80,8 +80,8 @@ def test_a_pack_runs_one_call_per_size_on_states_made_in_its_order(name, monkeyp
     run = engine._run
     monkeypatch.setattr(engine, "_run", lambda *a, **k: calls.append(a[1]) or run(*a, **k))
     copies = []
-    split = engine._split_into
-    monkeypatch.setattr(engine, "_split_into", lambda *a: copies.append(a) or split(*a))
+    split = _packs._split_into
+    monkeypatch.setattr(_packs, "_split_into", lambda *a: copies.append(a) or split(*a))
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
