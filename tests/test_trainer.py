@@ -134,6 +134,22 @@ def test_stale_gradients_warn_and_are_neither_updated_nor_counted():
     assert used.detach().tolist() == pytest.approx([0.7, 0.7])
 
 
+def test_a_gradient_accumulated_into_the_same_tensor_is_fresh():
+    """Gluon's fresh-gradient mark: backward accumulating into the ``.grad`` tensor the last step saw (no
+    ``zero_grad``) makes it fresh again, by the accumulation hook, though the object is the same."""
+    w = torch.nn.Parameter(torch.ones(2))
+    trainer = optzoo.Trainer({"w": w}, "sgd", {"learning_rate": 0.1})
+    w.sum().backward()
+    trainer.step(1)
+    grad = w.grad
+    w.sum().backward()  # accumulates: the same tensor, now 2
+    assert w.grad is grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.step(1)
+    assert w.detach().tolist() == pytest.approx([0.7, 0.7])  # 1 - 0.1 * 1 - 0.1 * 2
+
+
 @pytest.mark.parametrize("name,params", [("nag", {"momentum": 0.9, "wd": 1e-4}),
                                          ("adam", {"wd": 1e-3, "clip_gradient": 0.5}),
                                          ("lamb", {"wd": 1e-2}), ("ftml", {})])

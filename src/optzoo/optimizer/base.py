@@ -234,6 +234,12 @@ class Optimizer:
         values = [base] * len(indices)
         if not (self.param_dict or mults or self.idx2name):  # no multipliers at all (the torch face)
             return values
+        pd = self.param_dict
+        if len(pd) >= len(indices):  # the Trainer's: every index in param_dict, which comes first (C-level maps)
+            try:
+                return list(map(operator.mul, values, map(operator.attrgetter(attr), map(pd.__getitem__, indices))))
+            except (KeyError, TypeError):  # an index that is not there (or not hashable): one by one
+                pass
         for k, index in enumerate(indices):
             if index in self.param_dict:
                 values[k] *= getattr(self.param_dict[index], attr)
