@@ -257,56 +257,41 @@ def _other_dtype(t):
 
 
 #: Changes made in place, on the objects a checked call passed (``.data =``): nothing a caller passes anew.
+#: ``(what, new data)``: the last state tensor of the index, or its weight (then its gradient follows).
 IN_PLACE = {
-    "a state re-bound to another shape": lambda leaf: torch.zeros(leaf.numel() + 1, dtype=leaf.dtype),
-    "a state re-bound to another dtype": lambda leaf: leaf.data.to(_other_dtype(leaf)),
+    "a state re-bound to another shape": ("state", lambda t: torch.zeros(t.numel() + 1, dtype=t.dtype)),
+    "a state re-bound to another dtype": ("state", lambda t: t.data.to(_other_dtype(t))),
+    "a weight re-bound to another shape": ("weight", lambda t: torch.zeros((t.shape[0] + 1,) + tuple(t.shape[1:]),
+                                                                           dtype=t.dtype)),
 }
 
 
 @SETTINGS
 @given(w=worlds(), how=st.sampled_from(sorted(IN_PLACE)))
-def test_a_state_changed_in_place_after_a_checked_call_is_still_refused(w, how):
+def test_a_tensor_changed_in_place_after_a_checked_call_is_still_refused(w, how):
     """A call over the same indices and state objects as the last checked one skips the per-index checks
-    (``Optimizer._checks_hold``); a state tensor re-bound in place since is still refused by name, nothing changed."""
+    (``Optimizer._checks_hold``); a state or weight re-bound in place since is still refused by name (the
+    state no longer fits), nothing changed."""
     a, b = Twin(w), Twin(w)
     a.step(5), b.step(5)  # a call over these very objects: its checks remembered
     store = a.up.states if a.up is not None else a.states
     leaves = optimizer._tree.leaves(store[w["pos"]])
     assume(leaves)
-    leaf = leaves[-1]
-    kept = leaf.data
-    leaf.data = IN_PLACE[how](leaf)
+    what, new = IN_PLACE[how]
+    target = leaves[-1] if what == "state" else a.ws[w["pos"]]
+    kept = target.data
+    target.data = new(target)
     before = a.snapshot()
     with pytest.raises((TypeError, ValueError), match="state for index"):
         a.step(7)
     assert a.snapshot() == before
-    leaf.data = kept
-    _good_call_matches(a, b)
-
-
-@SETTINGS
-@given(w=worlds())
-def test_a_weight_re_bound_to_another_shape_after_a_checked_call_is_refused(w):
-    """The same objects as a checked call, the weight (and its gradient) re-bound to another shape: its state no
-    longer fits, and the call says so by name with nothing changed."""
-    a, b = Twin(w), Twin(w)
-    a.step(5), b.step(5)
-    store = a.up.states if a.up is not None else a.states
-    assume(optimizer._tree.leaves(store[w["pos"]]))
-    weight = a.ws[w["pos"]]
-    kept = weight.data
-    weight.data = torch.zeros((weight.shape[0] + 1,) + tuple(weight.shape[1:]), dtype=weight.dtype)
-    before = a.snapshot()
-    with pytest.raises((TypeError, ValueError), match="state for index"):
-        a.step(7)
-    assert a.snapshot() == before
-    weight.data = kept
+    target.data = kept
     _good_call_matches(a, b)
 
 
 @pytest.mark.parametrize("kind", ["update", "updater"])
 def test_a_call_over_the_objects_of_the_last_checked_one_skips_the_per_index_checks(kind, monkeypatch):
-    """What the two tests above rely on: the second of two calls over the same objects runs no per-index state
+    """What the test above relies on: the second of two calls over the same objects runs no per-index state
     check (and a new state object brings them back)."""
     opt = optimizer.create("adam")
     ws = [torch.randn(5, 3) for _ in range(3)]

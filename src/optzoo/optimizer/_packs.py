@@ -379,16 +379,8 @@ def adjacent(trees, keys=None):
                 if owner is not None:
                     setattr(out[m][k], _tree._OWNER, owner)
                 offset += n
-    return [_rebuild(t, iter(ls)) for t, ls in zip(trees, out)]
-
-
-def _rebuild(tree, leaves):
-    """``tree`` with its tensors replaced, depth first, by ``leaves``."""
-    if tree is None:
-        return None
-    if isinstance(tree, torch.Tensor):
-        return next(leaves)
-    return tuple(_rebuild(t, leaves) for t in tree)
+    # each tree with its tensors replaced, depth first, by its new leaves
+    return [_engine._map(t, lambda _, new=iter(ls): next(new)) for t, ls in zip(trees, out)]
 
 
 def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
