@@ -278,8 +278,10 @@ class Trainer:
         """Parameters whose gradient is fresh (on any worker under a sync kvstore); warns about the others."""
         # C-level maps, no Python loop body per parameter (thousands of parameters: ~1 ms a step otherwise)
         params = self._params
-        live = list(itertools.compress(range(len(params)), map(_REQUIRES_GRAD, params)))
-        grads = list(map(_GRAD, map(params.__getitem__, live)))
+        everyone = all(map(_REQUIRES_GRAD, params))
+        live = list(range(len(params))) if everyone else \
+            list(itertools.compress(range(len(params)), map(_REQUIRES_GRAD, params)))
+        grads = list(map(_GRAD, params if everyone else map(params.__getitem__, live)))
         # fresh: a gradient, and either backward's hook saw it accumulate or it is another object than last step's
         fresh = list(map(operator.and_, map(operator.is_not, grads, itertools.repeat(None)),
                          map(operator.or_, map(self._fresh.__getitem__, live),
@@ -292,11 +294,29 @@ class Trainer:
                           "backward since the last `step`; they are not updated. Call step(batch_size, "
                           "ignore_stale_grad=True) to silence this for parameters you leave unused on purpose.",
                           UserWarning, stacklevel=3)
-        return list(itertools.compress(live, fresh))
+        indices = list(itertools.compress(live, fresh))
+        # the gradients read, for this step's update and _mark_seen, where nothing replaces them in between
+        # (a kvstore's exchange may)
+        self._read = (indices, grads if not stale else list(itertools.compress(grads, fresh))) \
+            if self._kvstore is None else None
+        return indices
+
+    def _grads_of(self, indices):
+        """The gradients of ``indices``: those :meth:`_fresh_indices` read for them, else read now."""
+        read, self._read = self.__dict__.get("_read"), None
+        if read is not None and read[0] is indices:
+            self._read = read  # (for _mark_seen too)
+            return read[1]
+        return list(map(_GRAD, map(self._params.__getitem__, indices)))
 
     def _mark_seen(self, indices):
+        grads = self._grads_of(indices)
+        self._read = None
+        if len(indices) == len(self._params):  # every parameter (the common case): new lists
+            self._fresh, self._seen_grad = [False] * len(indices), list(grads)
+            return
         list(map(self._fresh.__setitem__, indices, itertools.repeat(False)))
-        list(map(self._seen_grad.__setitem__, indices, map(_GRAD, map(self._params.__getitem__, indices))))
+        list(map(self._seen_grad.__setitem__, indices, grads))
 
     @pausing  # thousands of parameters: their small containers never trigger a collection (see _gc)
     def _update_indices(self, indices):
@@ -305,9 +325,9 @@ class Trainer:
             self._mark_seen(indices)
             return
         if indices:
-            params = list(map(self._params.__getitem__, indices))
             # (torch.Tensor.detach: Parameter.detach() is 10x slower, through __torch_function__)
-            self._updater(indices, list(map(_GRAD, params)), list(map(torch.Tensor.detach, params)))
+            self._updater(indices, self._grads_of(indices),
+                          list(map(torch.Tensor.detach, map(self._params.__getitem__, indices))))
         self._mark_seen(indices)
 
     # ------------------------------------------------------------------ checkpoints
