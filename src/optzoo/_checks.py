@@ -146,11 +146,15 @@ def plain_pairs(weights, grads):
     if not (all(map(isinstance, weights, tensor)) and all(map(isinstance, grads, tensor))
             and all(map(operator.is_, map(_LAYOUT, grads), itertools.repeat(torch.strided)))):
         return None
-    keys = list(zip(map(_DTYPE, weights), map(_SHAPE, weights), map(_DEVICE, weights)))
-    if list(zip(map(_DTYPE, grads), map(_SHAPE, grads), map(_DEVICE, grads))) == keys \
-            and all(map(torch.Tensor.is_floating_point, weights)):
-        return keys
+    dtypes, shapes, devices = list(map(_DTYPE, weights)), list(map(_SHAPE, weights)), list(map(_DEVICE, weights))
+    if set(dtypes) <= _FLOATING and list(map(_DTYPE, grads)) == dtypes and list(map(_SHAPE, grads)) == shapes \
+            and list(map(_DEVICE, grads)) == devices:
+        return list(zip(dtypes, shapes, devices))
     return None
+
+
+#: The floating dtypes of this torch (``torch.Tensor.is_floating_point``'s).
+_FLOATING = frozenset(d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point)
 
 
 def _check_dtype_device(index, weight, grad) -> None:
