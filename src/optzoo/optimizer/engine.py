@@ -426,7 +426,7 @@ def _run_packs(opt, fused, indices, kinds, layouts, weights, grads, states, scal
             continue
         ws = [weights[k] for k in members]
         _packs._run_pack(opt, fused, lay, ws, [grads[k] for k in members], [states[k] for k in members],
-                  [scalars[k] for k in members], cache, [lows[k] for k in members], _pack(opt, lay, ws))
+                         [scalars[k] for k in members], cache, [lows[k] for k in members], _pack(opt, lay, ws))
 
 
 #: Packs (by layout, dtype, device and shapes) an optimizer keeps for :func:`execute` (the least recently used
@@ -538,8 +538,8 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
         args = (plan.kinds, plan.layouts, weights, grads, states, scalars, cache, plan.no_lows)
         if plan.pack is not None:
             pick = plan.pick
-            _packs._run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)), cache,
-                      None, plan.pack)
+            _packs._run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)),
+                             cache, None, plan.pack)
         elif plan.small:  # one small tensor: as execute runs it
             _run_packs(opt, fused, plan.small, *args)
         if plan.large:
