@@ -290,6 +290,26 @@ def test_a_tensor_changed_in_place_after_a_checked_call_is_still_refused(w, how)
 
 
 @pytest.mark.parametrize("kind", ["update", "updater"])
+def test_a_weight_re_bound_onto_another_after_a_checked_call_is_refused(kind):
+    """The distinct-weights check is skipped only at the addresses it passed at (``Optimizer._check_distinct``):
+    a weight re-bound in place onto another's memory since is refused by name, nothing changed."""
+    opt = optimizer.create("adam")
+    ws = [torch.randn(5, 3) for _ in range(3)]
+    states = [opt.create_state(k, w) for k, w in enumerate(ws)]
+    up = optimizer.get_updater(opt) if kind == "updater" else None
+
+    def step(seed):
+        gs = grads_for(ws, seed)
+        return up([0, 1, 2], gs, ws) if up else opt.update([0, 1, 2], ws, gs, states)
+    step(1), step(2)  # checked, then a call over the same objects (the checks skipped)
+    ws[2].data = ws[0].data
+    before = opt_snapshot(opt, ws, [up.states] if up else states)
+    with pytest.raises(ValueError, match="weight for index 2 .* shares memory with the weight for index 0"):
+        step(3)
+    assert opt_snapshot(opt, ws, [up.states] if up else states) == before
+
+
+@pytest.mark.parametrize("kind", ["update", "updater"])
 def test_a_call_over_the_objects_of_the_last_checked_one_skips_the_per_index_checks(kind, monkeypatch):
     """What the test above relies on: the second of two calls over the same objects runs no per-index state
     check (and a new state object brings them back)."""
