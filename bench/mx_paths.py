@@ -78,12 +78,13 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizers", default="adam,sgd,lamb")
     ap.add_argument("--rounds", type=int, default=3, help="rounds, the paths taking turns in each (default 3)")
     ap.add_argument("--repeat", type=int, default=10, help="paired steps per path and round, at most")
+    ap.add_argument("--scale", type=float, default=1.0, help="fraction of the full workload sizes (0, 1]")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); x Adam time (x Adam GB/s)")
     print("| workload | optimizer | " + " | ".join(PATHS) + " |")
     print("|---|---|" + "---|" * len(PATHS))
     for key in args.workloads.split(","):
-        workload = make_workload(key)
+        workload = make_workload(key, args.scale)
         for name in args.optimizers.split(","):
             settings = settings_for(name)
             ref = torch.optim.Adam(_params(workload, "adam", 0), lr=1e-3, fused=True)

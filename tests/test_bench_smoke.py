@@ -273,3 +273,19 @@ def test_gbps_limits_follow_the_issue():
     assert sorted((c["optimizer"], c["fused"], c["limit"]) for c in got["misses"]) == \
         [("adam", True, 0.9)] * 2 + [("sgld", None, 0.8)] * 2
     assert {c["text"] for c in got["misses"]} == {"GB/s >= 0.9 x torch fused Adam's", "GB/s >= 0.8 x torch fused Adam's"}
+
+
+def test_mx_paths_runs_every_path_at_tiny_sizes():
+    """``bench/mx_paths.py`` (the face, the Trainer and the Updater side by side) at a tiny scale: a table row per
+    workload and optimizer, a positive finite ratio per path. No timing assertions."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "mx_paths.py"), "--workloads", "small,resnet50",
+                          "--optimizers", "adam,sgd", "--rounds", "1", "--repeat", "2", "--scale", "1e-3"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| small") or
+            line.startswith("| resnet50")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [("small", "adam"), ("small", "sgd"),
+                                                            ("resnet50", "adam"), ("resnet50", "sgd")]
+    for row in rows:
+        for cell in row[2:]:
+            ratio, gbps = cell.split()
+            assert 0 < float(ratio) < math.inf and 0 < float(gbps.strip("()")) < math.inf
