@@ -344,7 +344,6 @@ _STRIDED = _torch.strided
 _GRAD, _DTYPE, _SHAPE = _operator.attrgetter("grad"), _operator.attrgetter("dtype"), _operator.attrgetter("shape")
 _SIG = _operator.attrgetter("dtype", "shape", "device", "layout")
 _PLAIN = {_torch.Tensor, _torch.nn.Parameter}  # parameters whose ops are torch's own (no __torch_function__)
-_DEVICE, _LAYOUT = _operator.attrgetter("device"), _operator.attrgetter("layout")
 _is, _is_not = _operator.is_, _operator.is_not
 
 

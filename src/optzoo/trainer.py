@@ -303,15 +303,14 @@ class Trainer:
 
     def _grads_of(self, indices):
         """The gradients of ``indices``: those :meth:`_fresh_indices` read for them, else read now."""
-        read, self._read = self.__dict__.get("_read"), None
+        read = self.__dict__.get("_read")
         if read is not None and read[0] is indices:
-            self._read = read  # (for _mark_seen too)
             return read[1]
         return list(map(_GRAD, map(self._params.__getitem__, indices)))
 
     def _mark_seen(self, indices):
         grads = self._grads_of(indices)
-        self._read = None
+        self._read = None  # (the step is over: what it read is not kept)
         if len(indices) == len(self._params):  # every parameter (the common case): new lists
             self._fresh, self._seen_grad = [False] * len(indices), list(grads)
             return

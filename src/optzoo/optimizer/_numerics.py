@@ -344,8 +344,6 @@ def sum_sq_of(x, seg=None):
     return (x.to(torch.float64) * x.to(torch.float64)).sum(1, keepdim=True).to(torch.float32)
 
 
-
-
 def norm_of(x, seg=None):
     """:math:`\\|x\\|_2` per tensor (or per row, as :func:`sum_sq_of`) as an fp32 value, for the trust ratios of
     LARS and LAMB: the correctly rounded root of :func:`sum_sq_of`'s fp32 sum (MXNet's value) wherever that

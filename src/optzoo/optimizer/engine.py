@@ -532,7 +532,8 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
     """One :class:`Plan`'s step (the caller checked that the tensors are still the plan's dtypes, shapes and
     device, dense, with their states made): :func:`execute` without its per-tensor sorting. The small tensors
     first: the pack's Python then runs before the large tensors' kernels have streamed its objects out of the
-    CPU's caches (ResNet-50's shapes: 0.94-0.97x the step time of the large ones first)."""
+    CPU's caches (measured 0.94-0.97x the step time of the large ones first on ResNet-50's shapes, by an A/B run
+    whose base took no direct calls: ``docs/fast-path.md``'s correction; not re-measured alone)."""
     with torch.no_grad():
         cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
         args = (plan.kinds, plan.layouts, weights, grads, states, scalars, cache, plan.no_lows)
