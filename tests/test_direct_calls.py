@@ -112,6 +112,15 @@ def test_steady_steps_with_norms_phases_and_rows_call_every_graph_directly(cls, 
     assert _equal(fast, run(lambda: None))
 
 
+@pytest.mark.parametrize("cls, kw", [(ot.Adam, {}), (ot.SGD, {"momentum": 0.9})])
+def test_one_large_weight_beside_a_pack_calls_both_graphs_directly(cls, kw, calls):
+    """A lone large weight's call and the pack's share a graph key (one graph): neither displaces the other's
+    record, so both are direct calls from the second step on (they once went through dynamo at every step)."""
+    fast, ref = _run_both(cls, kw, 4, calls, shapes=[(512, 256), (512,), (10, 512)])
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [(2, 0)] * 3
+
+
 def test_a_scheduled_lr_keeps_the_direct_calls(calls):
     """A scheduler's new lr rebuilds the face's MXNet-style optimizer: what it recorded carries over."""
     def halve(opt, k):

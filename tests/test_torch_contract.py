@@ -201,6 +201,21 @@ def test_a_bad_gradient_in_a_later_group_changes_nothing():
     assert torch.equal(a.detach(), torch.ones(3)) and not opt.state
 
 
+@pytest.mark.parametrize("n", [1, 4, 6])
+def test_a_bad_gradient_in_a_later_group_adds_no_state_to_an_earlier_group(n):
+    """The first step of a group the face runs as one plan (its steady-state lane) reads its states without
+    making empty ones (``self.state`` is a defaultdict) before a later group's check fails."""
+    first = [torch.nn.Parameter(torch.ones(70_000 if k == 0 else 3)) for k in range(n)]
+    b = torch.nn.Parameter(torch.ones(2))
+    opt = ot.Adam([{"params": first}, {"params": [b]}], lr=0.1)
+    for p in first:
+        p.grad = torch.ones_like(p)
+    b.grad = torch.sparse_coo_tensor([[2]], [1.0], (2,), check_invariants=False)  # row 2 of 2
+    with pytest.raises(ValueError, match=f"grad for index {n}"):
+        opt.step()
+    assert not opt.state and all(torch.equal(p.detach(), torch.ones_like(p)) for p in first)
+
+
 def test_complex_weights_are_refused():
     p = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
     p.grad = torch.ones(3, dtype=torch.complex64)

@@ -219,7 +219,7 @@ class OptzooOptimizer(_torch.optim.Optimizer):
         general path, which checks and names what is wrong). The :class:`_Lane` (what the plan needs beyond the
         tensors) is kept while the parameters are the same objects with the same dtypes, shapes and devices,
         under the same hyperparameters; the gradients, states and step counts are read at every step."""
-        if len(params) < _engine.PACK_MIN:
+        if not params:
             return None
         lanes = self.__dict__.setdefault("_lanes", {})
         lane = lanes.get(id(group))
@@ -235,7 +235,9 @@ class OptzooOptimizer(_torch.optim.Optimizer):
             lane = lanes[id(group)] = _Lane(group, inner, params, sig, ids, indices)
         if lane.plan is None or not inner._has_fast_path():  # (LBSGD's depends on settings one may edit)
             return None
-        sts = list(map(self.state.__getitem__, params))
+        sts = list(map(self.state.get, params))  # (not ``[]``: the defaultdict would add empty states before
+        if not all(sts):                          # the later groups' checks ran)
+            return None
         steps = list(map(dict.get, sts, _repeat("step")))
         if not all(map(_is_not, steps, _repeat(None))):
             return None

@@ -214,7 +214,9 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
         if compiled:
             s = _engine._as_tensors(s, sdt, w.device, cache) if not any(isinstance(x, torch.Tensor) for x in s) else \
                 tuple(_engine._scalar_tensor(x, sdt, w.device) for x in s)
-        _engine._run(compiled, _engine._key(opt, layout, w, inner, s), opt, w, g, inner, s, None)
+        # (the arguments of a lone large tensor's call, whose graph key this is too: a key keeps one direct-call
+        # record (_direct), which calls of two arities would displace at every step, each then through dynamo)
+        _engine._run(compiled, _engine._key(opt, layout, w, inner, s), opt, w, g, inner, s, None, None)
     sizes = segs.sizes
     if copied_w:
         torch._foreach_copy_(weights, views)
