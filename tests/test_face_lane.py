@@ -212,3 +212,24 @@ def test_a_change_of_state_structure_rebuilds_the_lane():
     assert opt.mxnet_optimizer()._lineage is not inner._lineage
     assert "_face_layouts" not in opt.mxnet_optimizer().__dict__ or \
         opt.mxnet_optimizer().__dict__["_face_layouts"] is not inner.__dict__.get("_face_layouts")
+
+
+@pytest.mark.parametrize("sizes", [(5000,), (3000, 2000), (8, 3000, 2000)], ids=["one", "two", "three"])
+@pytest.mark.parametrize("name, kw", [("LAMB", {}), ("LARS", {"momentum": 0.9}), ("Adam", {})])
+def test_a_group_of_a_few_small_parameters_equals_the_reference_path(name, kw, sizes):
+    """Groups of fewer than four parameters take the lane too; with no large tensor and no flag their steady steps
+    run each parameter's eager kernel as the first step did (a compiled pack of them would sum LAMB's and LARS's
+    norms in another order than the first step and the reference path)."""
+    def run(fused):
+        gen = torch.Generator().manual_seed(6)
+        ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
+        opt = getattr(ot, name)(ps, lr=0.01, fused=fused, **kw)
+        for _ in range(4):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return ps, opt
+    (ps, opt), (ref, _) = run(None), run(False)
+    assert all(lane.plan is not None for lane in opt._lanes.values())
+    for p, q in zip(ps, ref):
+        assert torch.equal(p, q), name

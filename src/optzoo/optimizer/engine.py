@@ -514,13 +514,16 @@ class Plan:
     stay (the torch face keeps one per param group, :meth:`OptzooOptimizer._lane`): which are large (updated in
     place, :func:`._large.run`) and the :class:`Pack` of the small ones. One dtype, device and layout."""
 
-    __slots__ = ("layout", "large", "small", "pick", "pack", "kinds", "layouts", "no_lows")
+    __slots__ = ("layout", "large", "small", "few", "pick", "pack", "kinds", "layouts", "no_lows")
 
     def __init__(self, opt, layout, weights):
         numels = list(map(torch.Tensor.numel, weights))
         self.layout = layout
         self.large = [k for k, n in enumerate(numels) if n >= LARGE]
         self.small = [k for k, n in enumerate(numels) if n < LARGE]
+        # a few small tensors and nothing else: each on its eager kernel unless fused, as execute runs them (a
+        # later step then computes what the first computed: the same bits where a kernel sums)
+        self.few = len(weights) < PACK_MIN and not self.large
         self.pick = operator.itemgetter(*self.small) if len(self.small) > 1 else None
         self.pack = None if self.pick is None else Pack(opt, layout, list(self.pick(weights)))
         self.kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
@@ -537,7 +540,9 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
     with torch.no_grad():
         cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
         args = (plan.kinds, plan.layouts, weights, grads, states, scalars, cache, plan.no_lows)
-        if plan.pack is not None:
+        if plan.few and not fused:
+            list(map(_fused_step, itertools.repeat(opt), weights, grads, states, scalars, itertools.repeat(None)))
+        elif plan.pack is not None:
             pick = plan.pick
             _packs._run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)),
                              cache, None, plan.pack)
