@@ -214,14 +214,17 @@ def test_a_change_of_state_structure_rebuilds_the_lane():
         opt.mxnet_optimizer().__dict__["_face_layouts"] is not inner.__dict__.get("_face_layouts")
 
 
-@pytest.mark.parametrize("sizes", [(5000,), (3000, 2000), (8, 3000, 2000)], ids=["one", "two", "three"])
-@pytest.mark.parametrize("name, kw", [("LAMB", {}), ("LARS", {"momentum": 0.9}), ("Adam", {})])
+@pytest.mark.parametrize("sizes", [(5000,), (3000, 2000), (8, 5000, 3000)], ids=["one", "two", "three"])
+@pytest.mark.parametrize("name, kw", [("LAMB", {}), ("LARS", {"momentum": 0.9}), ("Adam", {}),
+                                      ("SGD", {"momentum": 0.9}), ("SGLD", {})])
 def test_a_group_of_a_few_small_parameters_equals_the_reference_path(name, kw, sizes):
     """Groups of fewer than four parameters take the lane too; with no large tensor and no flag their steady steps
     run each parameter's eager kernel as the first step did (a compiled pack of them would sum LAMB's and LARS's
-    norms in another order than the first step and the reference path)."""
+    norms in another order than the first step and the reference path), except that an elementwise kernel's
+    tensors of 4,096 elements or more are updated in place by its compiled kernel (the same bits)."""
     def run(fused):
         gen = torch.Generator().manual_seed(6)
+        torch.manual_seed(7)
         ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in sizes]
         opt = getattr(ot, name)(ps, lr=0.01, fused=fused, **kw)
         for _ in range(4):
@@ -230,6 +233,9 @@ def test_a_group_of_a_few_small_parameters_equals_the_reference_path(name, kw, s
             opt.step()
         return ps, opt
     (ps, opt), (ref, _) = run(None), run(False)
-    assert all(lane.plan is not None for lane in opt._lanes.values())
+    plans = [lane.plan for lane in opt._lanes.values()]
+    assert len(plans) == 1 and plans[0] is not None
+    in_place = [k for k, n in enumerate(sizes) if n >= engine.PACK_COMPILED and name not in ("LAMB", "LARS")]
+    assert plans[0].large == in_place
     for p, q in zip(ps, ref):
         assert torch.equal(p, q), name

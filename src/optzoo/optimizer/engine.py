@@ -522,8 +522,13 @@ class Plan:
         self.large = [k for k, n in enumerate(numels) if n >= LARGE]
         self.small = [k for k, n in enumerate(numels) if n < LARGE]
         # a few small tensors and nothing else: each on its eager kernel unless fused, as execute runs them (a
-        # later step then computes what the first computed: the same bits where a kernel sums)
+        # later step then computes what the first computed: the same bits where a kernel sums); an elementwise
+        # kernel's of PACK_COMPILED elements or more are updated in place by its compiled kernel, as large ones
+        # (the eager kernel's bits: no sums), instead of a dozen eager ops per step
         self.few = len(weights) < PACK_MIN and not self.large
+        if self.few and layout == "elementwise":
+            self.large = [k for k, n in enumerate(numels) if n >= PACK_COMPILED]
+            self.small = [k for k, n in enumerate(numels) if n < PACK_COMPILED]
         self.pick = operator.itemgetter(*self.small) if len(self.small) > 1 else None
         self.pack = None if self.pick is None else Pack(opt, layout, list(self.pick(weights)))
         self.kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
@@ -541,7 +546,8 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
         cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
         args = (plan.kinds, plan.layouts, weights, grads, states, scalars, cache, plan.no_lows)
         if plan.few and not fused:
-            list(map(_fused_step, itertools.repeat(opt), weights, grads, states, scalars, itertools.repeat(None)))
+            for k in plan.small:
+                _fused_step(opt, weights[k], grads[k], states[k], scalars[k], None)
         elif plan.pack is not None:
             pick = plan.pick
             _packs._run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)),
