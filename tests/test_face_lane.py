@@ -12,7 +12,7 @@ import optzoo.torch as ot
 from optzoo.optimizer import engine
 
 OPTIMIZERS = {"Adam": {}, "SGD": {"momentum": 0.9, "wd": 1e-3}, "Nadam": {}, "RMSProp": {"centered": True},
-              "LAMB": {}}
+              "LAMB": {}, "SGLD": {}}
 
 
 def _model(seed):
@@ -43,8 +43,8 @@ def _new_lr(opt, ps):
 
 def _replace_state(opt, ps):
     st = opt.state[ps[3]]
-    name = next(k for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor))
-    st[name] = st[name].clone()
+    for name in [k for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor)][:1]:  # (SGLD: none)
+        st[name] = st[name].clone()
 
 
 def _rebind_grad(opt, ps):
@@ -69,6 +69,7 @@ def _run(name, change, flat):
                                  **OPTIMIZERS[name]) for k, m in models.items()}
     for k, model in models.items():
         gen = torch.Generator().manual_seed(3)
+        torch.manual_seed(8)  # (SGLD's noise keys, drawn from the default generator: alike for both)
         ps = list(model.parameters())
         for step in range(5):
             _backward(model, gen)

@@ -311,6 +311,27 @@ def test_stochastic_fast_path_draws_the_reference_noise(fused, generator):
 
 
 @pytest.mark.parametrize("fused", [None, True])
+def test_stochastic_noise_counts_places_in_memory_in_a_pack(fused):
+    """SGLD's noise for an element is that of its place in memory: a small channels_last (or transposed) weight
+    among packed ones gets the reference path's noise (a pack's copy of it is in the logical order)."""
+    def run(mode):
+        torch.manual_seed(5)
+        gen = torch.Generator().manual_seed(6)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(4, 3, 3, 3), (8,), (8, 4), (8,), (5,)]]
+        ps[0].data = ps[0].detach().contiguous(memory_format=torch.channels_last)
+        ps[2].data = ps[2].detach().t().contiguous().t()
+        opt = ot.SGLD(ps, lr=0.1, fused=mode)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in ps]
+    ref = run(False)
+    for got, want in zip(run(fused), ref):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fused", [None, True])
 def test_accumulating_fast_path_follows_the_reference_through_missing_gradients(fused):
     """LBSGD with batch_scale > 1: a parameter without a gradient in a step falls behind in its count; the
     bucket then runs on the reference path until the counts agree again, and the fast path takes over the

@@ -170,6 +170,20 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
     ``pack``: a :class:`Pack` of these tensors' shapes (else its parts are found here). Runs in
     :func:`pack_order`: the weights are copied back and the states written to their own tensors whatever
     the order."""
+    if opt._kernel_noise and not all(map(torch.Tensor.is_contiguous, weights)):
+        # counter-based noise goes by each element's place in memory (SGLD): a weight whose memory order is not
+        # its logical one (transposed, channels_last) runs on its own kernel, which counts places in memory
+        # (a pack's copy of it would count them in the logical order)
+        alone = [k for k, w in enumerate(weights) if not w.is_contiguous()]
+        for k in alone:
+            _engine._fused_step(opt, weights[k], grads[k], states[k], scalars[k], None,
+                                None if lows is None else lows[k])
+        rest = [k for k in range(len(weights)) if k not in set(alone)]
+        if rest:
+            pick = (lambda xs: [xs[k] for k in rest])
+            _run_pack(opt, fused, layout, pick(weights), pick(grads), pick(states), pick(scalars), cache,
+                      None if lows is None else pick(lows))
+        return
     order = pack_order(layout, weights) if pack is None else pack.order
     if order is not None:
         weights, grads, states, scalars, lows = _ordered(order, weights, grads, states, scalars, lows)
@@ -203,10 +217,12 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
     compiled = bool(fused) or segs.total >= PACK_COMPILED
     if layout in ("norms", "rows"):
         _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)
-    elif len(segs.runs) <= RUNS_AS_ROWS and any(isinstance(c, list) and not isinstance(c[0], torch.Tensor)
-                                                 for c in cols):
+    elif compiled and len(segs.runs) <= RUNS_AS_ROWS and \
+            any(isinstance(c, list) and not isinstance(c[0], torch.Tensor) for c in cols):
         # per-index scalars (Nadam's schedule, SGLD's keys) of a few runs of equal-sized parameters: [k, 1]
-        # columns over [k, n] views, where spreading them costs a per-element tensor written and read per scalar
+        # columns over [k, n] views, where spreading them costs a per-element tensor written and read per scalar.
+        # Eager, one call over the pack with its scalars spread: each run's call would repeat every op of the
+        # kernel (SGLD's noise: ~40 ops, each ~3 us on a few hundred elements)
         _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache)
     else:
         cols = [_per_element(c, segs) for c in cols]
