@@ -38,6 +38,7 @@ OPTIMIZERS = {"adam": ("Adam", {}), "sgd": ("SGD", {"lr": 0.1, "momentum": 0.9})
 MLP = ((10, 10), (10,), (10, 10), (10,), (1, 10), (1,))  # a 3-layer perceptron of width 10: per-step overhead
 FEW = ((512, 256), (512,), (10, 512))  # a few parameters, one of them large (131K): a small model's step
 ONE = ((32_768,),)  # one small parameter
+MNIST = ((128, 784), (128,), (10, 128), (10,))  # a 784-128-10 perceptron: one large weight, a small pack
 
 
 def export(rev: str, into: pathlib.Path) -> None:
@@ -58,7 +59,7 @@ def export(rev: str, into: pathlib.Path) -> None:
 
 
 def shapes(workload: str):
-    named = {"mlp": MLP, "few": FEW, "one": ONE}
+    named = {"mlp": MLP, "few": FEW, "one": ONE, "mnist": MNIST}
     if workload in named:
         return named[workload]
     return make_workload("resnet50" if workload == "resnet" else workload).shapes
@@ -102,7 +103,7 @@ def times(opt, n: int) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="HEAD", help="the git revision to compare with (default HEAD)")
-    ap.add_argument("--workloads", default="small,resnet,mlp", help="of small, resnet, mlp, few, one, single (fp32)")
+    ap.add_argument("--workloads", default="small,resnet,mlp", help="of small, resnet, mlp, few, one, mnist, single (fp32)")
     ap.add_argument("--optimizers", default="adam,sgd,lamb", help=f"of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
     ap.add_argument("--flat", action="store_true", help="both on flatten_parameters' opt-in flat layout")
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         new, old = importlib.import_module("optzoo.torch"), importlib.import_module("optzoo_base.torch")
         print(f"this tree against {args.base}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
         for workload in args.workloads.split(","):
-            steps = {"mlp": 100, "few": 100, "one": 100, "small": 10}.get(workload, 5)
+            steps = {"mlp": 100, "few": 100, "one": 100, "mnist": 100, "small": 10}.get(workload, 5)
             for name in args.optimizers.split(","):
                 ref = torch.optim.Adam(params(workload, 0), fused=True)
                 if args.scheduler:

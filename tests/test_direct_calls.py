@@ -121,6 +121,24 @@ def test_one_large_weight_beside_a_pack_calls_both_graphs_directly(cls, kw, call
     assert calls.steps[1:] == [(2, 0)] * 3
 
 
+@pytest.mark.parametrize("cls, kw", [(ot.Adam, {}), (ot.SGD, {"momentum": 0.9})])
+def test_a_pack_too_small_to_compile_takes_the_graph_its_large_neighbour_compiled(cls, kw, calls):
+    """A 784-128-10 perceptron, no flag: one large weight and a pack of 1,418 elements (under PACK_COMPILED: eager
+    on its own). Once the large weight's call has compiled the graph of their common key, the pack takes it too (a
+    direct call), with the eager kernel's bits: the reference path's numbers whichever a step took."""
+    shapes = [(128, 784), (128,), (10, 128), (10,)]
+    fast, ref = _params(shapes=shapes), _params(shapes=shapes)
+    a, b = cls(fast, **kw), cls(ref, fused=False, **kw)
+    for k in range(5):
+        _grads(fast, k)
+        _grads(ref, k)
+        a.step()
+        b.step()
+        calls.mark()
+    assert _equal(fast, ref)
+    assert calls.steps[2:] == [(2, 0)] * 3  # (the pack eager: (1, 0))
+
+
 def test_a_scheduled_lr_keeps_the_direct_calls(calls):
     """A scheduler's new lr rebuilds the face's MXNet-style optimizer: what it recorded carries over."""
     def halve(opt, k):

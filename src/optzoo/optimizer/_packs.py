@@ -163,11 +163,13 @@ class Pack:
         return flat
 
 
-def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, pack=None):
+def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, pack=None, twin=False):
     """Small tensors packed, one kernel call over them. Tensors that already lie end to end in one buffer
     (states made by :func:`adjacent`, multi-precision master copies among them) are used in place; the
     others (the user's weights and gradients) are copied into scratch buffers and the weights copied back.
-    ``pack``: a :class:`Pack` of these tensors' shapes (else its parts are found here). Runs in
+    ``pack``: a :class:`Pack` of these tensors' shapes (else its parts are found here). ``twin``: large tensors of
+    the same call (whose compiled graph an elementwise pack too small to compile may take, :func:`_twin_compiled`).
+    Runs in
     :func:`pack_order`: the weights are copied back and the states written to their own tensors whatever
     the order."""
     if opt._kernel_noise and not all(map(torch.Tensor.is_contiguous, weights)):
@@ -182,7 +184,7 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
         if rest:
             pick = (lambda xs: [xs[k] for k in rest])
             _run_pack(opt, fused, layout, pick(weights), pick(grads), pick(states), pick(scalars), cache,
-                      None if lows is None else pick(lows))
+                      None if lows is None else pick(lows), twin=twin)
         return
     order = pack_order(layout, weights) if pack is None else pack.order
     if order is not None:
@@ -227,6 +229,8 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
     else:
         cols = [_per_element(c, segs) for c in cols]
         s = tuple(segs.spread(c, sdt) if isinstance(c, list) else c for c in cols)
+        if twin and not compiled and fused is None and w.numel() > 1 and _twin_compiled(opt, layout, w, inner, s):
+            compiled = True  # the graph a large tensor's call compiled: the eager kernel's bits in one call
         if compiled:
             s = _engine._as_tensors(s, sdt, w.device, cache) if not any(isinstance(x, torch.Tensor) for x in s) else \
                 tuple(_engine._scalar_tensor(x, sdt, w.device) for x in s)
@@ -242,6 +246,19 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
     if pairs:  # fp16/bf16 weights get their master copies, rounded
         parts = views if copied_w else _unflatten(w, weights)
         torch._foreach_copy_([low for low, _ in pairs], [parts[k] for _, k in pairs])
+
+
+def _twin_compiled(opt, layout, w, inner, s):
+    """Whether the compiled graph of an elementwise pack's call (``w`` flat, its scalars ``s`` as they would be
+    made 0-d tensors) exists, compiled by a large tensor's call of the same key (one large weight beside its
+    biases): a pack under :data:`PACK_COMPILED` elements then takes it too, one call instead of a dozen eager ops,
+    at no compile cost. Elementwise kernels only: compiled they give the eager kernel's bits, so whichever of the
+    two a step takes (its first, before the large tensor's call compiled the graph) the numbers are the same."""
+    if layout != "elementwise":
+        return False
+    key = _engine._key(opt, layout, w, inner, ())
+    kinds = tuple(x.dim() if isinstance(x, torch.Tensor) else 0 for x in s)
+    return bool(_engine._COMPILED.get(key[:_engine._KINDS] + (kinds,) + key[_engine._KINDS + 1:]))
 
 
 #: Packs whose scratch buffers an optimizer keeps (the least recently used beyond are dropped).

@@ -408,13 +408,14 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
         args = (kinds, layouts, weights, grads, states, scalars, cache, lows)
         # the small tensors first (as run_plan, for the same reason), then the large ones in place; a large one
         # with no flat form (a transposed view) is packed after them
-        _run_packs(opt, fused, [k for k, n in enumerate(numels) if n < LARGE], *args)
+        _run_packs(opt, fused, [k for k, n in enumerate(numels) if n < LARGE], *args, twin=bool(large))
         placed = _large.run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
         _run_packs(opt, fused, [k for k in large if k not in placed], *args)
 
 
-def _run_packs(opt, fused, indices, kinds, layouts, weights, grads, states, scalars, cache, lows):
-    """The tensors at ``indices`` packed by dtype, device and layout (a lone one eagerly, unless ``fused``)."""
+def _run_packs(opt, fused, indices, kinds, layouts, weights, grads, states, scalars, cache, lows, twin=False):
+    """The tensors at ``indices`` packed by dtype, device and layout (a lone one eagerly, unless ``fused``);
+    ``twin``: as :func:`~._packs._run_pack`'s."""
     packs = {}
     for k in indices:
         dtype, device, _ = kinds[k]
@@ -426,7 +427,8 @@ def _run_packs(opt, fused, indices, kinds, layouts, weights, grads, states, scal
             continue
         ws = [weights[k] for k in members]
         _packs._run_pack(opt, fused, lay, ws, [grads[k] for k in members], [states[k] for k in members],
-                         [scalars[k] for k in members], cache, [lows[k] for k in members], _pack(opt, lay, ws))
+                         [scalars[k] for k in members], cache, [lows[k] for k in members], _pack(opt, lay, ws),
+                         twin=twin)
 
 
 #: Packs (by layout, dtype, device and shapes) an optimizer keeps for :func:`execute` (the least recently used
@@ -551,7 +553,7 @@ def run_plan(opt, fused, plan, weights, grads, states, scalars):
         elif plan.pack is not None:
             pick = plan.pick
             _packs._run_pack(opt, fused, plan.layout, *(list(pick(x)) for x in (weights, grads, states, scalars)),
-                             cache, None, plan.pack)
+                             cache, None, plan.pack, twin=bool(plan.large))
         elif plan.small:  # one small tensor: as execute runs it
             _run_packs(opt, fused, plan.small, *args)
         if plan.large:
