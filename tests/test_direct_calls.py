@@ -53,11 +53,11 @@ def calls(monkeypatch):
     return counted
 
 
-def _run_both(cls, kw, steps, calls, between=None, shapes=SHAPES):
-    """The same steps on the compiled path and on the reference path, ``calls`` marked after each;
+def _run_both(cls, kw, steps, calls, between=None, shapes=SHAPES, fused=True):
+    """The same steps on the compiled path (``fused``) and on the reference path, ``calls`` marked after each;
     ``between(opt, step)`` changes both optimizers alike before a step."""
     fast, ref = _params(shapes=shapes), _params(shapes=shapes)
-    a, b = cls(fast, fused=True, **kw), cls(ref, fused=False, **kw)
+    a, b = cls(fast, fused=fused, **kw), cls(ref, fused=False, **kw)
     for k in range(steps):
         if between is not None:
             between(a, k)
@@ -126,15 +126,7 @@ def test_a_pack_too_small_to_compile_takes_the_graph_its_large_neighbour_compile
     """A 784-128-10 perceptron, no flag: one large weight and a pack of 1,418 elements (under PACK_COMPILED: eager
     on its own). Once the large weight's call has compiled the graph of their common key, the pack takes it too (a
     direct call), with the eager kernel's bits: the reference path's numbers whichever a step took."""
-    shapes = [(128, 784), (128,), (10, 128), (10,)]
-    fast, ref = _params(shapes=shapes), _params(shapes=shapes)
-    a, b = cls(fast, **kw), cls(ref, fused=False, **kw)
-    for k in range(5):
-        _grads(fast, k)
-        _grads(ref, k)
-        a.step()
-        b.step()
-        calls.mark()
+    fast, ref = _run_both(cls, kw, 5, calls, shapes=[(128, 784), (128,), (10, 128), (10,)], fused=None)
     assert _equal(fast, ref)
     assert calls.steps[2:] == [(2, 0)] * 3  # (the pack eager: (1, 0))
 
