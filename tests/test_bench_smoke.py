@@ -251,11 +251,11 @@ def test_ab_compares_this_tree_with_a_revision_in_one_process():
     line per workload and optimizer with three positive ratios (no timing assertions)."""
     if subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("not a git checkout")
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), "--base", "HEAD", "--workloads", "mlp",
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "ab.py"), "--base", "HEAD", "--workloads", "mlp,mnist",
                           "--optimizers", "sgd,adam", "--rounds", "1"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
-    assert [r[:2] for r in rows] == [["mlp", "sgd"], ["mlp", "adam"]]
+    assert [r[:2] for r in rows] == [["mlp", "sgd"], ["mlp", "adam"], ["mnist", "sgd"], ["mnist", "adam"]]
     for r in rows:
         ratios = [float(r[3]), float(r[5].rstrip("x,")), float(r[7].rstrip("x"))]
         assert all(math.isfinite(x) and x > 0 for x in ratios), r
