@@ -176,11 +176,10 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
         # counter-based noise goes by each element's place in memory (SGLD): a weight whose memory order is not
         # its logical one (transposed, channels_last) runs on its own kernel, which counts places in memory
         # (a pack's copy of it would count them in the logical order)
-        alone = [k for k, w in enumerate(weights) if not w.is_contiguous()]
-        for k in alone:
-            _engine._fused_step(opt, weights[k], grads[k], states[k], scalars[k], None,
-                                None if lows is None else lows[k])
-        rest = [k for k in range(len(weights)) if k not in set(alone)]
+        for k, w in enumerate(weights):
+            if not w.is_contiguous():
+                _engine._fused_step(opt, w, grads[k], states[k], scalars[k], None, None if lows is None else lows[k])
+        rest = [k for k, w in enumerate(weights) if w.is_contiguous()]
         if rest:
             pick = (lambda xs: [xs[k] for k in rest])
             _run_pack(opt, fused, layout, pick(weights), pick(grads), pick(states), pick(scalars), cache,

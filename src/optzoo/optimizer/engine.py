@@ -387,7 +387,8 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
             for w, g, st, s, shard, low in zip(weights, grads, states, scalars, shards, lows):
                 _fused_step(opt, w, g, st, s, shard, low)
         return
-    if not fused and len(weights) < PACK_MIN and all(w.numel() < LARGE for w in weights):
+    numels = list(map(torch.Tensor.numel, weights))
+    if not fused and _few_small(numels):
         with torch.no_grad():  # a few small tensors: the eager kernel on each (what packing would cost more than)
             for w, g, st, s, low in zip(weights, grads, states, scalars, lows):
                 _fused_step(opt, w, g, st, s, None, low)
@@ -396,7 +397,6 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
     kinds = list(zip(map(_DTYPE, weights), map(_DEVICE, weights), map(torch.Tensor.dim, weights)))
     layouts = {kind: layout_of(opt, weights[kinds.index(kind)]) for kind in set(kinds)}
     cache = _kept(opt, "_scalar_tensors", _SCALARS_KEPT)
-    numels = list(map(torch.Tensor.numel, weights))
     targets = {(dtype, device, lay) for (dtype, device, _), lay in layouts.items()}
     if len(targets) == 1 and max(numels) < LARGE and (len(weights) > 1 or fused):
         # one pack of every weight (the common case of many small ones): no per-weight grouping
@@ -411,6 +411,12 @@ def execute(opt, fused, weights, grads, states, scalars, shards=None, lows=None)
         _run_packs(opt, fused, [k for k, n in enumerate(numels) if n < LARGE], *args, twin=bool(large))
         placed = _large.run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows)
         _run_packs(opt, fused, [k for k in large if k not in placed], *args)
+
+
+def _few_small(numels):
+    """Whether tensors of these sizes are a few small ones and nothing else, which run each on its eager kernel
+    unless fused (:func:`execute`, and :class:`Plan` after it): what packing them would cost more than."""
+    return len(numels) < PACK_MIN and all(n < LARGE for n in numels)
 
 
 def _run_packs(opt, fused, indices, kinds, layouts, weights, grads, states, scalars, cache, lows, twin=False):
@@ -527,7 +533,7 @@ class Plan:
         # later step then computes what the first computed: the same bits where a kernel sums); an elementwise
         # kernel's of PACK_COMPILED elements or more are updated in place by its compiled kernel, as large ones
         # (the eager kernel's bits: no sums), instead of a dozen eager ops per step
-        self.few = len(weights) < PACK_MIN and not self.large
+        self.few = _few_small(numels)
         if self.few and layout == "elementwise":
             self.large = [k for k, n in enumerate(numels) if n >= PACK_COMPILED]
             self.small = [k for k, n in enumerate(numels) if n < PACK_COMPILED]
