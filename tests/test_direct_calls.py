@@ -322,3 +322,27 @@ def test_states_viewed_into_a_buffer_are_called_directly(monkeypatch, calls):
     assert calls.steps[1:] == [(3, 0)] * 2
     monkeypatch.setattr(_direct, "run", lambda key, fn, args: _direct.through(key, fn, args))
     assert _equal(direct, run())
+
+
+def test_a_packs_call_is_replayed_with_the_reference_numbers(monkeypatch, calls):
+    """A pack's compiled call is made again as the last step made it (its inputs kept, the scalars' tensors put in
+    their places): no graph key is computed for it, and a new lr (new scalar tensors) or a clip bound (a kernel
+    attribute: through dynamo, then replayed again) gives the reference path's numbers."""
+    keys, made = [], []  # graph keys computed; their count over each step (both optimizers, the reference's none)
+    real_key = engine._key
+    monkeypatch.setattr(engine, "_key", lambda *a, **k: keys.append(1) or real_key(*a, **k))
+
+    def change(opt, k):
+        if len(made) == k:  # (called for both optimizers before step k: the first call counts step k - 1)
+            made.append(len(keys))
+            keys.clear()
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * 0.5 ** (k // 2)
+            group["clip_gradient"] = 0.05 if k >= 4 else None
+
+    fast, ref = _run_both(ot.SGD, {"momentum": 0.9}, 6, calls, between=change, shapes=[(256,)] * 5)
+    assert _equal(fast, ref)
+    assert calls.steps[1:] == [(1, 0), (1, 0), (1, 0), (0, 1), (1, 0)]
+    # step 1 (the face's plan's first, with a pack of its own) records the call; 2 and 3 replay it (a new lr at 2);
+    # step 4's clip bound: a key computed, the call through dynamo; step 5 replays
+    assert made[2:] == [1, 0, 0, 1] and keys == []

@@ -225,11 +225,20 @@ class _Site:
             and all(tensors[k] is tensors[j] for k, j in self.repeats) and _signature(tensors) == self.signature \
             and self.current(opt)
 
-    def current(self, opt):
+    def current(self, opt, now=None):
         """The checks that do not depend on the call's tensors: the kernel's attributes, torch's global state, no
-        mode or tracing under way, and no ``torch._dynamo.reset()`` since the graph was compiled."""
-        return _reads(opt) == self.reads and self.state.check() and _modes_off() and \
-            (self.code is None or _compiled_before(self.code))
+        mode or tracing under way, and no ``torch._dynamo.reset()`` since the graph was compiled. ``now``:
+        :func:`step_checks` of ``opt``, where a step checks many calls (made once for them all)."""
+        reads, modes_off = now if now is not None else (_reads(opt), None)
+        return reads == self.reads and self.state.check() and (_modes_off() if modes_off is None else modes_off) \
+            and (self.code is None or _compiled_before(self.code))
+
+
+def step_checks(opt):
+    """What :meth:`_Site.current` reads that is the same for every call of a step: the kernel's attributes of
+    ``opt`` and :func:`_modes_off` (~2.5 us a call, several times that right after a kernel that streamed tens of
+    MB: the objects read are out of the CPU's caches)."""
+    return _reads(opt), _modes_off()
 
 
 def _compiled_before(code):
@@ -308,14 +317,15 @@ class Replay:
         rep.fixed = frozenset(id(t) for t in tensors if id(t) not in ids)
         return rep
 
-    def inputs(self, opt, variable):
+    def inputs(self, opt, variable, now=None):
         """The graph's inputs with ``variable`` in the recorded ones' places, or None where a check fails. A step
         prepares all of its calls before the first kernel runs: right after a kernel that streamed tens of MB,
-        the same checks cost several times as much (the objects they read are out of the CPU's caches)."""
+        the same checks cost several times as much (the objects they read are out of the CPU's caches).
+        ``now``: :func:`step_checks` of ``opt``, made once for a step's calls."""
         site = self.site
         if opt.__dict__.get("_direct", {}).get(self.key) is not site or _signature(variable) != self.signature \
                 or len(set(map(id, variable))) != len(variable) or not self.fixed.isdisjoint(map(id, variable)) \
-                or not site.current(opt):
+                or not site.current(opt, now):
             return None
         args = self.args.copy()
         for t, spots in zip(variable, self.spots):

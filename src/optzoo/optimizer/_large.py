@@ -200,7 +200,8 @@ class _LargePlan:
         views = self._views(large, grads)
         if opt.clip_gradient:
             opt._clip_bounds()
-        inputs = [rep.inputs(opt, [views[j] for j in mine] + (list(ts) if at_s is not None else []))
+        now = _direct.step_checks(opt)
+        inputs = [rep.inputs(opt, [views[j] for j in mine] + (list(ts) if at_s is not None else []), now)
                   for rep, mine, *_, at_s in self.calls]
         for (rep, mine, key, step, rest, slots, at_g, at_s), args in zip(self.calls, inputs):
             if args is not None and rep.run(opt, args):

@@ -16,7 +16,7 @@ import operator
 
 import torch
 
-from . import _tree
+from . import _direct, _tree
 from . import engine as _engine
 from ._numerics import ROWS, Key
 
@@ -148,6 +148,31 @@ class Pack:
         self.segs = Segments.of(layout, weights)
         self.scratch = None  # made at the first step that copies (never, where everything lies in one buffer)
         self.joins = [None, None]  # (data_ptrs, view) of the weights', the gradients' last join
+        self.call = None  # (replay, weight, gradient, state leaves) of the last compiled call (:meth:`replayed`)
+
+    def replayed(self, opt, w, g, inner, s):
+        """The pack's compiled call made again as the last step made it (:class:`~._direct.Replay`: its inputs
+        computed once, only the scalars' tensors ``s`` put in their places and checked), where the flat weight,
+        gradient and states are the same objects (the scratch buffers, the joined views and states kept between
+        steps): True where it ran; else nothing ran and the caller makes the call."""
+        got = self.call
+        if got is None:
+            return False
+        rep, fw, fg, leaves = got
+        if fw is not w or fg is not g or not _same_objects(_tree.leaves(inner), leaves):
+            return False
+        if opt.clip_gradient:
+            opt._clip_bounds()  # (as _engine._run makes them: read as constants by the kernel)
+        args = rep.inputs(opt, list(s))
+        if args is not None and rep.run(opt, args):
+            return True
+        self.call = None
+        return False
+
+    def record(self, opt, key, w, g, inner, s):
+        """The compiled call just made (graph ``key``) kept for :meth:`replayed`, where it was called directly."""
+        rep = _direct.Replay.make(key, (opt, w, g, inner, s, None, None), list(s))
+        self.call = None if rep is None else (rep, w, g, _tree.leaves(inner))
 
     def joined(self, slot, tensors):
         """:func:`_joined` of ``tensors`` (``slot`` 0: the weights, 1: the gradients), taken from the last step
@@ -233,9 +258,13 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
         if compiled:
             s = _engine._as_tensors(s, sdt, w.device, cache) if not any(isinstance(x, torch.Tensor) for x in s) else \
                 tuple(_engine._scalar_tensor(x, sdt, w.device) for x in s)
-        # (the arguments of a lone large tensor's call, whose graph key this is too: a key keeps one direct-call
-        # record (_direct), which calls of two arities would displace at every step, each then through dynamo)
-        _engine._run(compiled, _engine._key(opt, layout, w, inner, s), opt, w, g, inner, s, None, None)
+        if not (compiled and pack is not None and pack.replayed(opt, w, g, inner, s)):
+            # (the arguments of a lone large tensor's call, whose graph key this is too: a key keeps one direct-call
+            # record (_direct), which calls of two arities would displace at every step, each then through dynamo)
+            key = _engine._key(opt, layout, w, inner, s)
+            _engine._run(compiled, key, opt, w, g, inner, s, None, None)
+            if compiled and pack is not None:
+                pack.record(opt, key, w, g, inner, s)
     sizes = segs.sizes
     if copied_w:
         torch._foreach_copy_(weights, views)
@@ -245,6 +274,10 @@ def _run_pack(opt, fused, layout, weights, grads, states, scalars, cache, lows, 
     if pairs:  # fp16/bf16 weights get their master copies, rounded
         parts = views if copied_w else _unflatten(w, weights)
         torch._foreach_copy_([low for low, _ in pairs], [parts[k] for _, k in pairs])
+
+
+def _same_objects(xs, ys):
+    return len(xs) == len(ys) and all(map(operator.is_, xs, ys))
 
 
 def _twin_compiled(opt, layout, w, inner, s):
