@@ -8,10 +8,12 @@ import torch
 import optzoo.torch as ot
 from optzoo.optimizer import _large, engine
 
-#: elementwise (Adam, SGD), per-tensor norms (LARS), two phases on the CPU (LAMB), per-row states (GroupAdaGrad)
-OPTIMIZERS = {"Adam": {}, "SGD": {"momentum": 0.9, "wd": 1e-3}, "LARS": {"momentum": 0.9}, "LAMB": {},
-              "GroupAdaGrad": {}}
-ELEMENTWISE = ("Adam", "SGD")  # compiled kernels equal the reference path bit for bit
+#: elementwise (Adam, SGD; Nadam and SGLD with scalars of each tensor's own: the schedule, the noise key), per-tensor
+#: norms (LARS), two phases on the CPU (LAMB), per-row states (GroupAdaGrad); SGLD's lr keeps its noise from
+#: blowing the model up (nan, which compares unequal)
+OPTIMIZERS = {"Adam": {}, "SGD": {"momentum": 0.9, "wd": 1e-3}, "Nadam": {}, "SGLD": {"lr": 1e-5}, "LARS": {"momentum": 0.9},
+              "LAMB": {}, "GroupAdaGrad": {}}
+ELEMENTWISE = ("Adam", "SGD", "Nadam", "SGLD")  # compiled kernels equal the reference path bit for bit
 
 
 def _model(seed, bias=True):
@@ -89,8 +91,9 @@ CHANGES = {f.__name__[1:]: f for f in (_rebind, _transpose, _strided_grad, _free
 
 def _run(name, change, fused, plans=True, monkeypatch=None):
     model = _model(0, bias=name != "GroupAdaGrad")
-    opt = getattr(ot, name)(model.parameters(), lr=0.01, fused=fused, **OPTIMIZERS[name])
+    opt = getattr(ot, name)(model.parameters(), fused=fused, **{"lr": 0.01, **OPTIMIZERS[name]})
     gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(8)  # (SGLD's noise keys, from the default generator: alike for every run)
     ps = list(model.parameters())
     with pytest.MonkeyPatch.context() as mp:
         if not plans:
@@ -160,3 +163,26 @@ def test_a_changed_tensor_remakes_the_plan(monkeypatch):
             _replace_state(opt, list(model.parameters()))
         opt.step()
     assert len(calls) == 10  # placed one by one at the first step and after the replaced state
+
+
+@pytest.mark.parametrize("name", ["Adam", "Nadam", "SGLD"])
+def test_steady_steps_replay_the_recorded_calls_with_scalars_of_each_tensor(monkeypatch, name):
+    """Nadam's schedule and SGLD's noise keys differ from tensor to tensor (a tuple of scalars per member of a
+    call): the recorded calls are replayed all the same, with the reference path's numbers."""
+    replays = []
+    real = _large._LargePlan.replay
+    monkeypatch.setattr(_large._LargePlan, "replay", lambda self, *a: replays.append(real(self, *a)) or replays[-1])
+
+    def run(fused):
+        model = _model(4)
+        opt = getattr(ot, name)(model.parameters(), lr=1e-5 if name == "SGLD" else 0.01, fused=fused)
+        gen = torch.Generator().manual_seed(5)
+        torch.manual_seed(9)
+        for _ in range(7):  # (Nadam's fp32 schedules of the five weights agree from the fourth step on)
+            _backward(model, gen)
+            opt.step()
+        return model, opt
+
+    planned = run(None)
+    assert replays[-3:] == [True] * 3
+    _assert_equal(planned, run(False), (name, "reference path"))

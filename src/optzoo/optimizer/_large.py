@@ -89,7 +89,7 @@ class _LargePlan:
     contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy is written; the views keep the
     memory they view, so an address seen again is the same memory."""
 
-    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "sdt", "calls")
+    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "sdt", "calls", "part")
 
     @classmethod
     def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries):
@@ -113,6 +113,7 @@ class _LargePlan:
         sdts = {e[5] for e in plan.entries}
         plan.sdt = sdts.pop() if len(sdts) == 1 else None  # the scalars' one dtype, where replays may share them
         plan.calls = None  # the compiled calls, recorded at the next step (:meth:`record`)
+        plan.part = None  # which tensors shared a tuple of scalars in the step recorded
         return plan
 
     def same(self, opt, layouts, kinds, large, ws, grads, states, lows):
@@ -149,63 +150,103 @@ class _LargePlan:
         """The gradients as the members hold them: 1-D views (2-D for per-row states)."""
         return [grads[k].view(-1) if e[2] else grads[k] for e, k in zip(self.entries, large)]
 
-    def _shared(self, large, scalars, cache):
-        """The scalars' tensors where every tensor has prepare's one tuple of numbers (the common case), else None."""
-        s = scalars[large[0]]
-        if self.sdt is None or not all(map(operator.is_, map(scalars.__getitem__, large), itertools.repeat(s))) or \
-                any(isinstance(x, torch.Tensor) for x in s):
-            return None
-        return _engine._as_tensors(s, self.sdt, self.entries[0][0].device, cache)
+    def _scalars(self, large, scalars, cache):
+        """Each tensor's scalars as 0-d tensors (made once per distinct tuple: prepare's one tuple for every tensor in
+        the common case) and which tensors share a tuple of them (:func:`_pattern`; None where all do), or None where
+        a scalar is a tensor (drawn noise). The executor's calls pass one tuple to a group whose members share it,
+        else a tuple per member (Nadam's schedule, SGLD's noise keys): the sharing is part of what a call is."""
+        tuples = list(map(scalars.__getitem__, large))
+        s = tuples[0]
+        if self.sdt is not None and all(map(operator.is_, tuples, itertools.repeat(s))):  # the common case
+            if any(isinstance(x, torch.Tensor) for x in s):
+                return None
+            return [_engine._as_tensors(s, self.sdt, self.entries[0][0].device, cache)] * len(tuples), None
+        made, out = {}, []
+        for s, e in zip(tuples, self.entries):
+            got = made.get((id(s), e[5]))
+            if got is None:
+                if any(isinstance(x, torch.Tensor) for x in s):
+                    return None
+                got = made[(id(s), e[5])] = _engine._as_tensors(s, e[5], e[0].device, cache)
+            out.append(got)
+        part = _pattern(out)
+        return out, part if any(part) else None
 
     def record(self, tape, views, large, scalars, cache):
         """The compiled calls of a step (``tape``: :func:`~.engine._run_groups`' ``(key, step, args)``, made with the
         members of :meth:`groups`, whose gradients are ``views``), kept for :meth:`replay` where each would be
-        called directly and every tensor shares prepare's one scalar tuple; else none are kept."""
+        called directly; else none are kept. Each call's variable part (its members' gradients and scalars' tensors)
+        is recorded with which of them are one tensor (:func:`_pattern`: a value shared by several members' tuples)."""
         self.calls = ()
-        ts = self._shared(large, scalars, cache)
-        if ts is None:
+        got = self._scalars(large, scalars, cache)
+        if got is None:
             return
+        tsof, self.part = got
         place = {id(g): j for j, g in enumerate(views)}
         calls = []
         for key, step, args in tape:
             if step not in _engine._DIRECT_STEPS:
                 return
             _, at_g, at_s = _engine._DIRECT_STEPS[step]
-            if at_s is not None and args[at_s] is not ts:
-                return
             group = at_g is not None and isinstance(args[at_g], list)
             gs = [] if at_g is None else args[at_g] if group else [args[at_g]]
             slots = [pos for pos, g in enumerate(gs) if id(g) in place]  # (a group's stand-ins stay)
             mine = [place[id(gs[pos])] for pos in slots]
-            rep = _direct.Replay.make(key, args, [gs[pos] for pos in slots] + (list(ts) if at_s is not None else []))
+            shared, svar = None, []
+            if at_s is not None:
+                own, given = [tsof[j] for j in mine], args[at_s]
+                shared = not isinstance(given, list)  # one tuple for the whole call, else one per member
+                if not own or any(t is not (given if shared else given[pos]) for pos, t in zip(slots, own)):
+                    return
+                svar = _scalar_part(own, shared)
+            var = [gs[pos] for pos in slots] + svar
+            pattern = _pattern(var)
+            rep = _direct.Replay.make(key, args, _firsts(var, pattern))
             if rep is None:
                 return
             rest = list(args[1:])  # the arguments but the optimizer, without this step's gradients and scalars
             if at_g is not None:
                 rest[at_g - 1] = [None if pos in slots else g for pos, g in enumerate(gs)] if group else None
             if at_s is not None:
-                rest[at_s - 1] = None
-            calls.append((rep, mine, key, step, rest, slots, at_g, at_s))
+                rest[at_s - 1] = None if shared else [None if pos in slots else t for pos, t in enumerate(given)]
+            calls.append((rep, mine, key, step, rest, slots, at_g, at_s, shared, pattern))
         self.calls = tuple(calls)
 
     def replay(self, opt, large, grads, scalars, cache):
         """This step's large tensors by the recorded calls (after :meth:`same`): True, or False where none are
-        recorded or the scalars are not every tensor's one tuple (then nothing ran). A call whose checks fail
-        goes through dynamo (and the calls are recorded again at the next step)."""
+        recorded, or a call's checks fail, or its scalars are shared otherwise than in the recorded step (then
+        nothing ran, and the calls are recorded again). Every call's inputs are made before the first kernel runs.
+        A record of no calls (a call that :func:`~._direct.run` would not make directly) stays until the scalars'
+        sharing changes."""
+        if self.calls is None:
+            return False
+        got = self._scalars(large, scalars, cache)
+        if got is None:
+            return False
+        if got[1] != self.part:  # (Nadam's schedules agree from some step on: recorded again, the calls' keys differ)
+            self.calls = None
+            return False
         if not self.calls:
             return False
-        ts = self._shared(large, scalars, cache)
-        if ts is None:
-            return False
+        tsof = got[0]
         views = self._views(large, grads)
         if opt.clip_gradient:
             opt._clip_bounds()
         now = _direct.step_checks(opt)
-        inputs = [rep.inputs(opt, [views[j] for j in mine] + (list(ts) if at_s is not None else []), now)
-                  for rep, mine, *_, at_s in self.calls]
-        for (rep, mine, key, step, rest, slots, at_g, at_s), args in zip(self.calls, inputs):
-            if args is not None and rep.run(opt, args):
+        inputs = []
+        for rep, mine, _, _, _, _, _, at_s, shared, pattern in self.calls:
+            var = [views[j] for j in mine]
+            if at_s is not None:
+                var += _scalar_part([tsof[j] for j in mine], shared)
+            args = rep.inputs(opt, _firsts(var, pattern), now) if _pattern(var) == pattern else None
+            if args is None:
+                self.calls = None
+                return False
+            inputs.append(args)
+        for (rep, mine, key, step, rest, slots, at_g, at_s, shared, _), args in zip(self.calls, inputs):
+            if rep.run(opt, args):
                 continue
+            # refused (a size or stride the graph does not take, asserted before any write): through dynamo
             self.calls = None  # recorded again at the next step
             args = list(rest)
             if at_g is not None:
@@ -216,10 +257,31 @@ class _LargePlan:
                 else:
                     args[at_g - 1] = views[mine[0]]
             if at_s is not None:
-                args[at_s - 1] = ts
+                if shared:
+                    args[at_s - 1] = tsof[mine[0]]
+                else:  # the members' tuples, the stand-ins' of their own (no tensor shared with a member)
+                    last = tsof[mine[-1]]
+                    args[at_s - 1] = [tsof[j] for j in mine] + [tuple(x.clone() for x in last)
+                                                                 for _ in range(len(args[at_s - 1]) - len(mine))]
             stand_ins = _engine._distinct if step is _engine._group_step else None
             _engine._run(True, key, opt, *args, step=step, stand_ins=stand_ins)
         return True
+
+
+def _scalar_part(own, shared):
+    """A call's scalars' tensors in the order its variable part lists them: the one tuple, or each member's."""
+    return list(own[0]) if shared else [x for t in own for x in t]
+
+
+def _pattern(xs):
+    """For each of ``xs``, the first place holding the same object: which are one object (computed in C)."""
+    first = {}
+    return tuple(map(first.setdefault, map(id, xs), itertools.count()))
+
+
+def _firsts(xs, pattern):
+    """``xs`` without repeats (the first of each object), as a call's distinct variable tensors."""
+    return [x for k, (x, p) in enumerate(zip(xs, pattern)) if k == p]
 
 
 def _in_place(opt, layout, w, g, inner, s, cache, low=None):
