@@ -201,7 +201,9 @@ class _LargePlan:
                 svar = _scalar_part(own, shared)
             var = [gs[pos] for pos in slots] + svar
             pattern = _pattern(var)
-            rep = _direct.Replay.make(key, args, _firsts(var, pattern))
+            if pattern == tuple(range(len(var))):
+                pattern = None  # all distinct (always, where the call has one tuple): Replay.inputs checks that
+            rep = _direct.Replay.make(key, args, var if pattern is None else _firsts(var, pattern))
             if rep is None:
                 return
             rest = list(args[1:])  # the arguments but the optimizer, without this step's gradients and scalars
@@ -238,7 +240,10 @@ class _LargePlan:
             var = [views[j] for j in mine]
             if at_s is not None:
                 var += _scalar_part([tsof[j] for j in mine], shared)
-            args = rep.inputs(opt, _firsts(var, pattern), now) if _pattern(var) == pattern else None
+            if pattern is None:
+                args = rep.inputs(opt, var, now)
+            else:
+                args = rep.inputs(opt, _firsts(var, pattern), now) if _pattern(var) == pattern else None
             if args is None:
                 self.calls = None
                 return False
