@@ -346,3 +346,47 @@ def test_a_packs_call_is_replayed_with_the_reference_numbers(monkeypatch, calls)
     # step 1 (the face's plan's first, with a pack of its own) records the call; 2 and 3 replay it (a new lr at 2);
     # step 4's clip bound: a key computed, the call through dynamo; step 5 replays
     assert made[2:] == [1, 0, 0, 1] and keys == []
+
+
+def _steady(learn, monkeypatch, steps=4):
+    """Adam over SHAPES, ``steps`` steps; without ``learn``, every direct call goes through the wrappers."""
+    with monkeypatch.context() as mp:
+        if not learn:
+            mp.setattr(_direct.Graph, "learn", lambda self, *args: setattr(self, "code", False))
+        ps = _params()
+        opt = ot.Adam(ps, fused=True)
+        for k in range(steps):
+            _grads(ps, k)
+            opt.step()
+    return ps, opt
+
+
+def test_inductors_code_is_called_without_the_wrappers_with_the_same_numbers_and_versions(monkeypatch, calls):
+    """A direct call runs inductor's compiled code itself (learned from a call through dynamo): the numbers, and
+    the version counters autograd reads, are those of the call through dynamo's and AOT autograd's wrappers."""
+    bare, opt = _steady(True, monkeypatch)
+    assert any(site.graph.code for site in opt.mxnet_optimizer(0)._direct.values())
+    wrapped, _ = _steady(False, monkeypatch)
+    assert _equal(bare, wrapped)
+    assert [p._version for p in bare] == [p._version for p in wrapped]
+
+
+def test_a_weight_saved_for_backward_and_then_stepped_is_caught_by_autograd(monkeypatch):
+    """The compiled code writes the weights in place: their version counters move, so a backward through a graph
+    that saved a weight before the step raises, as with torch's own optimizers."""
+    ps, opt = _steady(True, monkeypatch, steps=3)
+    assert any(site.graph.code for site in opt.mxnet_optimizer(0)._direct.values())
+    loss = (ps[0] * ps[0]).sum()  # saves ps[0]
+    _grads(ps, 3)
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_a_profiled_step_keeps_the_wrappers_ranges(monkeypatch):
+    """Under the profiler, direct calls go through the wrappers, whose ranges a user's trace shows."""
+    ps, opt = _steady(True, monkeypatch, steps=3)
+    _grads(ps, 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert any("CompiledFxGraph" in e.name for e in prof.events())

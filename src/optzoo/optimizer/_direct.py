@@ -27,11 +27,18 @@ Sizes and strides are not checked here: the graph's own code asserts every input
 writes anything, and a failed assertion sends the call through dynamo (as does a dynamic value below 2, which
 dynamo would give a graph of its own). Anything else goes through dynamo,
 which checks its guards, compiles again where needed, and refreshes the record.
+
+A direct call on the CPU also skips the wrappers around inductor's code (dynamo's disable context, AOT autograd's
+runtime wrapper, ``CompiledFxGraph.__call__``) where what they do for the graph is known from a call through them
+(:meth:`Graph.learn`): it runs the code with dynamo's frame evaluation off and bumps the version counters of the
+inputs that call bumped (the ones the kernel writes), as they do. Under the profiler the wrappers stay (their
+ranges are what a user's trace shows).
 """
 from __future__ import annotations
 
 import operator
 import threading
+import types
 
 import torch
 
@@ -72,7 +79,7 @@ class Graph:
     """A compiled graph and where its inputs lie in a call's tensors: ``(k, None)`` the k-th tensor itself,
     ``(k, d)`` its size in dimension ``d``, ``(k, -1)`` its storage offset, ``(k, -2 - d)`` its stride in ``d``."""
 
-    __slots__ = ("fn", "places", "boxed")
+    __slots__ = ("fn", "places", "boxed", "code", "writes")
 
     @classmethod
     def make(cls, gm, example_inputs, leaves, fn):
@@ -106,6 +113,7 @@ class Graph:
             places.append(got)
         graph = cls()
         graph.fn, graph.places, graph.boxed = fn, tuple(places), False
+        graph.code, graph.writes = None, ()  # inductor's code itself, once learned (:meth:`learn`); False: never
         return graph
 
     def __call__(self, leaves):
@@ -113,13 +121,128 @@ class Graph:
                                   map(_SECOND, self.places))))
 
     def call(self, args):
-        """The graph on its inputs ``args``."""
+        """The graph on its inputs ``args`` (a list the call consumes): inductor's code itself where it is known
+        (:meth:`learn`), else through dynamo's and AOT autograd's wrappers."""
         if any(type(x) is int and x < 2 for x in args):  # dynamo specializes 0 and 1: not this graph's
             raise AssertionError("a size, offset or stride below 2 for a dynamic one")
+        code = self.code
+        if code and not _profiling():  # (profiled: the wrappers' ranges, as a user's trace expects them)
+            written = [args[k] for k in self.writes]
+            prior = _SET_EVAL_FRAME(None)  # (as dynamo's disable wrapper: a compiled caller's frames stay its own)
+            try:
+                code(args)
+            finally:
+                _SET_EVAL_FRAME(prior)
+            _BUMP(written)  # what AOT autograd's wrapper does (torch.autograd.graph.increment_version)
+            return ()
         return self.fn(args) if self.boxed else self.fn(*args)
+
+    def learn(self, tensors, before, after):
+        """After a call through dynamo that ran this graph once on ``tensors`` (their version counters ``before``
+        and ``after`` it; None where a tensor has none): inductor's compiled code under the wrappers, and the
+        inputs whose versions the call bumped (those the kernel writes in place), for :meth:`call`.
+
+        Why: a call's wrappers (dynamo's disable context, AOT autograd's runtime wrapper, inductor's
+        ``CompiledFxGraph.__call__``) cost ~10 us hot and ~100 us right after a kernel that streamed 120 MB (their
+        code and objects out of the CPU's caches), at each of ResNet-50's 12-54 calls a step. What they do for
+        these graphs (no outputs, no gradient mode, no autocast, every input mutation inside the graph) is: run
+        the code with dynamo's frame evaluation off, and bump the written inputs' version counters. Anything else
+        (another layout of the wrappers, outputs, a count bumped twice or outside the inputs) keeps the wrappers."""
+        if self.code is not None:
+            return
+        self.code = False
+        if before is None or after is None or _SET_EVAL_FRAME is None or torch.is_grad_enabled() or \
+                _any_autocast() or not all(t.device.type == "cpu" for t in tensors):
+            return  # (on other devices the wrappers stay: unmeasured, as every GPU path here)
+        inputs = {k for k, d in self.places if d is None}
+        changed = [k for k, (a, b) in enumerate(zip(before, after)) if a != b]
+        if any(after[k] - before[k] != 1 or k not in inputs for k in changed):
+            return
+        cfg = _compiled_code(self.fn)
+        if cfg is None or cfg.output_strides or not callable(getattr(cfg, "current_callable", None)):
+            return
+        bumped = set(changed)
+        self.writes = tuple(pos for pos, (k, d) in enumerate(self.places) if d is None and k in bumped)
+        if len({self.places[pos][0] for pos in self.writes}) != len(bumped):
+            return
+        self.code = cfg.current_callable
 
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _set_eval_frame():
+    try:
+        return torch._C._dynamo.eval_frame.set_eval_frame
+    except AttributeError:  # pragma: no cover - another dynamo layout: the wrappers stay
+        return None
+
+
+_SET_EVAL_FRAME = _set_eval_frame()
+
+
+def _profiling():
+    return getattr(torch.autograd.profiler, "_is_profiler_enabled", False)
+
+
+def _bumper():
+    """``increment_version`` of a list of tensors (torch's public function; one C call where it takes a list)."""
+    try:
+        torch._C._increment_version([torch.empty(0)])
+        return torch._C._increment_version
+    except Exception:  # pragma: no cover - an older torch: one tensor at a time
+        return lambda tensors: [torch.autograd.graph.increment_version(t) for t in tensors]
+
+
+_BUMP = _bumper()
+
+
+def _any_autocast():
+    check = getattr(torch._C, "_is_any_autocast_enabled", None)
+    return True if check is None else check()
+
+
+def _compiled_code(fn):
+    """The one ``CompiledFxGraph`` (inductor's compiled code) under the wrappers of ``fn``, found through their
+    closures and ``compiled_fn`` attributes; None where there is not exactly one (another torch's layout)."""
+    try:
+        from torch._inductor.output_code import CompiledFxGraph
+    except Exception:  # pragma: no cover - another inductor layout
+        return None
+    found, seen, todo = [], set(), [fn]
+    while todo and len(seen) < 64:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, CompiledFxGraph):
+            found.append(f)
+            continue
+        if isinstance(f, types.FunctionType):
+            for cell in f.__closure__ or ():
+                try:
+                    x = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if isinstance(x, (types.FunctionType, CompiledFxGraph)) or "compiled_fn" in getattr(
+                        type(x), "__dict__", {}) or hasattr(x, "__dict__") and "compiled_fn" in x.__dict__:
+                    todo.append(x)
+        else:
+            inner = getattr(f, "__dict__", {}).get("compiled_fn")
+            if inner is not None:
+                todo.append(inner)
+    return found[0] if len(found) == 1 else None
+
+
+def _versions(tensors):
+    """The tensors' version counters, or None where one has none (a tensor made under ``inference_mode``)."""
+    try:
+        return list(map(_VERSION, tensors))
+    except RuntimeError:
+        return None
+
+
+_VERSION = operator.attrgetter("_version")
 
 
 def _input(t, d):
@@ -361,6 +484,7 @@ def through(key, fn, args, tensors=None, consts=None):
     if tensors is None:
         tensors, consts = flatten(args)
     breaks = _breaks()
+    before = _versions(tensors)
     _CALL.leaves, _CALL.ran, _CALL.runs = tensors, None, 0
     try:
         out = fn(*args)
@@ -368,6 +492,8 @@ def through(key, fn, args, tensors=None, consts=None):
         _CALL.leaves = None
     ran, runs = _CALL.ran, _CALL.runs
     _CALL.ran = None
+    if ran is not None and runs == 1 and ran.code is None:
+        ran.learn(tensors, before, _versions(tensors))
     if breaks is None or _breaks() != breaks:
         _BROKEN.add(key)
     opt = args[0]
