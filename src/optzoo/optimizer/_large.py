@@ -38,9 +38,11 @@ def run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows
     if plan is not None:
         got = None
         if plan.same(opt, layouts, kinds, large, ws, grads, states, lows):
-            if plan.replay(opt, large, grads, scalars, cache):
-                return set(large)
-            got = plan.groups(large, grads, scalars, cache)
+            made = plan.scalars(large, scalars, cache)  # (None: drawn noise, per-element tensors)
+            if made is not None:
+                if plan.replay(opt, large, grads, made):
+                    return set(large)
+                got = plan.groups(large, grads, made[0])
         if got is None:
             plans.pop(ptrs, None)
             plan = None
@@ -57,7 +59,7 @@ def run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows
     for key, members in groups.items():
         _engine._run_groups(opt, key, members, tape)
     if tape is not None:
-        plan.record(tape, views, large, scalars, cache)
+        plan.record(tape, views, made)
     return placed
 
 
@@ -130,27 +132,22 @@ class _LargePlan:
         return all(map(torch.Tensor.is_contiguous, map(grads.__getitem__, large))) and \
             not any(lows[k] is not None for k in large)
 
-    def groups(self, large, grads, scalars, cache):
-        """This step's ``{key: members}`` and the gradients as the members hold them (after :meth:`same`), or
-        None where a scalar is a tensor (drawn noise)."""
-        made, groups, views = {}, {}, self._views(large, grads)
-        for (fw, finner, flat, head, tail, sdt), g, k in zip(self.entries, views, large):
-            s = scalars[k]
-            got = made.get((id(s), sdt))
-            if got is None:
-                if any(isinstance(x, torch.Tensor) for x in s):
-                    return None
-                ts = _engine._as_tensors(s, sdt, fw.device, cache)
-                got = made[(id(s), sdt)] = (ts, _engine._scalar_kinds(ts))
-            ts, dims = got
-            groups.setdefault(head + (dims,) + tail, []).append((fw, g, finner, ts, None))
+    def groups(self, large, grads, tsof):
+        """This step's ``{key: members}`` and the gradients as the members hold them (after :meth:`same`);
+        ``tsof``: each tensor's scalars' tensors (:meth:`scalars`)."""
+        dims, groups, views = {}, {}, self._views(large, grads)
+        for (fw, finner, flat, head, tail, _), g, ts in zip(self.entries, views, tsof):
+            kinds = dims.get(id(ts))
+            if kinds is None:
+                kinds = dims[id(ts)] = _engine._scalar_kinds(ts)
+            groups.setdefault(head + (kinds,) + tail, []).append((fw, g, finner, ts, None))
         return groups, views
 
     def _views(self, large, grads):
         """The gradients as the members hold them: 1-D views (2-D for per-row states)."""
         return [grads[k].view(-1) if e[2] else grads[k] for e, k in zip(self.entries, large)]
 
-    def _scalars(self, large, scalars, cache):
+    def scalars(self, large, scalars, cache):
         """Each tensor's scalars as 0-d tensors (made once per distinct tuple: prepare's one tuple for every tensor in
         the common case) and which tensors share a tuple of them (:func:`_pattern`; None where all do), or None where
         a scalar is a tensor (drawn noise). The executor's calls pass one tuple to a group whose members share it,
@@ -172,16 +169,14 @@ class _LargePlan:
         part = _pattern(out)
         return out, part if any(part) else None
 
-    def record(self, tape, views, large, scalars, cache):
+    def record(self, tape, views, made):
         """The compiled calls of a step (``tape``: :func:`~.engine._run_groups`' ``(key, step, args)``, made with the
-        members of :meth:`groups`, whose gradients are ``views``), kept for :meth:`replay` where each would be
-        called directly; else none are kept. Each call's variable part (its members' gradients and scalars' tensors)
-        is recorded with which of them are one tensor (:func:`_pattern`: a value shared by several members' tuples)."""
+        members of :meth:`groups`, whose gradients are ``views`` and scalars ``made`` by :meth:`scalars`), kept for
+        :meth:`replay` where each would be called directly; else none are kept. Each call's variable part (its
+        members' gradients and scalars' tensors) is recorded with which of them are one tensor (:func:`_pattern`: a
+        value shared by several members' tuples)."""
         self.calls = ()
-        got = self._scalars(large, scalars, cache)
-        if got is None:
-            return
-        tsof, self.part = got
+        tsof, self.part = made
         place = {id(g): j for j, g in enumerate(views)}
         calls = []
         for key, step, args in tape:
@@ -214,7 +209,7 @@ class _LargePlan:
             calls.append((rep, mine, key, step, rest, slots, at_g, at_s, shared, pattern))
         self.calls = tuple(calls)
 
-    def replay(self, opt, large, grads, scalars, cache):
+    def replay(self, opt, large, grads, made):
         """This step's large tensors by the recorded calls (after :meth:`same`): True, or False where none are
         recorded, or a call's checks fail, or its scalars are shared otherwise than in the recorded step (then
         nothing ran, and the calls are recorded again). Every call's inputs are made before the first kernel runs.
@@ -222,15 +217,12 @@ class _LargePlan:
         sharing changes."""
         if self.calls is None:
             return False
-        got = self._scalars(large, scalars, cache)
-        if got is None:
-            return False
-        if got[1] != self.part:  # (Nadam's schedules agree from some step on: recorded again, the calls' keys differ)
+        tsof, part = made  # (:meth:`scalars`)
+        if part != self.part:  # (Nadam's schedules agree from some step on: recorded again, the calls' keys differ)
             self.calls = None
             return False
         if not self.calls:
             return False
-        tsof = got[0]
         views = self._views(large, grads)
         if opt.clip_gradient:
             opt._clip_bounds()
