@@ -186,3 +186,43 @@ def test_steady_steps_replay_the_recorded_calls_with_scalars_of_each_tensor(monk
     planned = run(None)
     assert replays[-3:] == [True] * 3
     _assert_equal(planned, run(False), (name, "reference path"))
+
+
+@pytest.mark.parametrize("name", ["LARS", "LAMB"])
+def test_large_tensors_of_per_tensor_sums_run_alone_on_the_cpu(monkeypatch, name):
+    """LARS's and LAMB's steps read a tensor twice (its sums, then its update): on the CPU a member of
+    ``engine.ALONE`` elements or more runs in a call of its own, the smaller ones stay grouped. The numbers are
+    those of the grouped calls bit for bit, through the replays of steady steps and a change between them."""
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    steps = []
+    real = engine._run_groups
+
+    def spy(opt, key, members, tape=None):
+        if key[1] == "norms":
+            steps.append(len(members))
+        return real(opt, key, members, tape)
+
+    monkeypatch.setattr(engine, "_run_groups", spy)
+
+    def run(alone):
+        monkeypatch.setattr(engine, "ALONE", alone)
+        torch.manual_seed(6)
+        # three 256 x 256 weights (65,536 elements), two of 76,800 (300 x 256, 256 x 300); five small biases, packed
+        sizes = (256, 256, 300, 256, 256, 256)
+        model = torch.nn.Sequential(*(torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])))
+        opt = getattr(ot, name)(model.parameters(), lr=0.01, **OPTIMIZERS[name])
+        gen = torch.Generator().manual_seed(7)
+        ps = list(model.parameters())
+        for step in range(5):
+            _backward(model, gen)
+            if step == 3:
+                _edit_state(opt, ps)
+            opt.step()
+        return model, opt
+
+    grouped = run(1 << 40)
+    assert steps[0] == 5  # the five weights in one call of _run_groups: a group of four and a padded one
+    steps.clear()
+    alone = run(70_000)
+    assert steps[:4] == [5, 3, 1, 1]  # the five, then the three smaller ones grouped, the two larger alone
+    _assert_equal(alone, grouped, (name, "alone against grouped"))
