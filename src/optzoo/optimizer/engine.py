@@ -468,8 +468,9 @@ def _run_groups(opt, key, members, tape=None):
     with a loop per tensor): each call of a compiled step costs tens of microseconds of dynamo's and AOT's
     wrappers, which ResNet-50's 42 large tensors paid one by one. Groups of :data:`GROUP` members, a last, shorter
     group filled up with stand-ins: one graph per key (a graph for the rest would cost its compile time cold and
-    its tracing warm, at the first step); a lone large tensor runs alone, on a graph of its own. ``tape``: a
-    list that gets each compiled call's ``(key, step, args)``."""
+    its tracing warm, at the first step); a lone large tensor runs alone, on a graph of its own, and so does, on
+    the CPU, a member of :data:`ALONE` elements or more of a rule with per-tensor sums. ``tape``: a list that
+    gets each compiled call's ``(key, step, args)``."""
     seg = key[-1]
     key = key[:-1]
     if key[1] == "norms" and key[3] == "cpu" and len(members) > 1:  # the large ones alone (see ALONE)
