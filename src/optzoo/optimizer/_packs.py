@@ -383,8 +383,7 @@ def _joined_states(tensors, cache, path):
     ptrs = list(map(torch.Tensor.data_ptr, tensors))
     numels = list(map(torch.Tensor.numel, tensors))
     got = cache.get(key)
-    if got is not None and len(got[0]) == len(tensors) and all(map(operator.is_, got[0], tensors)) \
-            and got[1] == ptrs and got[2] == numels:
+    if got is not None and _same_objects(got[0], tensors) and got[1] == ptrs and got[2] == numels:
         return got[3]
     flat = _joined(tensors)
     if flat is None:

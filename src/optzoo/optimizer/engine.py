@@ -63,7 +63,9 @@ GROUP = 4
 #: cache again. Alone, the second pass finds the first pass's tensors in the cache. Smaller members stay grouped
 #: (four of them fit in a cache together; alone, each call's ~25 us would cost more than the cache saves).
 #: Measured on ResNet-50's shapes (2 threads, AMD EPYC, 32 MB L3; torch fused Adam's step time over ours, paired
-#: in one process, median of 30): LARS 0.81 grouped, 0.91 alone; LAMB 0.58 grouped, 0.65 alone.
+#: in one process, median of 25): LARS 0.81 grouped, 0.90 with this bound; LAMB 0.57 grouped, 0.62 with it (every
+#: member alone, in an earlier run: 0.91 and 0.65; but 60 tensors of 90K all alone: 0.54 and 0.43 against 0.67 and
+#: 0.57 grouped).
 ALONE = 1 << 18
 
 
