@@ -56,17 +56,17 @@ LARGE = 1 << 16
 #: costs compile time: gcc compiles one function with a loop per member (cold: one member 0.75 s, four ~2.5 s,
 #: eight ~4.7 s).
 GROUP = 4
-#: On the CPU, a large tensor of per-tensor sums in one compiled loop (LARS's norms: the ``"norms"`` layout, not
-#: a two-phase rule) this large (elements) runs in a call of its own. Its step reads the tensor twice, the sums
-#: first; in a group graph, inductor makes every member's sums before any member's update (it fuses the members'
-#: scalar work into one node), so a group of 4 members of 1M elements has read 32-64 MB before it comes back to the
-#: first: out of cache again. Alone, the second pass finds the first pass's tensors in the cache. Smaller members
-#: stay grouped (four of them fit in a cache together; alone, each call's ~25 us would cost more than the cache
-#: saves). Measured on ResNet-50's shapes (2 threads, AMD EPYC, 32 MB L3; torch fused Adam's step time over ours,
-#: paired in one process, median of 25): LARS 0.81 grouped, 0.90 with this bound (60 tensors of 90K all alone:
-#: 0.54 against 0.67 grouped); under a busy process per core, unchanged (bench/ab.py: 1.00-1.01 of the grouped
-#: time). LAMB's two phases stay grouped: alone it gained quietly (0.57 -> 0.62) but under load took 1.33-1.38x
-#: the grouped step time (twice as many calls, each a parallel region whose threads a busy machine deschedules).
+#: On the CPU, a large tensor of per-tensor sums (LARS's and LAMB's norms, the ``"norms"`` layout) this large
+#: (elements) runs in a call of its own. Its step reads the tensor twice, the sums first; in a group graph,
+#: inductor makes every member's sums before any member's update (it fuses the members' scalar work into one
+#: node), so a group of 4 members of 1M elements has read 32-64 MB before it comes back to the first: out of
+#: cache again. Alone, the second pass finds the first pass's tensors in the cache. Smaller members stay grouped
+#: (four of them fit in a cache together; alone, each call's ~25 us would cost more than the cache saves).
+#: Measured on ResNet-50's shapes (2 threads, AMD EPYC, 32 MB L3; torch fused Adam's step time over ours, paired
+#: in one process, median of 25): LARS 0.81 grouped, 0.90 with this bound; LAMB 0.57 grouped, 0.62 with it (every
+#: member alone, in an earlier run: 0.91 and 0.65; but 60 tensors of 90K all alone: 0.54 and 0.43 against 0.67 and
+#: 0.57 grouped). Under a busy process per core bench/ab.py cannot tell (LAMB, alone against grouped: 0.64 in one
+#: run, 1.23 in the next; this tree against itself: 0.99 and 1.25).
 ALONE = 1 << 18
 
 
@@ -472,12 +472,11 @@ def _run_groups(opt, key, members, tape=None):
     wrappers, which ResNet-50's 42 large tensors paid one by one. Groups of :data:`GROUP` members, a last, shorter
     group filled up with stand-ins: one graph per key (a graph for the rest would cost its compile time cold and
     its tracing warm, at the first step); a lone large tensor runs alone, on a graph of its own, and so does, on
-    the CPU, a member of :data:`ALONE` elements or more of a one-loop rule with per-tensor sums (LARS). ``tape``: a
-    list that gets each compiled call's ``(key, step, args)``."""
+    the CPU, a member of :data:`ALONE` elements or more of a rule with per-tensor sums. ``tape``: a list that
+    gets each compiled call's ``(key, step, args)``."""
     seg = key[-1]
     key = key[:-1]
-    if key[1] == "norms" and key[3] == "cpu" and len(members) > 1 and not _phases.wanted(opt, key):
-        # the large ones alone (see ALONE)
+    if key[1] == "norms" and key[3] == "cpu" and len(members) > 1:  # the large ones alone (see ALONE)
         alone = [m for m in members if m[0].numel() >= ALONE]
         if alone:
             rest = [m for m in members if m[0].numel() < ALONE]
