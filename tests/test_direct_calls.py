@@ -208,8 +208,10 @@ def test_new_sizes_of_the_same_graphs_are_called_directly(calls):
     assert calls.steps[2:] == [(0, 2), STEADY, STEADY]
 
 
-def test_inputs_sharing_memory_go_through_dynamo(calls):
-    """Weights that are views of one buffer (the opt-in flat layout, or a user's own): never called directly."""
+def test_inputs_sharing_memory_apart_are_called_directly(calls):
+    """Weights that are views of one buffer (the opt-in flat layout, or a user's own), each a stretch of its own:
+    called directly, as AOT autograd compiles inputs that cannot overlap as inputs of their own (views that may
+    overlap go through dynamo: ``_direct._apart``, below)."""
     def views(seed):
         flat = torch.randn(3 * 65536, generator=torch.Generator().manual_seed(seed))
         return [torch.nn.Parameter(v) for v in flat.split(65536)]
@@ -223,7 +225,23 @@ def test_inputs_sharing_memory_go_through_dynamo(calls):
         b.step()
         calls.mark()
     assert _equal(fast, ref)
-    assert calls.direct == 0 and calls.steps[1:] == [(0, 1)] * 2
+    assert calls.steps[2:] == [(1, 0)]
+
+
+def test_disjoint_views():
+    """``_direct._disjoint``: stretches apart, and 2-D views whose rows lie between each other's; else not."""
+    flat = torch.zeros(64)
+    blocks = flat.view(4, 16)
+    assert _direct._disjoint(flat[:10], flat[10:])
+    assert not _direct._disjoint(flat[:11], flat[10:])
+    assert _direct._disjoint(blocks[:, :8], blocks[:, 8:])
+    assert _direct._disjoint(blocks[:, 8:], blocks[:, :8])
+    assert not _direct._disjoint(blocks[:, :9], blocks[:, 8:])
+    assert not _direct._disjoint(blocks[:, 2:10], blocks[:, 8:])
+    assert not _direct._disjoint(flat.view(8, 8)[:, :4], blocks[:, 8:])  # rows of other strides
+    assert _direct._disjoint(blocks[:3, :8], flat[48:])
+    assert _direct._apart([blocks[:, :8], blocks[:, 8:], torch.zeros(3)])
+    assert not _direct._apart([blocks[:, :8], blocks[:, 4:12]])
 
 
 def test_a_class_from_outside_optzoo_goes_through_dynamo(calls):

@@ -164,6 +164,8 @@ def test_members_with_scalars_of_their_own_fill_the_last_group_without_another_g
     members' own keys, whatever the stand-ins draw)."""
     monkeypatch.setattr(engine, "LARGE", 12)
     monkeypatch.setattr(engine, "_COMPILED", {})
+    # element by element (as on an accelerator): on the CPU, weights of a block or more run in pairs, one per call
+    monkeypatch.setattr(engine, "PAIRS", 1 << 40)
     shapes = [(20,), (5, 9), (31,), (20,), (64,), (13,)]
 
     def run(fused):

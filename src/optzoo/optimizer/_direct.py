@@ -155,13 +155,12 @@ class Graph:
                 _any_autocast() or not all(t.device.type == "cpu" for t in tensors):
             return  # (on other devices the wrappers stay: unmeasured, as every GPU path here)
         inputs = {k for k, d in self.places if d is None}
-        changed = [k for k, (a, b) in enumerate(zip(before, after)) if a != b]
-        if any(after[k] - before[k] != 1 or k not in inputs for k in changed):
+        bumped = _written(tensors, before, after)
+        if bumped is None or not bumped <= inputs:
             return
         cfg = _compiled_code(self.fn)
         if cfg is None or cfg.output_strides or not callable(getattr(cfg, "current_callable", None)):
             return
-        bumped = set(changed)
         self.writes = tuple(pos for pos, (k, d) in enumerate(self.places) if d is None and k in bumped)
         if len({self.places[pos][0] for pos in self.writes}) != len(bumped):
             return
@@ -169,6 +168,26 @@ class Graph:
 
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _written(tensors, before, after):
+    """The places of the tensors that a call wrote, from their version counters ``before`` and ``after`` it (AOT
+    autograd's wrapper bumps each written input once), or None where that is unclear. Views of one tensor share
+    its counter (a weight's halves in pairs, the executor's PAIRS): a counter moved by as many as the views
+    that share it means each of them was written; one moved by fewer, by no one of them."""
+    shared = {}
+    for k, t in enumerate(tensors):
+        base = t._base if t._base is not None else t
+        shared.setdefault(id(base), {})[id(t)] = k  # (a tensor object's last place, as Graph.make's)
+    written = set()
+    for views in shared.values():
+        first = next(iter(views.values()))
+        moved = after[first] - before[first]
+        if moved == len(views):
+            written.update(views.values())
+        elif moved:
+            return None
+    return written
 
 
 def _set_eval_frame():
@@ -304,6 +323,31 @@ def _repeats(tensors):
     return tuple(pairs)
 
 
+def _apart(tensors):
+    """Whether no two of these (distinct) tensors can overlap in memory: each in a memory of its own, or, where
+    several view one (a weight's halves in pairs, the executor's PAIRS), each two of those apart by
+    :func:`_disjoint` (for which AOT autograd compiles them as inputs of their own, as any two tensors)."""
+    by = {}
+    for t in tensors:
+        by.setdefault(t.untyped_storage().data_ptr(), []).append(t)
+    return all(_disjoint(a, b) for views in by.values() if len(views) > 1
+               for k, a in enumerate(views) for b in views[k + 1:])
+
+
+def _disjoint(a, b):
+    """Two views of one memory that share no element: one ends before the other starts, or both are 2-D with
+    contiguous rows of one stride, the rows of one lying between the other's."""
+    if not a.numel() or not b.numel():
+        return True
+    if a.storage_offset() > b.storage_offset():
+        a, b = b, a
+    if a.storage_offset() + sum((n - 1) * st for n, st in zip(a.shape, a.stride())) < b.storage_offset():
+        return True
+    delta = b.storage_offset() - a.storage_offset()
+    return a.dim() == b.dim() == 2 and a.stride(1) == b.stride(1) == 1 and a.stride(0) == b.stride(0) and \
+        a.shape[1] <= delta and delta + b.shape[1] <= a.stride(0)
+
+
 def _modes_off():
     """No torch-function or dispatch mode, no tracing under way, and dynamo on as by default (no
     ``torch.compiler.set_stance("force_eager")``, no ``torch._dynamo.config.disable``): else dynamo decides."""
@@ -333,8 +377,8 @@ class _Site:
             return None
         repeats = _repeats(tensors)
         seen = {id(t): t for t in tensors}
-        if len({t.untyped_storage().data_ptr() for t in seen.values()}) != len(seen):
-            return None  # inputs sharing memory: dynamo's graph for them may expect it
+        if not _apart(seen.values()):
+            return None  # inputs that may overlap: dynamo's graph for them may expect it
         site = cls()
         site.graph, site.n, site.distinct, site.repeats = graph, len(tensors), len(seen), repeats
         site.signature, site.consts, site.reads = _signature(tensors), consts, _reads(opt)

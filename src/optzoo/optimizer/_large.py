@@ -15,7 +15,7 @@ import torch
 
 from . import _direct, _tree
 from . import engine as _engine
-from ._numerics import WHOLE
+from ._numerics import WHOLE, Key
 
 
 def run(opt, layouts, kinds, large, weights, grads, states, scalars, cache, lows):
@@ -109,9 +109,12 @@ class _LargePlan:
         plan.kinds = [kinds[k] for k in large]
         plan.shapes = list(map(_engine._SHAPE, ws))
         plan.leaves, plan.leaf_ptrs = leaves, list(map(torch.Tensor.data_ptr, leaves))
-        # per tensor: the weight's and states' views, whether the gradient is viewed 1-D, the key's parts
-        plan.entries = [(m[0], m[2], m[0].dim() == 1, key[:_engine._KINDS], key[_engine._KINDS + 1:],
-                         _engine._scalar_dtype(m[0], _tree.leaves(m[2]))) for key, m in entries]
+        # per tensor: the weight's and states' views, how the gradient is viewed (1-D, in pairs, or as it is),
+        # the key's parts
+        plan.entries = [(m[0], m[2], _pair_views if isinstance(m[0], tuple) else
+                         _engine._view_1d if m[0].dim() == 1 else None, key[:_engine._KINDS],
+                         key[_engine._KINDS + 1:], _engine._scalar_dtype(_first(m[0]), _tree.leaves(m[2])))
+                        for key, m in entries]
         sdts = {e[5] for e in plan.entries}
         plan.sdt = sdts.pop() if len(sdts) == 1 else None  # the scalars' one dtype, where replays may share them
         plan.calls = None  # the compiled calls, recorded at the next step (:meth:`record`)
@@ -144,8 +147,8 @@ class _LargePlan:
         return groups, views
 
     def _views(self, large, grads):
-        """The gradients as the members hold them: 1-D views (2-D for per-row states)."""
-        return [grads[k].view(-1) if e[2] else grads[k] for e, k in zip(self.entries, large)]
+        """The gradients as the members hold them: 1-D views (2-D for per-row states; in pairs, PAIRS)."""
+        return [e[2](grads[k]) if e[2] else grads[k] for e, k in zip(self.entries, large)]
 
     def scalars(self, large, scalars, cache):
         """Each tensor's scalars as 0-d tensors (made once per distinct tuple: prepare's one tuple for every tensor in
@@ -153,18 +156,20 @@ class _LargePlan:
         a scalar is a tensor (drawn noise). The executor's calls pass one tuple to a group whose members share it,
         else a tuple per member (Nadam's schedule, SGLD's noise keys): the sharing is part of what a call is."""
         tuples = list(map(scalars.__getitem__, large))
+        if any(e[2] is _pair_views and t[-1] % _engine.PAIRS for e, t in zip(self.entries, tuples)):
+            return None  # a key that takes no pairs (planned anew)
         s = tuples[0]
         if self.sdt is not None and all(map(operator.is_, tuples, itertools.repeat(s))):  # the common case
             if any(isinstance(x, torch.Tensor) for x in s):
                 return None
-            return [_engine._as_tensors(s, self.sdt, self.entries[0][0].device, cache)] * len(tuples), None
+            return [_engine._as_tensors(s, self.sdt, _first(self.entries[0][0]).device, cache)] * len(tuples), None
         made, out = {}, []
         for s, e in zip(tuples, self.entries):
             got = made.get((id(s), e[5]))
             if got is None:
                 if any(isinstance(x, torch.Tensor) for x in s):
                     return None
-                got = made[(id(s), e[5])] = _engine._as_tensors(s, e[5], e[0].device, cache)
+                got = made[(id(s), e[5])] = _engine._as_tensors(s, e[5], _first(e[0]).device, cache)
             out.append(got)
         part = _pattern(out)
         return out, part if any(part) else None
@@ -194,7 +199,7 @@ class _LargePlan:
                 if not own or any(t is not (given if shared else given[pos]) for pos, t in zip(slots, own)):
                     return
                 svar = _scalar_part(own, shared)
-            var = [gs[pos] for pos in slots] + svar
+            var = _pieces(gs[pos] for pos in slots) + svar
             pattern = _pattern(var)
             if pattern == tuple(range(len(var))):
                 pattern = None  # all distinct (always, where the call has one tuple): Replay.inputs checks that
@@ -229,7 +234,7 @@ class _LargePlan:
         now = _direct.step_checks(opt)
         inputs = []
         for rep, mine, _, _, _, _, _, at_s, shared, pattern in self.calls:
-            var = [views[j] for j in mine]
+            var = _pieces(views[j] for j in mine)
             if at_s is not None:
                 var += _scalar_part([tsof[j] for j in mine], shared)
             if pattern is None:
@@ -263,6 +268,26 @@ class _LargePlan:
             stand_ins = _engine._distinct if step is _engine._group_step else None
             _engine._run(True, key, opt, *args, step=step, stand_ins=stand_ins)
         return True
+
+
+def _pieces(gradients):
+    """The members' gradients as a call's variable tensors: each one, or each of its views in pairs (PAIRS)."""
+    out = []
+    for g in gradients:
+        if isinstance(g, tuple):
+            out.extend(g)
+        else:
+            out.append(g)
+    return out
+
+
+def _first(w):
+    return w[0] if isinstance(w, tuple) else w
+
+
+def _pair_views(g):
+    """A contiguous gradient as its weight's kernel takes it in pairs (:func:`_halves` of its 1-D view)."""
+    return _halves(g.view(-1))
 
 
 def _scalar_part(own, shared):
@@ -302,11 +327,32 @@ def _in_place(opt, layout, w, g, inner, s, cache, low=None):
             finner = _engine._map(inner, _engine._flat)
         flow = None if low is None else _engine._flat(low)
         seg = WHOLE if layout == "norms" else None  # per-tensor sums: full reductions of the 1-D views
-    sdt = _engine._scalar_dtype(fw, leaves)
+        if _paired(opt, layout, fw, finner, s):
+            fw, fg = _halves(fw), _halves(fg)
+            flow = None if flow is None else _halves(flow)
+    sdt = _engine._scalar_dtype(_first(fw), leaves)
     if any(isinstance(x, torch.Tensor) for x in s):  # per-element scalars (drawn noise) laid out as the weight
-        if layout != "rows":
+        if layout != "rows":  # (never PAIRS: see _paired)
             s = tuple(_engine._flat(x).view(fw.shape) if isinstance(x, torch.Tensor) else x for x in s)
         ts = tuple(_engine._scalar_tensor(x, sdt, w.device) for x in s)
     else:
         ts = _engine._as_tensors(s, sdt, w.device, cache)
     return _engine._key(opt, layout, fw, finner, ts, flow) + (seg,), (fw, fg, finner, ts, flow)
+
+
+def _paired(opt, layout, fw, inner, s):
+    """Whether a large weight's kernel takes it in pairs (:data:`~.engine.PAIRS`): a rule that makes its noise in
+    pairs (``_kernel_pairs``), without states, on the CPU, a key that is a multiple of PAIRS (a local shard's
+    from an offset that is not: element by element, the same bits), a weight of a block or more."""
+    return getattr(opt, "_kernel_pairs", False) and layout == "elementwise" and inner is None and bool(s) and \
+        fw.device.type == "cpu" and fw.numel() >= _engine.PAIRS and isinstance(s[-1], Key) and \
+        s[-1] % _engine.PAIRS == 0
+
+
+def _halves(t):
+    """A 1-D tensor as the halves of its blocks of :data:`~.engine.PAIRS` elements (two ``[blocks, PAIRS/2]``
+    views), then the rest where there is one."""
+    n = t.numel() - t.numel() % _engine.PAIRS
+    blocks = t[:n].view(-1, _engine.PAIRS)
+    half = _engine.PAIRS // 2
+    return (blocks[:, :half], blocks[:, half:]) + ((t[n:],) if n < t.numel() else ())

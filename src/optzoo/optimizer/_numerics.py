@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "counter_normal", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
+           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "counter_normal", "paired_normals", "counter_polar", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
 # ------------------------------------------------------------------------------------------ sqrt
@@ -389,19 +389,40 @@ def _srl(x, s):
 
 
 def counter_normal(ctr, dtype):
-    """Standard normal values from int64 counters: splitmix64 (a bijective 64-bit mix, wrapping arithmetic)
-    gives 24-bit uniforms ``u1`` in (0, 1] and ``u2`` in [0, 1), Box-Muller gives
-    ``sqrt(-2 ln u1) cos(2 pi u2)``. Only integer ops, fp32 ``+ - * /``, bit casts and a correctly rounded
-    root (``ln`` and ``cos`` are short polynomials here, accurate to ~1e-7): eager and compiled kernels
-    give the same bits, and the compiled loop makes the noise itself, with no tensor drawn beforehand."""
+    """Standard normal values from int64 counters, two per mixed counter: counters ``c`` and ``c ^ 16`` (bit 4
+    flipped: the two halves of a block of 32 counters) share one Box-Muller draw of :func:`counter_polar` of
+    ``c & ~16``, and get its radius times ``cos`` of its angle (bit 4 clear) or of the angle plus 3/4 of a turn
+    (bit 4 set: its ``sin``), two independent normals. A kernel over a block's halves side by side
+    (:func:`paired_normals`) mixes each counter once for both; element by element, the same bits."""
+    side = ((ctr >> 4) & 1) * _QUARTER3
+    radius, angle = counter_polar(ctr & ~16)
+    return (radius * _cos_2pi(((angle + side) & _ANGLE).to(torch.float32) * 2.0 ** -24)).to(dtype)
+
+
+def paired_normals(ctr, dtype):
+    """:func:`counter_normal` of ``ctr`` and of ``ctr + 16`` (``ctr``'s bit 4 clear), from one mix of each counter."""
+    radius, angle = counter_polar(ctr)
+    return tuple((radius * _cos_2pi(((angle + side) & _ANGLE).to(torch.float32) * 2.0 ** -24)).to(dtype)
+                 for side in (0, _QUARTER3))
+
+
+#: 24-bit angles (turns / 2^24): all of them, and three quarters of a turn
+_ANGLE, _QUARTER3 = 0xFFFFFF, 0xC00000
+
+
+def counter_polar(ctr):
+    """One Box-Muller draw per int64 counter: splitmix64 (a bijective 64-bit mix, wrapping arithmetic) gives
+    24-bit uniforms ``u1 = k / 2^24`` in (0, 1] and an angle ``a`` in [0, 2^24) (turns / 2^24); the radius
+    ``sqrt(-2 ln u1)`` (fp32) and ``a`` (int64). Only integer ops, fp32 ``+ - * /``, bit casts and a correctly
+    rounded root (``ln`` and ``cos`` are short polynomials here, accurate to ~1e-7): eager and compiled
+    kernels give the same bits, and the compiled loop makes the noise itself, with no tensor drawn beforehand."""
     golden, m1, m2 = _SPLITMIX
     z = ctr + golden
     z = (z ^ _srl(z, 30)) * m1
     z = (z ^ _srl(z, 27)) * m2
     z = z ^ _srl(z, 31)
     k = (_srl(z, 40) + 1).to(torch.float32)            # u1 = k / 2^24, k in [1, 2^24] (exact in fp32)
-    u2 = (z & 0xFFFFFF).to(torch.float32) * 2.0 ** -24
-    return (sqrt_rn(-2.0 * _ln_unit(k)) * _cos_2pi(u2)).to(dtype)
+    return sqrt_rn(-2.0 * _ln_unit(k)), z & _ANGLE
 
 
 def _ln_unit(k):

@@ -68,18 +68,25 @@ GROUP = 4
 #: 0.57 grouped). Under a busy process per core bench/ab.py cannot tell (LAMB, alone against grouped: 0.64 in one
 #: run, 1.23 in the next; this tree against itself: 0.99 and 1.25).
 ALONE = 1 << 18
+#: On the CPU, a large weight of a rule that makes its noise in pairs (``_kernel_pairs``: SGLD, whose Box-Muller
+#: draw gives two normals) is passed to its kernel as the halves of its blocks of 32 elements: two ``[blocks, 16]``
+#: views (then the rest, 1-D), each its own input of the compiled graph, so that one loop computes each draw once
+#: for both halves and stores into each (views made inside the graph would be written through a temporary and a
+#: copy). Its key must be a multiple of 32 (the counters' blocks are the weight's); it runs one per compiled call.
+#: Measured on one 16M tensor (2 threads, AMD EPYC): 16.4 ms a step element by element, 8.5 ms in pairs.
+PAIRS = 32
 
 
 # ------------------------------------------------------------------------------------------ the step
 def _fused_step(opt, w, g, inner, s, seg, low=None):
     """One update in place: cast, kernel, write back, and round into ``low`` (the fp16/bf16 weight of an fp32
-    master copy ``w``): one loop when compiled."""
-    g = g.to(w.dtype)
+    master copy ``w``): one loop when compiled. ``w``, ``g`` and ``low`` may be tuples of views (:data:`PAIRS`)."""
+    g = g.to(w.dtype) if isinstance(g, torch.Tensor) else tuple(x.to(y.dtype) for x, y in zip(g, w))
     new_w, new_s = type(opt).kernel(opt, w, g, inner, s, seg)
     _write(inner, new_s)
-    w.copy_(new_w)
+    _write(w, new_w)
     if low is not None:
-        low.copy_(w)
+        _write(low, w)
 
 
 def _group_step(opt, ws, gs, inners, s, seg, lows=None):
@@ -212,10 +219,13 @@ def _compiled(key, step=_fused_step):
             # counter-based noise (SGLD): each mixing step reads its value twice (z ^ (z >> s)), and inductor
             # generates a reused pointwise node's code again at every use, so the work doubled with each step: a
             # cold first call spent 23 s (one tensor per call) and 57 s (four) in inductor's Python. Reused nodes
-            # of more than 16 ops are realized instead, then fused back into the one loop as locals (no memory
-            # traffic, the same step time and bits): 9.8 and 14.6 s, compiler start-up included, as Adam's 9.7
-            # and 13.4 s (2-core AMD EPYC, an empty inductor cache)
-            options["realize_opcount_threshold"] = 16
+            # of more than 40 ops are realized instead, then fused back into the one loop as locals (no memory
+            # traffic, the same step time and bits). With 16, a weight in pairs (PAIRS) kept three loops and
+            # tensor-sized buffers between them (its [blocks, 16] halves are not flattened as the realized nodes
+            # are): 72.9 ms a step on one 16M tensor against 9.6 with 40, whose first call took 11.7 s against
+            # 11.2 (element by element: 10.6 s with 16, 11.4 with 40; compiler start-up included, 2-core AMD
+            # EPYC, an empty inductor cache)
+            options["realize_opcount_threshold"] = 40
         # inductor, recording where each graph's inputs lie in a call's arguments: steady-state calls of the
         # elementwise steps then skip dynamo (_direct)
         backend = _direct.backend(options) if direct else None
@@ -289,7 +299,11 @@ def _flat(t):
 def _key(opt, layout, w, inner, s, low=None):
     # dynamo specializes sizes 0 and 1: a graph of their own, so that [1, n] runs do not use up the others'
     # recompile limit
-    ones = tuple(d <= 1 for d in w.shape)
+    if isinstance(w, tuple):  # a weight's views in pairs (PAIRS)
+        ones = tuple(tuple(d <= 1 for d in x.shape) for x in w)
+        w, low = w[0], None if low is None else low[0]
+    else:
+        ones = tuple(d <= 1 for d in w.shape)
     return (type(opt), layout, w.dtype, w.device.type, _signature(inner), _scalar_kinds(s), ones,
             None if low is None else low.dtype)
 
@@ -489,8 +503,9 @@ def _run_groups(opt, key, members, tape=None):
         _phases.run(opt, key, seg, members, GROUP, tape)
         return
     whole = len(members) - len(members) % GROUP
-    if key[1] == "rows" or any(x.dim() for x in members[0][3]):
-        whole = 0  # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise)
+    if key[1] == "rows" or any(x.dim() for x in members[0][3]) or isinstance(members[0][0], tuple):
+        # one by one: per-row states (2-D, see _NoOuterLoopFusion), per-element scalars (a replaced noise), PAIRS
+        whole = 0
     elif len(members) > 1 and whole < len(members):
         # the last, shorter chunk filled up with small stand-ins (as the two-phase rules' chunks): the group graph is
         # the key's only graph, where one for the rest would cost its compile (cold) and its tracing (warm) at the

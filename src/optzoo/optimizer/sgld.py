@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._numerics import Key, counter_normal, in_dtype, mx_scalar
+from ._numerics import Key, counter_normal, in_dtype, mx_scalar, paired_normals
 from .base import Optimizer
 from .registry import register
 
@@ -24,7 +24,8 @@ class SGLD(Optimizer):
     so the noise has variance :math:`lr`. The noise is counter-based (``_numerics.counter_normal``): per update of a parameter one key is drawn from ``generator`` when given, else from
     torch's default CPU generator (reproducible with ``torch.manual_seed``), and element :math:`i` gets
     the normal value of the counter ``key + i``, :math:`i` its place in memory (splitmix64, then Box-Muller with polynomial ``ln`` and
-    ``cos``). Keys are drawn per parameter in index order on every path (a list's keys from a CPU generator as
+    ``cos``; the two halves of each block of 32 counters share a draw, one taking its ``cos``, the other its ``sin``: keys are
+    multiples of 32). Keys are drawn per parameter in index order on every path (a list's keys from a CPU generator as
     one draw of as many values: the same values, one after the other), and compiled kernels generate the
     values inside their loop: the reference path, packs and compiled steps give the same bits. MXNet
     draws from its own global RNG, so its noise values cannot be reproduced; only their distribution is
@@ -47,6 +48,8 @@ class SGLD(Optimizer):
 
     #: the executor draws each parameter's key (``_draw``) before the kernels, in index order
     _kernel_noise = True
+    #: the kernel also takes a weight as the halves of its blocks of 32 elements (engine.PAIRS)
+    _kernel_pairs = True
 
     def __init__(self, generator=None, **kwargs):
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -59,8 +62,8 @@ class SGLD(Optimizer):
 
     def _key(self):
         """One draw from ``generator`` (else torch's default CPU generator): a parameter's noise key."""
-        return Key(int(torch.randint(0, 1 << 62, (), generator=self.generator,
-                                     device=self.generator.device if self.generator is not None else "cpu")))
+        return Key(int(torch.randint(0, 1 << _KEY_BITS, (), generator=self.generator,
+                                     device=self.generator.device if self.generator is not None else "cpu")) << 5)
 
     def _noise(self, weight, lr):
         r"""``sqrt(lr) * xi`` with the weight's shape and dtype: one key drawn, ``xi`` its counter-based
@@ -89,7 +92,7 @@ class SGLD(Optimizer):
         if "_noise" in self.__dict__ or type(self)._noise is not _OWN_NOISE or \
                 (gen is not None and gen.device.type != "cpu") or len(weights) < 2:
             return [self._draw(w, lr, i) for w, lr, i in zip(weights, lrs, indices)]
-        keys = torch.randint(0, 1 << 62, (len(weights),), generator=gen, device="cpu").tolist()
+        keys = [k << 5 for k in torch.randint(0, 1 << _KEY_BITS, (len(weights),), generator=gen, device="cpu").tolist()]
         offsets = self.__dict__.get("_counter_offsets")
         if offsets:
             keys = [k + offsets.get(i, 0) for k, i in zip(keys, indices)]
@@ -110,15 +113,31 @@ class SGLD(Optimizer):
 
     def kernel(self, w, g, state, s, seg=None):
         rg, neg_half_lr, wd, sqrt_lr, lr, *drawn = s
+        if isinstance(w, tuple):  # the halves of the weight's blocks of 32 elements, then the rest (engine.PAIRS)
+            key = drawn[0]
+            draws = _pair_noise(key, w[0], sqrt_lr) + (key + w[0].shape[0] * 32,) * (len(w) - 2)
+            return tuple(self.kernel(wk, gk, None, (rg, neg_half_lr, wd, sqrt_lr, lr, d))[0]
+                         for wk, gk, d in zip(w, g, draws)), None
         G = self._clip(g * rg)
         w = w + neg_half_lr * (G + wd * w)
         drawn = drawn[0] if drawn else self._draw(w, lr)  # the fast path draws beforehand, in index order
         if isinstance(drawn, torch.Tensor) and drawn.dtype != torch.int64:
-            return w + drawn, None  # noise of its own (``_noise`` replaced)
+            return w + drawn, None  # noise of its own (``_noise`` replaced, or a pair's)
         return w + sqrt_lr * _normals(drawn, w), None
 
 
 _OWN_NOISE = SGLD._noise  # SGLD's own noise, which the kernels make themselves from a key
+#: keys are drawn below 2^57, times 32 (below 2^62): a block of 32 counters from a key on lies in one parameter
+_KEY_BITS = 57
+
+
+def _pair_noise(key, half, sqrt_lr):
+    """``sqrt_lr`` times the normals of a weight's two halves (``[blocks, 16]`` views, the first halves of its
+    blocks of 32 elements and the second): ``counter_normal(key + i)`` for element ``i``, ``key`` a multiple of
+    32, each block's counters mixed once for both halves (:func:`~._numerics.paired_normals`)."""
+    ctr = key + torch.arange(half.shape[0], device=half.device).view(-1, 1) * 32 + \
+        torch.arange(16, device=half.device)
+    return tuple(sqrt_lr * x for x in paired_normals(ctr, half.dtype))
 
 
 def _normals(key, w):
