@@ -84,11 +84,11 @@ def test_paired_normals_are_counter_normals(values):
 SHAPES = [(300, 257), (70000,), (65536,), (2049, 32), (65568 + 1,), (3, 64, 7, 7)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fused", [None, True])
 def test_weights_in_pairs_get_the_reference_paths_bits(monkeypatch, fused, dtype):
-    """Large weights run in pairs (a tail of 0, 1 or more elements; fp16 with an fp32 master copy), replayed from
-    their third step: the reference path's weights bit for bit."""
+    """Large weights run in pairs (a tail of 0, 1 or more elements; fp16 with an fp32 master copy, bf16 without),
+    replayed from their third step: the reference path's weights bit for bit."""
     halves = []
     make = _large._halves
     monkeypatch.setattr(_large, "_halves", lambda t: halves.append(t.numel()) or make(t))
