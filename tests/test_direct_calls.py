@@ -408,3 +408,37 @@ def test_a_profiled_step_keeps_the_wrappers_ranges(monkeypatch):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         opt.step()
     assert any("CompiledFxGraph" in e.name for e in prof.events())
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_inputs_sharing_memory_skip_the_wrappers_only_where_the_code_writes_them(monkeypatch, merged):
+    """SGLD's weights in pairs (engine.PAIRS: views of one weight, each an input): inductor's code is called itself
+    where it writes the inputs in the places the call wrote (AOT autograd compiled them as inputs of their own); a
+    code that writes others (as where AOT merges aliased inputs into one base) keeps the wrappers. The numbers are
+    the reference path's either way."""
+    if merged:  # as if the code took one merged base in place of the views
+        find = _direct._compiled_code
+
+        def compiled_code(fn):
+            cfg = find(fn)
+            return None if cfg is None else type("Merged", (), {
+                "output_strides": cfg.output_strides, "current_callable": cfg.current_callable,
+                "mutated_input_idxs": [0]})()
+        monkeypatch.setattr(_direct, "_compiled_code", compiled_code)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+
+    def run(fused):
+        torch.manual_seed(2)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 257), (70000,)]]
+        opt = ot.SGLD(params, lr=0.01, fused=fused)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            opt.step()
+        return [p.detach() for p in params], opt
+
+    ref, _ = run(False)
+    got, opt = run(True)
+    assert _equal(ref, got)
+    sites = list(opt._inner_for(opt.param_groups[0], 0).__dict__["_direct"].values())
+    assert len(sites) == 1 and isinstance(sites[0].graph.code, bool) is merged

@@ -164,10 +164,22 @@ class Graph:
         self.writes = tuple(pos for pos, (k, d) in enumerate(self.places) if d is None and k in bumped)
         if len({self.places[pos][0] for pos in self.writes}) != len(bumped):
             return
+        if not _apart_in_memory(tensors) and sorted(getattr(cfg, "mutated_input_idxs", None) or ()) != \
+                list(self.writes):
+            # inputs sharing memory (PAIRS, the flat layout): the code must write the inputs in our places, as it
+            # does where AOT autograd compiled them as inputs of their own; had it merged them into one base (a
+            # torch whose overlap test is stricter than _apart's), the code would take other inputs
+            return
         self.code = cfg.current_callable
 
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+
+
+def _apart_in_memory(tensors):
+    """Whether the (distinct) tensors each have a memory of their own."""
+    seen = {id(t): t for t in tensors}
+    return len({t.untyped_storage().data_ptr() for t in seen.values()}) == len(seen)
 
 
 def _written(tensors, before, after):
