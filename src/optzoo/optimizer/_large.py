@@ -91,7 +91,8 @@ class _LargePlan:
     contiguous, and no scalar is a tensor (drawn noise) and no fp16/bf16 copy is written; the views keep the
     memory they view, so an address seen again is the same memory."""
 
-    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "sdt", "calls", "part")
+    __slots__ = ("cls", "layouts", "kinds", "shapes", "leaves", "leaf_ptrs", "entries", "paired", "sdt", "calls",
+                 "part")
 
     @classmethod
     def make(cls, opt, layouts, kinds, large, ws, states, scalars, lows, entries):
@@ -115,6 +116,7 @@ class _LargePlan:
                          _engine._view_1d if m[0].dim() == 1 else None, key[:_engine._KINDS],
                          key[_engine._KINDS + 1:], _engine._scalar_dtype(_first(m[0]), _tree.leaves(m[2])))
                         for key, m in entries]
+        plan.paired = [j for j, e in enumerate(plan.entries) if e[2] is _pair_views]  # (their keys are checked)
         sdts = {e[5] for e in plan.entries}
         plan.sdt = sdts.pop() if len(sdts) == 1 else None  # the scalars' one dtype, where replays may share them
         plan.calls = None  # the compiled calls, recorded at the next step (:meth:`record`)
@@ -156,7 +158,7 @@ class _LargePlan:
         a scalar is a tensor (drawn noise). The executor's calls pass one tuple to a group whose members share it,
         else a tuple per member (Nadam's schedule, SGLD's noise keys): the sharing is part of what a call is."""
         tuples = list(map(scalars.__getitem__, large))
-        if any(e[2] is _pair_views and t[-1] % _engine.PAIRS for e, t in zip(self.entries, tuples)):
+        if self.paired and not all(_pairs_key(tuples[j]) for j in self.paired):
             return None  # a key that takes no pairs (planned anew)
         s = tuples[0]
         if self.sdt is not None and all(map(operator.is_, tuples, itertools.repeat(s))):  # the common case
@@ -344,9 +346,13 @@ def _paired(opt, layout, fw, inner, s):
     """Whether a large weight's kernel takes it in pairs (:data:`~.engine.PAIRS`): a rule that makes its noise in
     pairs (``_kernel_pairs``), without states, on the CPU, a key that is a multiple of PAIRS (a local shard's
     from an offset that is not: element by element, the same bits), a weight of a block or more."""
-    return getattr(opt, "_kernel_pairs", False) and layout == "elementwise" and inner is None and bool(s) and \
-        fw.device.type == "cpu" and fw.numel() >= _engine.PAIRS and isinstance(s[-1], Key) and \
-        s[-1] % _engine.PAIRS == 0
+    return getattr(opt, "_kernel_pairs", False) and layout == "elementwise" and inner is None and \
+        fw.device.type == "cpu" and fw.numel() >= _engine.PAIRS and _pairs_key(s)
+
+
+def _pairs_key(s):
+    """Whether a tuple of scalars ends in a noise key whose counters' blocks are its weight's (a multiple of PAIRS)."""
+    return bool(s) and isinstance(s[-1], Key) and s[-1] % _engine.PAIRS == 0
 
 
 def _halves(t):

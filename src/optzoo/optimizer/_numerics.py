@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "counter_normal", "paired_normals", "counter_polar", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
+           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "BLOCK", "HALF", "counter_normal", "paired_normals", "counter_polar", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
 # ------------------------------------------------------------------------------------------ sqrt
@@ -390,22 +390,29 @@ def _srl(x, s):
 
 def counter_normal(ctr, dtype):
     """Standard normal values from int64 counters, two per mixed counter: counters ``c`` and ``c ^ 16`` (bit 4
-    flipped: the two halves of a block of 32 counters) share one Box-Muller draw of :func:`counter_polar` of
-    ``c & ~16``, and get its radius times ``cos`` of its angle (bit 4 clear) or of the angle plus 3/4 of a turn
-    (bit 4 set: its ``sin``), two independent normals. A kernel over a block's halves side by side
-    (:func:`paired_normals`) mixes each counter once for both; element by element, the same bits."""
-    side = ((ctr >> 4) & 1) * _QUARTER3
-    radius, angle = counter_polar(ctr & ~16)
-    return (radius * _cos_2pi(((angle + side) & _ANGLE).to(torch.float32) * 2.0 ** -24)).to(dtype)
+    flipped: the two halves of a block of :data:`BLOCK` counters) share one Box-Muller draw of
+    :func:`counter_polar` of ``c & ~16``, and get its radius times ``cos`` of its angle (bit 4 clear) or of the
+    angle plus 3/4 of a turn (bit 4 set: its ``sin``), two independent normals. A kernel over a block's halves side
+    by side (:func:`paired_normals`) mixes each counter once for both; element by element, the same bits."""
+    radius, angle = counter_polar(ctr & ~HALF)
+    return _normal(radius, angle, ((ctr >> _SIDE) & 1) * _QUARTER3, dtype)
 
 
 def paired_normals(ctr, dtype):
     """:func:`counter_normal` of ``ctr`` and of ``ctr + 16`` (``ctr``'s bit 4 clear), from one mix of each counter."""
     radius, angle = counter_polar(ctr)
-    return tuple((radius * _cos_2pi(((angle + side) & _ANGLE).to(torch.float32) * 2.0 ** -24)).to(dtype)
-                 for side in (0, _QUARTER3))
+    return _normal(radius, angle, 0, dtype), _normal(radius, angle, _QUARTER3, dtype)
 
 
+def _normal(radius, angle, side, dtype):
+    """A Box-Muller draw's normal: ``radius`` times ``cos`` of its 24-bit ``angle`` turned by ``side``."""
+    return (radius * _cos_2pi(((angle + side) & _ANGLE).to(torch.float32) * 2.0 ** -24)).to(dtype)
+
+
+#: The counter bit that tells a block's two halves apart; counters per block (a Box-Muller draw serves counters
+#: ``c`` and ``c ^ HALF``), and per half
+_SIDE = 4
+BLOCK, HALF = 2 << _SIDE, 1 << _SIDE
 #: 24-bit angles (turns / 2^24): all of them, and three quarters of a turn
 _ANGLE, _QUARTER3 = 0xFFFFFF, 0xC00000
 

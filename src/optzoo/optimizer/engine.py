@@ -43,7 +43,7 @@ import torch
 from . import _direct, _large, _packs, _phases, _sparse, _tree
 from ._packs import (PACK_COMPILED, PACK_MIN, RUNS_AS_ROWS, Pack, Segments, adjacent, pack_order,  # noqa: F401
                      run_keys, _DEVICE, _DTYPE, _SHAPE)
-from ._numerics import ROWS, WHOLE, Key
+from ._numerics import BLOCK, ROWS, WHOLE, Key
 
 __all__ = ["LARGE", "Pack", "Plan", "Segments", "adjacent", "execute", "layout_of", "pack_order", "run_keys",
            "run_plan"]
@@ -76,7 +76,7 @@ ALONE = 1 << 18
 #: Measured on one 16M tensor (2 threads, AMD EPYC): 16.4 ms a step element by element, 8.5 ms in pairs. Four per
 #: call (as GROUP) ran ResNet-50's shapes in 0.94x the time but took the first step of five tensors of 262K from
 #: 3.3 to 11.5 s cold and from 0.60 to 1.44 s warm (the group graph's four mixes).
-PAIRS = 32
+PAIRS = BLOCK
 
 
 # ------------------------------------------------------------------------------------------ the step

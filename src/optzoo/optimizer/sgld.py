@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._numerics import Key, counter_normal, in_dtype, mx_scalar, paired_normals
+from ._numerics import BLOCK, HALF, Key, counter_normal, in_dtype, mx_scalar, paired_normals
 from .base import Optimizer
 from .registry import register
 
@@ -63,7 +63,7 @@ class SGLD(Optimizer):
     def _key(self):
         """One draw from ``generator`` (else torch's default CPU generator): a parameter's noise key."""
         return Key(int(torch.randint(0, 1 << _KEY_BITS, (), generator=self.generator,
-                                     device=self.generator.device if self.generator is not None else "cpu")) << 5)
+                                     device=self.generator.device if self.generator is not None else "cpu")) * BLOCK)
 
     def _noise(self, weight, lr):
         r"""``sqrt(lr) * xi`` with the weight's shape and dtype: one key drawn, ``xi`` its counter-based
@@ -92,7 +92,7 @@ class SGLD(Optimizer):
         if "_noise" in self.__dict__ or type(self)._noise is not _OWN_NOISE or \
                 (gen is not None and gen.device.type != "cpu") or len(weights) < 2:
             return [self._draw(w, lr, i) for w, lr, i in zip(weights, lrs, indices)]
-        keys = [k << 5 for k in torch.randint(0, 1 << _KEY_BITS, (len(weights),), generator=gen, device="cpu").tolist()]
+        keys = [k * BLOCK for k in torch.randint(0, 1 << _KEY_BITS, (len(weights),), generator=gen, device="cpu").tolist()]
         offsets = self.__dict__.get("_counter_offsets")
         if offsets:
             keys = [k + offsets.get(i, 0) for k, i in zip(keys, indices)]
@@ -115,7 +115,7 @@ class SGLD(Optimizer):
         rg, neg_half_lr, wd, sqrt_lr, lr, *drawn = s
         if isinstance(w, tuple):  # the halves of the weight's blocks of 32 elements, then the rest (engine.PAIRS)
             key = drawn[0]
-            draws = _pair_noise(key, w[0], sqrt_lr) + (key + w[0].shape[0] * 32,) * (len(w) - 2)
+            draws = _pair_noise(key, w[0], sqrt_lr) + (key + w[0].shape[0] * BLOCK,) * (len(w) - 2)
             return tuple(self.kernel(wk, gk, None, (rg, neg_half_lr, wd, sqrt_lr, lr, d))[0]
                          for wk, gk, d in zip(w, g, draws)), None
         G = self._clip(g * rg)
@@ -127,7 +127,7 @@ class SGLD(Optimizer):
 
 
 _OWN_NOISE = SGLD._noise  # SGLD's own noise, which the kernels make themselves from a key
-#: keys are drawn below 2^57, times 32 (below 2^62): a block of 32 counters from a key on lies in one parameter
+#: keys are drawn below 2^57, times BLOCK (32: below 2^62), so that a parameter's blocks of counters are its own
 _KEY_BITS = 57
 
 
@@ -135,8 +135,8 @@ def _pair_noise(key, half, sqrt_lr):
     """``sqrt_lr`` times the normals of a weight's two halves (``[blocks, 16]`` views, the first halves of its
     blocks of 32 elements and the second): ``counter_normal(key + i)`` for element ``i``, ``key`` a multiple of
     32, each block's counters mixed once for both halves (:func:`~._numerics.paired_normals`)."""
-    ctr = key + torch.arange(half.shape[0], device=half.device).view(-1, 1) * 32 + \
-        torch.arange(16, device=half.device)
+    ctr = key + torch.arange(half.shape[0], device=half.device).view(-1, 1) * BLOCK + \
+        torch.arange(HALF, device=half.device)
     return tuple(sqrt_lr * x for x in paired_normals(ctr, half.dtype))
 
 
