@@ -38,6 +38,7 @@ bench: setup
 
 fixtures: .mxref/bin/python
 	.mxref/bin/python tests/fixtures/record_mxnet.py
+	.mxref/bin/python tests/fixtures/record_half.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info demo-out

@@ -28,6 +28,9 @@ class NAG(Optimizer):
     weight :math:`w'` (kept for parity; it only matters when ``wd != 0``).
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
+    fp16 weights without multi-precision compute in fp16, as MXNet's ``half_t`` kernel does: every operation is
+    rounded, the float parameters and :math:`\mu + 1`, :math:`1 - lr\cdot wd` too, on every path
+    (``tests/test_half_kernels.py``).
 
     Row-sparse gradients: lazy for ``momentum == 0`` in fp32 (MXNet calls ``sgd_update``, lazy by default:
     only the gradient's rows change), otherwise standard (``nag_mom_update`` and the ``mp_*`` kernels fall
@@ -62,7 +65,9 @@ class NAG(Optimizer):
         lr, wd, mu = (mx_param(x, dtype) for x in (lr, wd, self.momentum))  # the kernels' float parameters
         rg = mx_param(self.rescale_grad, dtype)
         # sgd_update's (1 - lr*wd) and unclipped lr*rg are rounded to the kernel's dtype first
-        return lr, wd, mu, mu + 1, rg, 1 - in_dtype(lr * wd, dtype), in_dtype(lr * rg, dtype)
+        # (param_momentum + 1) and (1 - lr*wd) are DType expressions too: fp16's half_t rounds them
+        return (lr, wd, mu, in_dtype(mu + 1, dtype), rg, in_dtype(1 - in_dtype(lr * wd, dtype), dtype),
+                in_dtype(lr * rg, dtype))
 
     def kernel(self, w, g, mom, s, seg=None):
         lr, wd, mu, mu_1, rg, decay, lr_rg = s

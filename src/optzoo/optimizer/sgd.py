@@ -20,6 +20,9 @@ class SGD(Optimizer):
         \mu > 0:\quad & mom \leftarrow \mu\,mom - lr\cdot wd\cdot w - lr\cdot G,\qquad w \leftarrow w + mom
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(mom, w32)``.
+    fp16 weights without multi-precision compute in fp16, as MXNet's ``half_t`` kernels do: every operation is
+    rounded, the float parameters and their products (:math:`lr\cdot wd`, :math:`lr\cdot rg`) too, on every path
+    (``tests/test_half_kernels.py``).
 
     Differs from ``torch.optim.SGD``: the buffer holds the *lr-scaled, negated* velocity, so a change of
     learning rate acts only on new gradients (torch keeps ``buf = μ·buf + g`` and multiplies by the current
@@ -66,7 +69,7 @@ class SGD(Optimizer):
         # sgd_update (not multi_sgd_update, whose rounding the dense rule follows): the factor (1 - lr*wd) and
         # lr*rg rounded to the weight dtype first
         lr, wd, rg = (mx_param(x, dtype) for x in (lr, wd, self.rescale_grad))
-        return 1 - in_dtype(lr * wd, dtype), lr, rg, in_dtype(lr * rg, dtype)
+        return in_dtype(1 - in_dtype(lr * wd, dtype), dtype), lr, rg, in_dtype(lr * rg, dtype)
 
     def lazy_kernel(self, w, g, mom, s, seg=None):
         if mom is not None:
@@ -81,7 +84,9 @@ class SGD(Optimizer):
         # and computes the update as a step d (mom = 0 without momentum), in this rounding order
         lr, wd = mx_list_param(lr, dtype), mx_list_param(wd, dtype)
         rg = mx_param(self.rescale_grad, dtype)
-        return mx_param(self.momentum, dtype), lr, lr * wd, rg, in_dtype(lr * rg, dtype)
+        # lr * wd and lr * rg are products of two DType parameters (``lrs[i] * wds[i] * w``): rounded to the
+        # kernel's dtype before they meet the tensors (fp16: half_t arithmetic rounds each product)
+        return mx_param(self.momentum, dtype), lr, in_dtype(lr * wd, dtype), rg, in_dtype(lr * rg, dtype)
 
     def kernel(self, w, g, mom, s, seg=None):
         mu, lr, lr_wd, rg, lr_rg = s
