@@ -57,6 +57,18 @@ __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_
            "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "BLOCK", "HALF", "counter_normal", "paired_normals", "counter_polar", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
 
 
+# ------------------------------------------------------------------------------------------ wide scalars
+def wide_mul(s, x: torch.Tensor) -> torch.Tensor:
+    """``s * x`` for a scalar ``s`` held in fp32 (a Python float, or the executor's 0-d fp32 tensor) and an
+    fp16/bf16 tensor ``x``, rounded once to ``x``'s dtype: a Python float's product in eager torch. A 0-d fp32
+    tensor meeting an fp16/bf16 tensor is first rounded to that dtype (eagerly and compiled alike), so a rule
+    that holds its scalars in fp32 while its arithmetic stays in the weight dtype (Signum; GroupAdaGrad's
+    ``lr``) multiplies through this, and every path keeps the scalar's fp32 value."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return (s * x.float()).to(x.dtype)
+    return s * x
+
+
 # ------------------------------------------------------------------------------------------ sqrt
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` correctly rounded (IEEE ``sqrtf`` / ``sqrt``, as MXNet's ``math::sqrt``).

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from .._checks import check_nonnegative, check_number
-from ._numerics import compute_dtype, kahan_sum, mx_scalar, sqrt_rn
+from ._numerics import compute_dtype, kahan_sum, mx_scalar, sqrt_rn, wide_mul
 from .base import Optimizer
 from .registry import register
 
@@ -38,7 +38,9 @@ class GroupAdaGrad(Optimizer):
     dtype); multi-precision ``(w32, h)`` through the generic wrapper, as in MXNet. Other weight dtypes
     compute in torch's promoted dtype, :math:`h` rounded to fp32 when stored (MXNet 1.9.1 raises on
     such mixed dtypes); for fp16/bf16 weights ``lr`` and :math:`\epsilon` are held in fp32, not in the
-    weight dtype (an :math:`\epsilon` below 6e-8 is 0 in fp16: a row of zero gradients would give 0/0).
+    weight dtype (an :math:`\epsilon` below 6e-8 is 0 in fp16: a row of zero gradients would give 0/0); the
+    product :math:`lr\cdot G` is rounded once to the weight dtype with ``lr``'s fp32 value on every path
+    (:func:`~._numerics.wide_mul`).
 
     Row-sparse gradients: lazy (MXNet's ``GroupAdagradDnsRspKernel``), only the gradient's rows of :math:`w`
     and :math:`h` change; the row sums there are plain running sums in the weight dtype (no Kahan), as that
@@ -95,7 +97,7 @@ class GroupAdaGrad(Optimizer):
         for j in range(G.shape[1]):
             ssq = ssq + G[:, j:j + 1] * G[:, j:j + 1]
         h = (h + ssq / G.shape[1]).to(h.dtype)
-        return w - lr * G / sqrt_rn(h + eps), h
+        return w - wide_mul(lr, G) / sqrt_rn(h + eps), h
 
     def prepare(self, *, lr, wd, t, index, dtype):
         D = functools.partial(mx_scalar, dtype=compute_dtype(dtype))  # see "State" in the docstring
@@ -109,4 +111,4 @@ class GroupAdaGrad(Optimizer):
         else:
             row_sum = kahan_sum(G * G)
         h = (h + row_sum / G.shape[1]).to(h.dtype)  # MXNet's mean: a Kahan sum, then / C
-        return w - lr * G / sqrt_rn(h + eps), h
+        return w - wide_mul(lr, G) / sqrt_rn(h + eps), h

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_nonnegative, check_unit_interval
-from ._numerics import compute_dtype, in_dtype, mx_param
+from ._numerics import compute_dtype, in_dtype, mx_param, wide_mul
 from .base import Optimizer
 from .registry import register
 
@@ -38,8 +38,10 @@ class Signum(Optimizer):
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
 
     fp16/bf16 weights without ``multi_precision``: the scalars, :math:`1-\mu` among them, are held in fp32
-    (the arithmetic stays in the weight dtype). MXNet 1.9.1 rounds :math:`\mu` to fp16 first; in bf16,
-    :math:`\mu = 0.999` would be 1 and :math:`1-\mu` 0: the momentum would never see a gradient.
+    (the arithmetic stays in the weight dtype: each product of a scalar and a tensor is rounded once to it, the
+    scalar at its fp32 value, on every path: :func:`~._numerics.wide_mul`). MXNet 1.9.1 rounds :math:`\mu` to
+    fp16 first; in bf16, :math:`\mu = 0.999` would be 1 and :math:`1-\mu` 0: the momentum would never see a
+    gradient.
 
     torch.optim has no sign-based optimizer.
 
@@ -88,8 +90,9 @@ class Signum(Optimizer):
         lr, mu, rg, one_minus_mu, omu_wd, omu_rg, decay_lh, decay = s
         if mom is None:
             return g, None
-        G = one_minus_mu * self._clip(rg * g) if self.clip_gradient else omu_rg * g
-        mom = mu * mom - omu_wd * w - G
+        # each scalar product rounded once to the weight dtype, the scalar kept in fp32 (wide_mul)
+        G = wide_mul(one_minus_mu, self._clip(wide_mul(rg, g))) if self.clip_gradient else wide_mul(omu_rg, g)
+        mom = wide_mul(mu, mom) - wide_mul(omu_wd, w) - G
         return mom, mom
 
     def apply_vote(self, w, v, s, mom):
@@ -97,5 +100,5 @@ class Signum(Optimizer):
         for SignSGD)."""
         lr, mu, rg, one_minus_mu, omu_wd, omu_rg, decay_lh, decay = s
         if mom is None:
-            return decay * w - lr * v
-        return decay_lh * w + lr * v
+            return wide_mul(decay, w) - wide_mul(lr, v)
+        return wide_mul(decay_lh, w) + wide_mul(lr, v)
