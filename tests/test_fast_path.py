@@ -397,3 +397,39 @@ def test_half_precision_packs_keep_per_parameter_scalars_wide(spec, dtype, fused
     bias-corrected lr, Nadam's schedule, Signum's 1 - mu) keeps its fp32 value when spread over the pack, as the
     reference path's Python float does (in the weight dtype it rounded: Nadam's weights moved by an ulp)."""
     assert_match(run_uneven(spec, False, dtype), run_uneven(spec, fused, dtype), compiled_rtol(spec, dtype))
+
+
+def run_mxnet_face(spec, fused, dtype, listed, steps=3):
+    """The MXNet-style face on fp16/bf16 weights without a master copy: large and small tensors, one index with
+    an lr multiplier (its scalars differ from the others'), clipping and rescaling."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(300, 300), (7, 11), (70, 1000), (5, 9), (64, 1030), (3, 3)]
+    ws = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    variant = dict(spec.variants[0])  # (with momentum where the rule takes it: its state and kernel)
+    if any("momentum" in v for v in spec.variants):
+        variant.setdefault("momentum", 0.9)
+    opt = optzoo.optimizer.create(spec.name, rescale_grad=0.8, clip_gradient=0.7, **hyper(spec, variant))
+    opt.set_lr_mult({1: 0.5})
+    opt._fused = fused
+    with torch.no_grad():
+        states = [opt.create_state_multi_precision(i, w) for i, w in enumerate(ws)]
+        for _ in range(steps):
+            gs = [torch.randn(w.shape, generator=gen).to(dtype) for w in ws]
+            if listed:
+                opt.update_multi_precision(list(range(len(ws))), ws, gs, states)
+            else:
+                for i in range(len(ws)):
+                    opt.update_multi_precision(i, ws[i], gs[i], states[i])
+    return ws + [t for st in states for t in leaves(st)]
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, id=s.name) for s in SPECS if "stochastic" not in s.flags
+                                  and "no_count" not in s.flags])
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("listed", [True, False], ids=["list", "one_by_one"])
+@pytest.mark.filterwarnings("ignore:Accumulating with")
+def test_mxnet_face_half_precision_default_path_is_the_reference_path(spec, dtype, listed):
+    """``update`` on fp16/bf16 weights (large ones compiled in place, small ones packed) gives the reference
+    path's numbers: fp16 LBSGD's ``lr * wd`` had differed by an ulp."""
+    assert_match(run_mxnet_face(spec, False, dtype, listed), run_mxnet_face(spec, None, dtype, listed),
+                 compiled_rtol(spec, dtype))

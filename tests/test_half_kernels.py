@@ -1,7 +1,7 @@
-"""fp16 weights without a master copy, for the rules whose MXNet kernels compute in the weight dtype (SGD, NAG):
-MXNet 1.9.1's bits (``tests/fixtures/half.npz``, recorded by ``tests/fixtures/record_half.py``) on every path of
-the executor: the reference path, one tensor compiled in place, the default path's large-tensor call, and a
-compiled pack of several tensors.
+"""fp16 weights without a master copy, for the rules whose MXNet kernels compute in the weight dtype (SGD, NAG,
+LBSGD): MXNet 1.9.1's bits (``tests/fixtures/half.npz``, recorded by ``tests/fixtures/record_half.py``) on every
+path of the executor: the reference path, one tensor compiled in place, the default path's large-tensor call, and
+a compiled pack of several tensors.
 
 mshadow's ``half_t`` rounds every operation, the kernels' float parameters included (``lr * wd``,
 ``momentum + 1``): ``prepare`` hands such products over as fp16 numbers, so the reference path (Python floats, fp32

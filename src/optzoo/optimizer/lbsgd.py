@@ -52,6 +52,9 @@ class LBSGD(Optimizer):
     lazy, as MXNet's ``sgd(_mom)_update`` with its default ``lazy_update``, also under multi-precision.
 
     State: ``mom`` (weight dtype) or None when ``momentum == 0``; multi-precision ``(w32, mom32)``.
+    fp16 weights without multi-precision compute in fp16, as MXNet's ``half_t`` kernels do: every operation is
+    rounded, the float parameters and their products (:math:`lr\cdot wd`, :math:`1 - lr\cdot wd`) too
+    (``tests/test_half_kernels.py``).
 
     torch.optim has no LBSGD (``torch.optim.SGD`` with gradient accumulation and a warmup scheduler
     is the nearest equivalent).
@@ -147,7 +150,9 @@ class LBSGD(Optimizer):
     def _scalars(self, lr, wd, dtype):
         """The SGD step's scalars: ``sgd(_mom)_update``'s float parameters and their products."""
         lr, wd, mu, rg = (mx_param(x, dtype) for x in (lr, wd, self.momentum, self.rescale_grad))
-        return mu, lr, lr * wd, 1 - in_dtype(lr * wd, dtype), rg, in_dtype(lr * rg, dtype), self.batch_scale
+        # products of DType parameters rounded to the kernel's dtype first (fp16: half_t rounds each; as SGD's)
+        lr_wd = in_dtype(lr * wd, dtype)
+        return mu, lr, lr_wd, in_dtype(1 - lr_wd, dtype), rg, in_dtype(lr * rg, dtype), self.batch_scale
 
     def _has_fast_path(self):
         return self.batch_scale == 1 and self.warmup_strategy != "lars"
