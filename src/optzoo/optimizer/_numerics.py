@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 __all__ = ["sqrt_rn", "mx_float", "mx_double", "mx_list_float", "in_dtype", "mx_param", "mx_list_param",
-           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "BLOCK", "HALF", "counter_normal", "paired_normals", "counter_polar", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum"]
+           "mx_scalar", "compute_dtype", "one_minus_pow", "ROWS", "WHOLE", "Shards", "Key", "BLOCK", "HALF", "counter_normal", "paired_normals", "counter_polar", "sum_sq", "sum_sq_of", "sum_sq_rows", "np_sum", "kahan_sum", "wide_mul"]
 
 
 # ------------------------------------------------------------------------------------------ wide scalars
