@@ -120,3 +120,20 @@ def tensors(x):
     if isinstance(x, dict):
         x = list(x.values())
     return [t for y in x for t in tensors(y)] if isinstance(x, (tuple, list)) else []
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_accumulating_in_low_precision_warns_once_per_state_made(dtype):
+    """MXNet's warning (fp16/bf16 weights without multi_precision) comes once for each state made, as MXNet's
+    ``create_state_multi_precision`` gives it: not again from the executor's probes of the state's layout."""
+    params = [torch.nn.Parameter(torch.randn(8).to(dtype)) for _ in range(3)]
+    opt = ot.SGD(params, momentum=0.9)
+    with pytest.warns(UserWarning, match="Accumulating with") as record:
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(8).to(dtype)
+            opt.step()
+    assert len([w for w in record if "Accumulating with" in str(w.message)]) == len(params)
+    mx = optzoo.optimizer.create("sgd", momentum=0.9)
+    with pytest.warns(UserWarning, match="Accumulating with"):
+        mx.create_state_multi_precision(0, torch.zeros(4, dtype=dtype))

@@ -313,7 +313,9 @@ class Optimizer:
             w32 = weight.detach().to(torch.float32, copy=True)
             inner = self.create_state(index, w32)
             return (w32, inner) if self._mp_master_first else (inner, w32)
-        if weight.dtype in LOW_PRECISION and not self.multi_precision:
+        if weight.dtype in LOW_PRECISION and not self.multi_precision and weight.device.type != "meta":
+            # (not for the executor's probes of a state's layout, on meta tensors: one warning per real state's
+            # place, as MXNet's, instead of the same one from three places of a torch-face optimizer's first step)
             warnings.warn(f"Accumulating with {weight.dtype} in optimizer can lead to poor accuracy or "
                           "slow convergence. Consider using multi_precision=True option of the optimizer",
                           UserWarning, stacklevel=2)
