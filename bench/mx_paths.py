@@ -100,7 +100,8 @@ def main(argv=None) -> int:
                         got[path].append(time_paired(opts[path].step, ref.step, repeat=args.repeat, warmup=1,
                                                      budget=0.5)["ratio"])
             per = bytes_per_element(name, settings=settings) / 28.0
-            cells = [f"{statistics.median(got[p]):.2f} ({per / statistics.median(got[p]):.2f})" for p in PATHS]
+            # three significant digits: at a smoke test's tiny scale, under load, a ratio of a few hundred left "0.00"
+            cells = [f"{statistics.median(got[p]):.3g} ({per / statistics.median(got[p]):.3g})" for p in PATHS]
             print(f"| {key} | {name} | " + " | ".join(cells) + " |", flush=True)
             del ref, opts
     return 0
