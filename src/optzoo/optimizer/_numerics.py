@@ -64,9 +64,8 @@ def wide_mul(s, x: torch.Tensor) -> torch.Tensor:
     tensor meeting an fp16/bf16 tensor is first rounded to that dtype (eagerly and compiled alike), so a rule
     that holds its scalars in fp32 while its arithmetic stays in the weight dtype (Signum; GroupAdaGrad's
     ``lr``) multiplies through this, and every path keeps the scalar's fp32 value."""
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return (s * x.float()).to(x.dtype)
-    return s * x
+    ct = compute_dtype(x.dtype)
+    return s * x if ct is x.dtype else (s * x.to(ct)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------ sqrt

@@ -65,10 +65,9 @@ class Segments:
 
     def spread(self, values, dtype):
         """Per-segment values as a per-element tensor (written run by run: no per-element index), in ``dtype``
-        or, where a value would round in it, wider (:func:`column_dtype`)."""
-        dtype = column_dtype(values, dtype)
-        v = torch.tensor(values, dtype=dtype, device=self.device)
-        out = torch.empty(self.total, dtype=dtype, device=self.device)
+        or, where a value would round in it, wider (:func:`column`)."""
+        v = column(values, dtype, self.device)
+        out = torch.empty(self.total, dtype=v.dtype, device=self.device)
         for first, stop, offset, rows, cols, _ in self.runs:
             out[offset:offset + rows * cols].view(rows, cols).copy_(self.per_row(v, first, stop))
         return out
@@ -82,19 +81,21 @@ class Segments:
         return torch.repeat_interleave(part, counts, dim=0, output_size=sum(self.row_counts[first:stop]))
 
 
-def column_dtype(values, dtype):
-    """The dtype of a per-parameter scalar column (spread per element, or ``[k, 1]``) of a pack whose scalars are
-    held in ``dtype``: ``dtype`` itself where every value is one of its numbers, else fp32 for fp16/bf16. A
+def column(values, dtype, device):
+    """A per-parameter scalar column (spread per element, or ``[k, 1]``) of a pack whose scalars are held in
+    ``dtype``, as a 1-D tensor: in ``dtype`` itself where every value is one of its numbers, else in fp32 for
+    fp16/bf16. A
     column is a tensor of the pack's shape, which takes part in type promotion: in the weight dtype it keeps the
     kernel's arithmetic there (as the reference path's Python floats do), but a value that would round in fp16 or
     bf16 (a scalar held in fp32: Nadam's schedule, Signum's ``1 - mu``) must keep its fp32 value, as the
     reference path's does; the kernels that hold such scalars compute in fp32 (or through
     :func:`~._numerics.wide_mul`), where an fp32 column changes nothing else."""
     wide = _engine._wide(dtype)
-    if wide is dtype or not values:
-        return dtype
+    if wide is dtype:
+        return torch.tensor(values, dtype=dtype, device=device)
     exact = torch.tensor(values, dtype=torch.float64)
-    return dtype if torch.equal(exact.to(dtype).to(torch.float64), exact) else wide
+    narrow = exact.to(dtype)
+    return (narrow if torch.equal(narrow.to(torch.float64), exact) else exact.to(wide)).to(device)
 
 
 def _run_key(layout, w):
@@ -472,14 +473,10 @@ def _run_runs(opt, compiled, layout, segs, w, g, inner, cols, sdt, cache):
     would otherwise be spread per element. A column of noise keys holds ``key - offset`` (the parameter's place
     in the pack), to which each run adds its own offset: the kernel adds the element's place in the run."""
     device = w.device
-
-    def as_tensor(values):
-        return torch.tensor(values, dtype=column_dtype(values, sdt), device=device)
-
     keys = [isinstance(c, list) and isinstance(c[0], Key) for c in cols]
     cols = [torch.tensor([k - o for k, o in zip(c, segs.offsets)], dtype=torch.int64, device=device).view(-1, 1)
             if key else _per_element(c, segs) if isinstance(c, list) and isinstance(c[0], torch.Tensor)
-            else as_tensor(c).view(-1, 1) if isinstance(c, list) else c for c, key in zip(cols, keys)]
+            else column(c, sdt, device).view(-1, 1) if isinstance(c, list) else c for c, key in zip(cols, keys)]
     kind = "elementwise" if layout == "elementwise" else "rows"
     if compiled:  # the shared scalars' tensors, made once (not per run: LAMB on ResNet-50's ~50 runs made 600 a step)
         places = _engine._places(cache)
